@@ -1,0 +1,52 @@
+"""keyguard: API keys for a crypto exchange's trading bots.
+
+``keyguard.Client`` talks to a keyguard server; the dataclasses, enums and
+errors here are the vocabulary shared by client and server.
+"""
+
+from keyguard._client import DEFAULT_TARGET, Client
+from keyguard._errors import (
+    AlreadyExists,
+    FieldViolation,
+    InvalidArgument,
+    KeyguardError,
+    LimitExceeded,
+    NotFound,
+    PermissionDenied,
+    ServerError,
+    Unauthenticated,
+    Unavailable,
+)
+from keyguard._models import (
+    AccountSettings,
+    ApiKey,
+    AuthorizeResult,
+    CreatedKey,
+    Decision,
+    Permission,
+    WithdrawalAddress,
+    WithdrawalDestination,
+)
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "AccountSettings",
+    "AlreadyExists",
+    "ApiKey",
+    "AuthorizeResult",
+    "Client",
+    "CreatedKey",
+    "Decision",
+    "FieldViolation",
+    "InvalidArgument",
+    "KeyguardError",
+    "LimitExceeded",
+    "NotFound",
+    "Permission",
+    "PermissionDenied",
+    "ServerError",
+    "Unauthenticated",
+    "Unavailable",
+    "WithdrawalAddress",
+    "WithdrawalDestination",
+]

@@ -1,0 +1,225 @@
+"""A typed, synchronous client over the generated stubs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import timestamp_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from keyguard._errors import ERRORS_BY_CODE, FieldViolation, InvalidArgument, KeyguardError, ServerError
+from keyguard._models import (
+    AccountSettings,
+    ApiKey,
+    AuthorizeResult,
+    CreatedKey,
+    Decision,
+    Permission,
+    WithdrawalAddress,
+    WithdrawalDestination,
+)
+from keyguard.v1 import keyguard_pb2 as pb
+from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+Resp = TypeVar("Resp")
+
+
+class Client:
+    """Talks to one keyguard server; every method raises :class:`keyguard.KeyguardError`.
+
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = 10.0,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self._channel = channel or grpc.insecure_channel(target)
+        self._timeout = timeout
+        self._keys = pb_grpc.KeyManagementStub(self._channel)
+        self._auth = pb_grpc.AuthorizationStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _call(self, method: Callable[..., Resp], request: Any) -> Resp:
+        try:
+            return method(request, timeout=self._timeout)
+        except grpc.RpcError as exc:
+            raise domain_error(exc) from None
+
+    # -- keys -----------------------------------------------------------------
+
+    def create_key(
+        self,
+        account_id: str,
+        name: str,
+        permission: Permission | str | int,
+        allowed_ips: Iterable[str] = (),
+    ) -> CreatedKey:
+        """Returns the new key and its private key, which is never available again."""
+        response = self._call(
+            self._keys.CreateKey,
+            pb.CreateKeyRequest(
+                account_id=account_id,
+                name=name,
+                permission=pb.Permission.ValueType(Permission.parse(permission)),
+                allowed_ips=list(allowed_ips),
+            ),
+        )
+        return CreatedKey(_key(response.key), response.private_key)
+
+    def list_keys(self, account_id: str) -> list[ApiKey]:
+        response = self._call(self._keys.ListKeys, pb.ListKeysRequest(account_id=account_id))
+        return [_key(k) for k in response.keys]
+
+    def get_key(self, account_id: str, access_key: str) -> ApiKey:
+        response = self._call(self._keys.GetKey, pb.GetKeyRequest(account_id=account_id, access_key=access_key))
+        return _key(response.key)
+
+    def delete_key(self, account_id: str, access_key: str) -> None:
+        self._call(self._keys.DeleteKey, pb.DeleteKeyRequest(account_id=account_id, access_key=access_key))
+
+    def delete_all_keys(self, account_id: str) -> int:
+        """Deletes every key of the account at once; returns how many there were."""
+        response = self._call(self._keys.DeleteAllKeys, pb.DeleteAllKeysRequest(account_id=account_id))
+        return response.deleted_count
+
+    # -- account settings and whitelist ---------------------------------------
+
+    def get_account_settings(self, account_id: str) -> AccountSettings:
+        response = self._call(self._keys.GetAccountSettings, pb.GetAccountSettingsRequest(account_id=account_id))
+        return _settings(response.settings)
+
+    def set_address_management(self, account_id: str, enabled: bool) -> AccountSettings:
+        response = self._call(
+            self._keys.SetAddressManagement,
+            pb.SetAddressManagementRequest(account_id=account_id, enabled=enabled),
+        )
+        return _settings(response.settings)
+
+    def add_withdrawal_address(
+        self, account_id: str, asset: str, address: str, *, memo: str = "", label: str = ""
+    ) -> WithdrawalAddress:
+        response = self._call(
+            self._keys.AddWithdrawalAddress,
+            pb.AddWithdrawalAddressRequest(account_id=account_id, asset=asset, address=address, memo=memo, label=label),
+        )
+        return _address(response.address)
+
+    def list_withdrawal_addresses(self, account_id: str) -> list[WithdrawalAddress]:
+        response = self._call(
+            self._keys.ListWithdrawalAddresses, pb.ListWithdrawalAddressesRequest(account_id=account_id)
+        )
+        return [_address(a) for a in response.addresses]
+
+    def remove_withdrawal_address(self, account_id: str, address_id: int) -> None:
+        self._call(
+            self._keys.RemoveWithdrawalAddress,
+            pb.RemoveWithdrawalAddressRequest(account_id=account_id, address_id=address_id),
+        )
+
+    # -- authorization --------------------------------------------------------
+
+    def authorize(
+        self,
+        access_key: str,
+        private_key: str,
+        client_ip: str,
+        required_permission: Permission | str | int,
+        destination: WithdrawalDestination | None = None,
+    ) -> AuthorizeResult:
+        """A refusal is a result with ``allowed=False``, not an exception."""
+        request = pb.AuthorizeRequest(
+            access_key=access_key,
+            private_key=private_key,
+            client_ip=client_ip,
+            required_permission=pb.Permission.ValueType(Permission.parse(required_permission)),
+        )
+        if destination is not None:
+            request.destination.CopyFrom(
+                pb.WithdrawalDestination(asset=destination.asset, address=destination.address, memo=destination.memo)
+            )
+        response = self._call(self._auth.Authorize, request)
+        return AuthorizeResult(
+            allowed=response.allowed,
+            decision=Decision(response.decision),
+            account_id=response.account_id,
+            key_name=response.key_name,
+            permission=Permission(response.permission) if response.permission else None,
+        )
+
+
+def domain_error(exc: grpc.RpcError) -> KeyguardError:
+    """The keyguard error a failed call stands for (INVALID_ARGUMENT with its field violations)."""
+    assert isinstance(exc, grpc.Call)
+    code = exc.code()
+    message = exc.details() or code.name
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        violations: list[FieldViolation] = []
+        status = rpc_status.from_call(exc)
+        for detail in status.details if status else ():
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad_request = error_details_pb2.BadRequest()
+                detail.Unpack(bad_request)
+                violations += [FieldViolation(v.field, v.description) for v in bad_request.field_violations]
+        return InvalidArgument(violations, message)
+    cls = ERRORS_BY_CODE.get(code)
+    if cls is None:
+        error: KeyguardError = ServerError(f"{code.name}: {message}")
+        error.code = code
+        return error
+    return cls(message)
+
+
+def _time(ts: timestamp_pb2.Timestamp) -> datetime:
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def _key(key: pb.ApiKey) -> ApiKey:
+    return ApiKey(
+        account_id=key.account_id,
+        access_key=key.access_key,
+        name=key.name,
+        permission=Permission(key.permission),
+        allowed_ips=tuple(key.allowed_ips),
+        created_at=_time(key.created_at),
+    )
+
+
+def _settings(settings: pb.AccountSettings) -> AccountSettings:
+    return AccountSettings(
+        account_id=settings.account_id,
+        address_management=settings.address_management,
+        key_count=settings.key_count,
+        max_keys=settings.max_keys,
+    )
+
+
+def _address(entry: pb.WithdrawalAddress) -> WithdrawalAddress:
+    return WithdrawalAddress(
+        id=entry.id,
+        asset=entry.asset,
+        address=entry.address,
+        memo=entry.memo,
+        label=entry.label,
+        created_at=_time(entry.created_at),
+    )

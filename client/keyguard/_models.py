@@ -1,0 +1,93 @@
+"""Values that cross the API, as frozen dataclasses and enums.
+
+Enum values equal the proto enum numbers, so converting is ``Permission(n)``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+class Permission(enum.IntEnum):
+    """Access level of a key; a higher level includes every lower one."""
+
+    READ = 1
+    TRADE = 2
+    WITHDRAW = 3
+
+    @classmethod
+    def parse(cls, value: Permission | str | int) -> Permission:
+        """Accepts a Permission, its number, or its name in any case."""
+        if isinstance(value, str):
+            try:
+                return cls[value.strip().upper()]
+            except KeyError:
+                raise ValueError(f"unknown permission {value!r}: use read, trade or withdraw") from None
+        return cls(value)
+
+
+class Decision(enum.IntEnum):
+    """Authorize's answer; everything but ALLOW is a refusal."""
+
+    ALLOW = 1
+    UNKNOWN_KEY = 2
+    IP_NOT_ALLOWED = 3
+    BAD_SECRET = 4
+    PERMISSION_DENIED = 5
+    ADDRESS_NOT_WHITELISTED = 6
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    account_id: str
+    access_key: str
+    name: str
+    permission: Permission
+    allowed_ips: tuple[str, ...]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class CreatedKey:
+    """A new key and its private key: the only moment the secret exists in the clear."""
+
+    key: ApiKey
+    private_key: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class AccountSettings:
+    account_id: str
+    address_management: bool
+    key_count: int
+    max_keys: int
+
+
+@dataclass(frozen=True)
+class WithdrawalAddress:
+    id: int
+    asset: str
+    address: str
+    memo: str
+    label: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class WithdrawalDestination:
+    asset: str
+    address: str
+    memo: str = ""
+
+
+@dataclass(frozen=True)
+class AuthorizeResult:
+    """Identity fields are empty unless the caller proved it holds the key."""
+
+    allowed: bool
+    decision: Decision
+    account_id: str = ""
+    key_name: str = ""
+    permission: Permission | None = None

@@ -1,0 +1,320 @@
+"""``keyguard``: the admin command line, mirroring an exchange's API-management page.
+
+Exit status: 0 success (or an allowed authorize), 1 error, 2 usage error,
+3 authorize refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from keyguard._client import DEFAULT_TARGET, Client
+from keyguard._errors import InvalidArgument, KeyguardError, Unavailable
+from keyguard._models import ApiKey, WithdrawalAddress, WithdrawalDestination
+
+EXIT_ERROR = 1
+EXIT_DENIED = 3
+
+PRIVATE_KEY_WARNING = (
+    "Save the private key now: it is shown only this once and cannot be recovered.\n"
+    "Never give it to anyone. Whoever holds it can use your account through the API."
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    try:
+        with Client(args.target, timeout=args.timeout) as client:
+            result: int = args.run(client, args)
+            return result
+    except Unavailable as exc:
+        print(f"error: cannot reach keyguard at {args.target} ({exc.message}); is it running?", file=sys.stderr)
+    except InvalidArgument as exc:
+        print("error: invalid request", file=sys.stderr)
+        for violation in exc.violations or [exc.message]:
+            print(f"  {violation}", file=sys.stderr)
+    except KeyguardError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keyguard", description=__doc__.split("\n\n")[0].strip("`"))
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("KEYGUARD_TARGET", DEFAULT_TARGET),
+        help="server address (env KEYGUARD_TARGET, default %(default)s)",
+    )
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default %(default)s)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    out = argparse.ArgumentParser(add_help=False)
+    out.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    serve = commands.add_parser("serve", help="run the keyguard server")
+    serve.add_argument("--config", help="TOML config file (env KEYGUARD_CONFIG)")
+    serve.add_argument("--listen", help="host:port to listen on (default 127.0.0.1:50051)")
+    serve.add_argument("--data-dir", help="directory for local state (default ./data)")
+    serve.add_argument("--database", help="database URL (default sqlite:///<data-dir>/keyguard.db)")
+
+    keys = commands.add_parser("keys", help="create, list and delete API keys").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    create = keys.add_parser("create", parents=[out], help="create a key; shows its private key once")
+    create.add_argument("account_id")
+    create.add_argument("--name", required=True)
+    create.add_argument("--permission", required=True, choices=["read", "trade", "withdraw"])
+    create.add_argument(
+        "--ip",
+        action="append",
+        default=[],
+        metavar="IP[,IP...]",
+        help="allowed IP address or CIDR network; repeat or separate with commas (none = any IP)",
+    )
+    create.set_defaults(run=_keys_create)
+    listing = keys.add_parser("list", parents=[out], help="list an account's keys")
+    listing.add_argument("account_id")
+    listing.set_defaults(run=_keys_list)
+    get = keys.add_parser("get", parents=[out], help="show one key")
+    get.add_argument("account_id")
+    get.add_argument("access_key")
+    get.set_defaults(run=_keys_get)
+    delete = keys.add_parser("delete", help="delete one key")
+    delete.add_argument("account_id")
+    delete.add_argument("access_key")
+    delete.set_defaults(run=_keys_delete)
+    delete_all = keys.add_parser("delete-all", help="delete every key of an account")
+    delete_all.add_argument("account_id")
+    delete_all.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    delete_all.set_defaults(run=_keys_delete_all)
+
+    addresses = commands.add_parser("addresses", help="the withdrawal-address whitelist").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    add = addresses.add_parser("add", parents=[out], help="whitelist a withdrawal address")
+    add.add_argument("account_id")
+    add.add_argument("--asset", required=True, help="e.g. BTC, USDT-TRC20")
+    add.add_argument("--address", required=True)
+    add.add_argument("--memo", default="", help="memo / tag, for chains that need one")
+    add.add_argument("--label", default="")
+    add.set_defaults(run=_addresses_add)
+    addr_list = addresses.add_parser("list", parents=[out], help="list whitelisted addresses")
+    addr_list.add_argument("account_id")
+    addr_list.set_defaults(run=_addresses_list)
+    remove = addresses.add_parser("remove", help="remove a whitelisted address by id")
+    remove.add_argument("account_id")
+    remove.add_argument("address_id", type=int)
+    remove.set_defaults(run=_addresses_remove)
+
+    management = commands.add_parser(
+        "address-management", parents=[out], help="withdrawals only to whitelisted addresses: on, off or status"
+    )
+    management.add_argument("state", choices=["on", "off", "status"])
+    management.add_argument("account_id")
+    management.set_defaults(run=_address_management)
+
+    authorize = commands.add_parser(
+        "authorize", parents=[out], help="ask keyguard whether a bot request would be allowed"
+    )
+    authorize.add_argument("--access-key", required=True)
+    authorize.add_argument(
+        "--private-key",
+        default=os.environ.get("KEYGUARD_PRIVATE_KEY", ""),
+        help="the key's secret (better: env KEYGUARD_PRIVATE_KEY, kept out of shell history)",
+    )
+    authorize.add_argument("--ip", required=True, help="the bot's IP address")
+    authorize.add_argument("--permission", required=True, choices=["read", "trade", "withdraw"])
+    authorize.add_argument("--asset", help="withdrawal destination asset (withdraw only)")
+    authorize.add_argument("--address", help="withdrawal destination address (withdraw only)")
+    authorize.add_argument("--memo", default="", help="withdrawal destination memo / tag")
+    authorize.set_defaults(run=_authorize)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from keyguard_server import Config, serve
+
+    try:
+        config = Config.load(args.config, listen=args.listen, data_dir=args.data_dir, database=args.database)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+def _keys_create(client: Client, args: argparse.Namespace) -> int:
+    ips = [ip.strip() for arg in args.ip for ip in arg.split(",") if ip.strip()]
+    created = client.create_key(args.account_id, args.name, args.permission, ips)
+    if args.json:
+        _print_json({**_jsonable(created.key), "private_key": created.private_key})
+        return 0
+    key = created.key
+    print(f"Created {key.permission.name} key {key.name!r} for account {key.account_id}.")
+    print(f"  Access key:  {key.access_key}")
+    print(f"  Private key: {created.private_key}")
+    print(f"  Allowed IPs: {', '.join(key.allowed_ips) or 'any'}")
+    print()
+    print(PRIVATE_KEY_WARNING)
+    return 0
+
+
+def _keys_list(client: Client, args: argparse.Namespace) -> int:
+    keys = client.list_keys(args.account_id)
+    if args.json:
+        _print_json([_jsonable(k) for k in keys])
+    elif not keys:
+        print(f"Account {args.account_id} has no API keys.")
+    else:
+        _print_table(
+            ["ACCESS KEY", "NAME", "PERMISSION", "ALLOWED IPS", "CREATED"],
+            [
+                [k.access_key, k.name, k.permission.name, ",".join(k.allowed_ips) or "any", _time(k.created_at)]
+                for k in keys
+            ],
+        )
+    return 0
+
+
+def _keys_get(client: Client, args: argparse.Namespace) -> int:
+    key = client.get_key(args.account_id, args.access_key)
+    if args.json:
+        _print_json(_jsonable(key))
+    else:
+        _print_key(key)
+    return 0
+
+
+def _keys_delete(client: Client, args: argparse.Namespace) -> int:
+    client.delete_key(args.account_id, args.access_key)
+    print(f"Deleted key {args.access_key}.")
+    return 0
+
+
+def _keys_delete_all(client: Client, args: argparse.Namespace) -> int:
+    if not args.yes:
+        count = len(client.list_keys(args.account_id))
+        if not sys.stdin.isatty():
+            print("error: delete-all needs --yes when there is no terminal to confirm on", file=sys.stderr)
+            return EXIT_ERROR
+        answer = input(f"Delete all {count} API keys of account {args.account_id}? Bots using them stop. [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("Nothing deleted.")
+            return EXIT_ERROR
+    deleted = client.delete_all_keys(args.account_id)
+    print(f"Deleted {deleted} key{'s' if deleted != 1 else ''} of account {args.account_id}.")
+    return 0
+
+
+def _addresses_add(client: Client, args: argparse.Namespace) -> int:
+    entry = client.add_withdrawal_address(args.account_id, args.asset, args.address, memo=args.memo, label=args.label)
+    if args.json:
+        _print_json(_jsonable(entry))
+    else:
+        print(f"Whitelisted {entry.asset} address {entry.address} (id {entry.id}).")
+    return 0
+
+
+def _addresses_list(client: Client, args: argparse.Namespace) -> int:
+    entries = client.list_withdrawal_addresses(args.account_id)
+    if args.json:
+        _print_json([_jsonable(e) for e in entries])
+    elif not entries:
+        print(f"Account {args.account_id} has no whitelisted withdrawal addresses.")
+    else:
+        _print_table(["ID", "ASSET", "ADDRESS", "MEMO", "LABEL"], [_address_row(e) for e in entries])
+    return 0
+
+
+def _addresses_remove(client: Client, args: argparse.Namespace) -> int:
+    client.remove_withdrawal_address(args.account_id, args.address_id)
+    print(f"Removed whitelisted address {args.address_id}.")
+    return 0
+
+
+def _address_management(client: Client, args: argparse.Namespace) -> int:
+    if args.state == "status":
+        settings = client.get_account_settings(args.account_id)
+    else:
+        settings = client.set_address_management(args.account_id, args.state == "on")
+    if args.json:
+        _print_json(_jsonable(settings))
+    else:
+        state = "on" if settings.address_management else "off"
+        print(f"Address management for account {settings.account_id} is {state}.")
+    return 0
+
+
+def _authorize(client: Client, args: argparse.Namespace) -> int:
+    destination = None
+    if args.asset is not None or args.address is not None:
+        destination = WithdrawalDestination(args.asset or "", args.address or "", args.memo)
+    result = client.authorize(args.access_key, args.private_key, args.ip, args.permission, destination)
+    if args.json:
+        _print_json(_jsonable(result))
+    elif result.allowed:
+        assert result.permission is not None
+        print(f"ALLOW: key {result.key_name!r} of account {result.account_id} ({result.permission.name})")
+    else:
+        print(f"DENY: {result.decision.name}")
+    return 0 if result.allowed else EXIT_DENIED
+
+
+def _print_key(key: ApiKey) -> None:
+    print(f"Access key:  {key.access_key}")
+    print(f"Account:     {key.account_id}")
+    print(f"Name:        {key.name}")
+    print(f"Permission:  {key.permission.name}")
+    print(f"Allowed IPs: {', '.join(key.allowed_ips) or 'any'}")
+    print(f"Created:     {_time(key.created_at)}")
+
+
+def _address_row(entry: WithdrawalAddress) -> list[str]:
+    return [str(entry.id), entry.asset, entry.address, entry.memo or "-", entry.label or "-"]
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _time(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The gRPC face of the domain: thin servicers and the one error mapping.
+
+Servicers unpack the request, call the domain, pack the answer. Domain errors
+become gRPC statuses in :func:`_maps_errors`, the only place that knows how;
+INVALID_ARGUMENT carries a ``google.rpc.BadRequest`` naming each field.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import TypeVar
+
+import grpc
+from google.protobuf import any_pb2, timestamp_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from keyguard import (
+    AccountSettings,
+    ApiKey,
+    InvalidArgument,
+    KeyguardError,
+    WithdrawalAddress,
+    WithdrawalDestination,
+)
+from keyguard.v1 import keyguard_pb2 as pb
+from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
+
+from keyguard_server._service import Authorizer, KeyManager
+
+log = logging.getLogger("keyguard.grpc")
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+S = TypeVar("S")
+Handler = Callable[[S, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
+
+
+def error_status(exc: KeyguardError) -> grpc.Status:
+    details = []
+    if isinstance(exc, InvalidArgument):
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in exc.violations
+            ]
+        )
+        detail = any_pb2.Any()
+        detail.Pack(bad_request)
+        details.append(detail)
+    code: int = exc.code.value[0]
+    return rpc_status.to_status(status_pb2.Status(code=code, message=exc.message, details=details))
+
+
+def _maps_errors(handler: Handler[S, Req, Resp]) -> Handler[S, Req, Resp]:
+    @functools.wraps(handler)
+    async def wrapper(self: S, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+        try:
+            return await handler(self, request, context)
+        except KeyguardError as exc:
+            await context.abort_with_status(error_status(exc))
+        except Exception:
+            # The traceback goes to the log; the caller learns nothing internal.
+            log.exception("unexpected error in %s", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        raise AssertionError("abort returned")  # pragma: no cover
+
+    return wrapper
+
+
+def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(moment)
+    return ts
+
+
+def _key(key: ApiKey) -> pb.ApiKey:
+    return pb.ApiKey(
+        account_id=key.account_id,
+        access_key=key.access_key,
+        name=key.name,
+        permission=pb.Permission.ValueType(key.permission),
+        allowed_ips=key.allowed_ips,
+        created_at=_timestamp(key.created_at),
+    )
+
+
+def _settings(settings: AccountSettings) -> pb.AccountSettings:
+    return pb.AccountSettings(
+        account_id=settings.account_id,
+        address_management=settings.address_management,
+        key_count=settings.key_count,
+        max_keys=settings.max_keys,
+    )
+
+
+def _address(entry: WithdrawalAddress) -> pb.WithdrawalAddress:
+    return pb.WithdrawalAddress(
+        id=entry.id,
+        asset=entry.asset,
+        address=entry.address,
+        memo=entry.memo,
+        label=entry.label,
+        created_at=_timestamp(entry.created_at),
+    )
+
+
+Context = grpc.aio.ServicerContext
+
+
+class KeyManagementServicer(pb_grpc.KeyManagementServicer):
+    def __init__(self, manager: KeyManager) -> None:
+        self._manager = manager
+
+    @_maps_errors
+    async def CreateKey(
+        self, request: pb.CreateKeyRequest, context: Context[pb.CreateKeyRequest, pb.CreateKeyResponse]
+    ) -> pb.CreateKeyResponse:
+        created = await self._manager.create_key(
+            request.account_id, request.name, request.permission, list(request.allowed_ips)
+        )
+        return pb.CreateKeyResponse(key=_key(created.key), private_key=created.private_key)
+
+    @_maps_errors
+    async def ListKeys(
+        self, request: pb.ListKeysRequest, context: Context[pb.ListKeysRequest, pb.ListKeysResponse]
+    ) -> pb.ListKeysResponse:
+        return pb.ListKeysResponse(keys=[_key(k) for k in self._manager.list_keys(request.account_id)])
+
+    @_maps_errors
+    async def GetKey(
+        self, request: pb.GetKeyRequest, context: Context[pb.GetKeyRequest, pb.GetKeyResponse]
+    ) -> pb.GetKeyResponse:
+        return pb.GetKeyResponse(key=_key(self._manager.get_key(request.account_id, request.access_key)))
+
+    @_maps_errors
+    async def DeleteKey(
+        self, request: pb.DeleteKeyRequest, context: Context[pb.DeleteKeyRequest, pb.DeleteKeyResponse]
+    ) -> pb.DeleteKeyResponse:
+        self._manager.delete_key(request.account_id, request.access_key)
+        return pb.DeleteKeyResponse()
+
+    @_maps_errors
+    async def DeleteAllKeys(
+        self,
+        request: pb.DeleteAllKeysRequest,
+        context: Context[pb.DeleteAllKeysRequest, pb.DeleteAllKeysResponse],
+    ) -> pb.DeleteAllKeysResponse:
+        return pb.DeleteAllKeysResponse(deleted_count=self._manager.delete_all_keys(request.account_id))
+
+    @_maps_errors
+    async def GetAccountSettings(
+        self,
+        request: pb.GetAccountSettingsRequest,
+        context: Context[pb.GetAccountSettingsRequest, pb.GetAccountSettingsResponse],
+    ) -> pb.GetAccountSettingsResponse:
+        settings = self._manager.account_settings(request.account_id)
+        return pb.GetAccountSettingsResponse(settings=_settings(settings))
+
+    @_maps_errors
+    async def SetAddressManagement(
+        self,
+        request: pb.SetAddressManagementRequest,
+        context: Context[pb.SetAddressManagementRequest, pb.SetAddressManagementResponse],
+    ) -> pb.SetAddressManagementResponse:
+        settings = self._manager.set_address_management(request.account_id, request.enabled)
+        return pb.SetAddressManagementResponse(settings=_settings(settings))
+
+    @_maps_errors
+    async def AddWithdrawalAddress(
+        self,
+        request: pb.AddWithdrawalAddressRequest,
+        context: Context[pb.AddWithdrawalAddressRequest, pb.AddWithdrawalAddressResponse],
+    ) -> pb.AddWithdrawalAddressResponse:
+        entry = self._manager.add_address(
+            request.account_id, request.asset, request.address, request.memo, request.label
+        )
+        return pb.AddWithdrawalAddressResponse(address=_address(entry))
+
+    @_maps_errors
+    async def ListWithdrawalAddresses(
+        self,
+        request: pb.ListWithdrawalAddressesRequest,
+        context: Context[pb.ListWithdrawalAddressesRequest, pb.ListWithdrawalAddressesResponse],
+    ) -> pb.ListWithdrawalAddressesResponse:
+        entries = self._manager.list_addresses(request.account_id)
+        return pb.ListWithdrawalAddressesResponse(addresses=[_address(e) for e in entries])
+
+    @_maps_errors
+    async def RemoveWithdrawalAddress(
+        self,
+        request: pb.RemoveWithdrawalAddressRequest,
+        context: Context[pb.RemoveWithdrawalAddressRequest, pb.RemoveWithdrawalAddressResponse],
+    ) -> pb.RemoveWithdrawalAddressResponse:
+        self._manager.remove_address(request.account_id, request.address_id)
+        return pb.RemoveWithdrawalAddressResponse()
+
+
+class AuthorizationServicer(pb_grpc.AuthorizationServicer):
+    def __init__(self, authorizer: Authorizer) -> None:
+        self._authorizer = authorizer
+
+    @_maps_errors
+    async def Authorize(
+        self, request: pb.AuthorizeRequest, context: Context[pb.AuthorizeRequest, pb.AuthorizeResponse]
+    ) -> pb.AuthorizeResponse:
+        destination = None
+        if request.HasField("destination"):
+            d = request.destination
+            destination = WithdrawalDestination(d.asset, d.address, d.memo)
+        result = await self._authorizer.authorize(
+            request.access_key, request.private_key, request.client_ip, request.required_permission, destination
+        )
+        return pb.AuthorizeResponse(
+            allowed=result.allowed,
+            decision=pb.Decision.ValueType(result.decision),
+            account_id=result.account_id,
+            key_name=result.key_name,
+            permission=pb.Permission.ValueType(result.permission or 0),
+        )

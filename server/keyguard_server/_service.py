@@ -1,0 +1,246 @@
+"""The domain: what keyguard does, in plain Python that knows nothing of gRPC.
+
+Methods take and return plain values and raise :mod:`keyguard` errors. Every
+input is validated before storage or argon2 is touched.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+
+from keyguard import (
+    AccountSettings,
+    ApiKey,
+    AuthorizeResult,
+    CreatedKey,
+    Decision,
+    Permission,
+    WithdrawalAddress,
+    WithdrawalDestination,
+)
+
+from keyguard_server._config import Config
+from keyguard_server._secrets import (
+    SecretHasher,
+    is_well_formed_private_key,
+    new_access_key,
+    new_private_key,
+)
+from keyguard_server._store import AuthRow, Store
+from keyguard_server._validation import (
+    ACCESS_KEY_RE,
+    IPAddress,
+    IPNetwork,
+    Violations,
+    parse_allowed_ip,
+)
+
+log = logging.getLogger("keyguard.service")
+
+
+class KeyManager:
+    """KeyManagement: create, list and delete keys; the withdrawal whitelist."""
+
+    def __init__(self, store: Store, hasher: SecretHasher, config: Config) -> None:
+        self._store = store
+        self._hasher = hasher
+        self._config = config
+
+    async def create_key(self, account_id: str, name: str, permission: int, allowed_ips: list[str]) -> CreatedKey:
+        """The key and its private key, which nothing else ever sees again."""
+        v = Violations()
+        v.account_id(account_id)
+        v.key_name(name)
+        level = v.permission(permission)
+        ips = v.allowed_ips(allowed_ips, max_count=self._config.max_allowed_ips)
+        if level is Permission.WITHDRAW and not allowed_ips and self._config.withdraw_requires_ip_allowlist:
+            v.add("allowed_ips", "a WITHDRAW key must be restricted to at least one IP address or network")
+        v.raise_if_any()
+        private_key = new_private_key()
+        secret_hash = await self._hasher.hash(private_key)
+        key = self._store.insert_key(
+            account_id=account_id,
+            access_key=new_access_key(),
+            name=name,
+            permission=level,
+            allowed_ips=ips,
+            secret_hash=secret_hash,
+            max_keys=self._config.max_keys_per_account,
+        )
+        log.info(
+            "key created account_id=%s access_key=%s permission=%s ips=%d",
+            account_id,
+            key.access_key,
+            level.name,
+            len(ips),
+        )
+        return CreatedKey(key, private_key)
+
+    def list_keys(self, account_id: str) -> list[ApiKey]:
+        v = Violations()
+        v.account_id(account_id)
+        v.raise_if_any()
+        return self._store.list_keys(account_id)
+
+    def get_key(self, account_id: str, access_key: str) -> ApiKey:
+        self._check_key_ref(account_id, access_key)
+        return self._store.get_key(account_id, access_key)
+
+    def delete_key(self, account_id: str, access_key: str) -> None:
+        self._check_key_ref(account_id, access_key)
+        self._store.delete_key(account_id, access_key)
+        log.info("key deleted account_id=%s access_key=%s", account_id, access_key)
+
+    def delete_all_keys(self, account_id: str) -> int:
+        v = Violations()
+        v.account_id(account_id)
+        v.raise_if_any()
+        count = self._store.delete_all_keys(account_id)
+        log.info("all keys deleted account_id=%s count=%d", account_id, count)
+        return count
+
+    def account_settings(self, account_id: str) -> AccountSettings:
+        v = Violations()
+        v.account_id(account_id)
+        v.raise_if_any()
+        enabled, count = self._store.account_settings(account_id)
+        return AccountSettings(account_id, enabled, count, self._config.max_keys_per_account)
+
+    def set_address_management(self, account_id: str, enabled: bool) -> AccountSettings:
+        v = Violations()
+        v.account_id(account_id)
+        v.raise_if_any()
+        self._store.set_address_management(account_id, enabled)
+        log.info("address management %s account_id=%s", "on" if enabled else "off", account_id)
+        return self.account_settings(account_id)
+
+    def add_address(self, account_id: str, asset: str, address: str, memo: str, label: str) -> WithdrawalAddress:
+        v = Violations()
+        v.account_id(account_id)
+        asset = v.asset(asset)
+        v.address(address)
+        v.memo(memo)
+        v.label(label)
+        v.raise_if_any()
+        row = self._store.add_address(
+            account_id=account_id,
+            asset=asset,
+            address=address,
+            memo=memo,
+            label=label,
+            max_addresses=self._config.max_withdrawal_addresses,
+        )
+        log.info("withdrawal address added account_id=%s id=%d asset=%s", account_id, row.id, asset)
+        return row
+
+    def list_addresses(self, account_id: str) -> list[WithdrawalAddress]:
+        v = Violations()
+        v.account_id(account_id)
+        v.raise_if_any()
+        return self._store.list_addresses(account_id)
+
+    def remove_address(self, account_id: str, address_id: int) -> None:
+        v = Violations()
+        v.account_id(account_id)
+        if address_id <= 0:
+            v.add("address_id", "is required")
+        v.raise_if_any()
+        self._store.remove_address(account_id, address_id)
+        log.info("withdrawal address removed account_id=%s id=%d", account_id, address_id)
+
+    @staticmethod
+    def _check_key_ref(account_id: str, access_key: str) -> None:
+        v = Violations()
+        v.account_id(account_id)
+        v.access_key(access_key)
+        v.raise_if_any()
+
+
+class Authorizer:
+    """Authorization: may this key do this, from this IP, now? (DESIGN.md §4)."""
+
+    def __init__(self, store: Store, hasher: SecretHasher) -> None:
+        self._store = store
+        self._hasher = hasher
+
+    async def authorize(
+        self,
+        access_key: str,
+        private_key: str,
+        client_ip: str,
+        required: int,
+        destination: WithdrawalDestination | None,
+    ) -> AuthorizeResult:
+        v = Violations()
+        if not access_key:
+            v.add("access_key", "is required")
+        ip = v.client_ip(client_ip)
+        level = v.permission(required, "required_permission")
+        if level is Permission.WITHDRAW and destination is None:
+            v.add("destination", "is required when required_permission is WITHDRAW")
+        elif level is not Permission.WITHDRAW and destination is not None:
+            v.add("destination", "is only allowed when required_permission is WITHDRAW")
+        if destination is not None:
+            destination = WithdrawalDestination(
+                v.asset(destination.asset, "destination.asset"),
+                v.address(destination.address, "destination.address"),
+                v.memo(destination.memo, "destination.memo"),
+            )
+        v.raise_if_any()
+        assert ip is not None
+
+        if not ACCESS_KEY_RE.fullmatch(access_key):
+            return _deny(Decision.UNKNOWN_KEY)
+        row = self._store.auth_lookup(access_key)
+        if row is None:
+            return _deny(Decision.UNKNOWN_KEY)
+        if not _ip_allowed(ip, row.allowed_ips):
+            return _deny(Decision.IP_NOT_ALLOWED)
+        if not is_well_formed_private_key(private_key):
+            return _deny(Decision.BAD_SECRET)
+        if not await self._hasher.verify(row.secret_hash, private_key):
+            return _deny(Decision.BAD_SECRET)
+        # argon2 ran off the loop: the key may have been deleted, re-keyed or
+        # restricted meanwhile. Decide on the state as it is now.
+        current = self._store.auth_lookup(access_key)
+        if current is None:
+            return _deny(Decision.UNKNOWN_KEY)
+        if current.secret_hash != row.secret_hash:
+            return _deny(Decision.BAD_SECRET)
+        if not _ip_allowed(ip, current.allowed_ips):
+            return _deny(Decision.IP_NOT_ALLOWED)
+        return self._after_secret(current, level, destination)
+
+    def _after_secret(
+        self, row: AuthRow, required: Permission, destination: WithdrawalDestination | None
+    ) -> AuthorizeResult:
+        def answer(decision: Decision) -> AuthorizeResult:
+            return AuthorizeResult(decision is Decision.ALLOW, decision, row.account_id, row.name, row.permission)
+
+        if row.permission < required:
+            return answer(Decision.PERMISSION_DENIED)
+        if (
+            destination is not None
+            and row.address_management
+            and not self._store.is_whitelisted(row.account_id, destination.asset, destination.address, destination.memo)
+        ):
+            return answer(Decision.ADDRESS_NOT_WHITELISTED)
+        return answer(Decision.ALLOW)
+
+
+def _deny(decision: Decision) -> AuthorizeResult:
+    return AuthorizeResult(False, decision)
+
+
+def _ip_allowed(ip: IPAddress, allowed_ips: str) -> bool:
+    if not allowed_ips:
+        return True
+    return any(ip in net for net in _networks(allowed_ips))
+
+
+@functools.lru_cache(maxsize=4096)
+def _networks(allowed_ips: str) -> tuple[IPNetwork, ...]:
+    """Parsed allowlists, cached by their stored text (stored text is already valid)."""
+    return tuple(ipaddress.ip_network(parse_allowed_ip(entry)) for entry in allowed_ips.split())

@@ -1,0 +1,170 @@
+"""Input rules of the API, as plain functions that know nothing of gRPC.
+
+Each checker returns the normalised value or records a FieldViolation named
+after the proto field path, so one refused request reports every bad field at
+once. Callers raise with :meth:`Violations.raise_if_any` before touching
+storage or argon2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+
+from keyguard import FieldViolation, InvalidArgument, Permission
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+ACCESS_KEY_RE = re.compile(r"kg_[0-9A-Za-z]{24}")
+_ASSET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
+
+
+class Violations:
+    """Collects the violations of one request."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field, description))
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise InvalidArgument(self.items)
+
+    def text(
+        self,
+        field: str,
+        value: str,
+        *,
+        max_len: int,
+        required: bool = True,
+        spaces: bool = True,
+        ascii_only: bool = False,
+    ) -> str:
+        """A printable string of at most ``max_len`` characters.
+
+        ``spaces=False`` also refuses white space anywhere (ids, addresses);
+        otherwise only leading/trailing white space is refused, since it is
+        invisible on a web page and would make two "equal" names differ.
+        """
+        if not value:
+            if required:
+                self.add(field, "is required")
+            return value
+        if len(value) > max_len:
+            self.add(field, f"must be at most {max_len} characters, got {len(value)}")
+        elif not value.isprintable():
+            self.add(field, "must not contain control or non-printable characters")
+        elif ascii_only and not value.isascii():
+            self.add(field, "must be ASCII")
+        elif not spaces and any(c.isspace() for c in value):
+            self.add(field, "must not contain white space")
+        elif value != value.strip():
+            self.add(field, "must not start or end with white space")
+        return value
+
+    def account_id(self, value: str, field: str = "account_id") -> str:
+        return self.text(field, value, max_len=128, spaces=False)
+
+    def key_name(self, value: str, field: str = "name") -> str:
+        return self.text(field, value, max_len=64)
+
+    def access_key(self, value: str, field: str = "access_key") -> str:
+        if not value:
+            self.add(field, "is required")
+        elif not ACCESS_KEY_RE.fullmatch(value):
+            self.add(field, 'is not an access key ("kg_" and 24 letters or digits)')
+        return value
+
+    def permission(self, value: int, field: str = "permission") -> Permission:
+        try:
+            return Permission(value)
+        except ValueError:
+            self.add(field, "must be READ, TRADE or WITHDRAW")
+            return Permission.READ
+
+    def asset(self, value: str, field: str = "asset") -> str:
+        if not value:
+            self.add(field, "is required")
+        elif not _ASSET_RE.fullmatch(value):
+            self.add(field, "must be 1-32 letters, digits, '.', '_' or '-' (e.g. BTC, USDT-TRC20)")
+        return value.upper()
+
+    def address(self, value: str, field: str = "address") -> str:
+        return self.text(field, value, max_len=256, spaces=False, ascii_only=True)
+
+    def memo(self, value: str, field: str = "memo") -> str:
+        return self.text(field, value, max_len=256, required=False)
+
+    def label(self, value: str, field: str = "label") -> str:
+        return self.text(field, value, max_len=64, required=False)
+
+    def client_ip(self, value: str, field: str = "client_ip") -> IPAddress | None:
+        if not value:
+            self.add(field, "is required")
+            return None
+        try:
+            return plain_address(ipaddress.ip_address(value))
+        except ValueError:
+            self.add(field, f"{_clip(value)!r} is not an IPv4 or IPv6 address")
+            return None
+
+    def allowed_ips(self, values: Iterable[str], *, max_count: int, field: str = "allowed_ips") -> list[str]:
+        """Normalised, de-duplicated, in the order given.
+
+        A network with host bits set (10.0.0.5/24) is refused rather than
+        silently widened, and /0 is refused because "any IP" is spelled as an
+        empty list, which the WITHDRAW policy can see.
+        """
+        values = list(values)
+        if len(values) > max_count:
+            self.add(field, f"at most {max_count} entries, got {len(values)}")
+            return []
+        normalised: dict[str, None] = {}
+        for i, raw in enumerate(values):
+            try:
+                normalised[str(parse_allowed_ip(raw))] = None
+            except ValueError as exc:
+                self.add(f"{field}[{i}]", str(exc))
+        return list(normalised)
+
+
+def plain_address(ip: IPAddress) -> IPAddress:
+    """IPv4-mapped IPv6 (::ffff:1.2.3.4) is the IPv4 address it carries."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.scope_id is not None:
+            raise ValueError("scoped IPv6 addresses are not supported")
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+    return ip
+
+
+def parse_allowed_ip(raw: str) -> IPNetwork | IPAddress:
+    """An allowlist entry: an address (kept as an address) or a network."""
+    text = raw.strip()
+    if "%" in text:
+        raise ValueError(f"{_clip(raw)!r}: scoped IPv6 addresses are not supported")
+    try:
+        if "/" not in text:
+            return plain_address(ipaddress.ip_address(text))
+        network = ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        if "has host bits set" in str(exc):
+            suggestion = ipaddress.ip_network(text, strict=False)
+            raise ValueError(f"{_clip(raw)!r} has host bits set; did you mean {suggestion}?") from None
+        raise ValueError(f"{_clip(raw)!r} is not an IPv4/IPv6 address or CIDR network") from None
+    mapped = network.network_address.ipv4_mapped if network.version == 6 else None
+    if mapped is not None and network.prefixlen >= 96:
+        network = ipaddress.IPv4Network(f"{mapped}/{network.prefixlen - 96}")
+    if network.prefixlen == 0:
+        raise ValueError(f"{_clip(raw)!r} allows every IP; leave the list empty for that")
+    if network.num_addresses == 1:
+        return network.network_address
+    return network
+
+
+def _clip(value: str, limit: int = 60) -> str:
+    return value if len(value) <= limit else value[:limit] + "..."

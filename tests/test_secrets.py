@@ -1,0 +1,68 @@
+"""Private keys exist in the clear only in the CreateKey response."""
+
+from __future__ import annotations
+
+import logging
+
+import argon2
+import pytest
+from keyguard import Client
+from keyguard_server._secrets import is_well_formed_private_key, new_private_key
+
+from tests.conftest import StartServer
+
+
+def test_secret_is_in_neither_database_files_nor_logs(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    server = start_server()
+    with server.client() as client:
+        created = client.create_key("acct-leak", "bot", "withdraw", ["192.0.2.1"])
+        client.authorize(created.key.access_key, created.private_key, "192.0.2.1", "read")
+        client.authorize(created.key.access_key, created.private_key + "x", "192.0.2.1", "read")
+        client.list_keys("acct-leak")
+    server.stop()  # checkpoint the WAL into the main file too
+
+    secret = created.private_key.encode()
+    body = secret[len("kgsk_") : -7]
+    files = list(server.db_path.parent.glob("keyguard.db*"))
+    assert server.db_path in files
+    for path in files:
+        content = path.read_bytes()
+        assert secret not in content and body not in content, path
+    assert created.key.access_key in caplog.text  # the logs do speak of the key...
+    assert created.private_key not in caplog.text  # ...never of its secret
+    assert body.decode() not in caplog.text
+
+
+def test_stored_hash_is_argon2id_of_the_secret(start_server: StartServer) -> None:
+    import sqlite3
+
+    server = start_server()
+    with server.client() as client:
+        created = client.create_key("acct-hash", "bot", "read")
+    with sqlite3.connect(server.db_path) as db:
+        (stored,) = db.execute(
+            "SELECT secret_hash FROM key_model WHERE access_key = ?", (created.key.access_key,)
+        ).fetchone()
+    assert stored.startswith("$argon2id$")
+    assert argon2.PasswordHasher().verify(stored, created.private_key)
+
+
+def test_private_key_format_and_checksum() -> None:
+    keys = {new_private_key() for _ in range(200)}
+    assert len(keys) == 200
+    for key in keys:
+        assert is_well_formed_private_key(key)
+        body, checksum = key[5:48], key[49:]
+        tampered = body[:10] + ("a" if body[10] != "a" else "b") + body[11:]
+        assert not is_well_formed_private_key(f"kgsk_{tampered}_{checksum}")
+    assert not is_well_formed_private_key("")
+    assert not is_well_formed_private_key("kgsk_" + "a" * 43)
+
+
+def test_created_key_repr_hides_the_secret(client: Client, account: str) -> None:
+    created = client.create_key(account, "bot", "read")
+    assert created.private_key not in repr(created)
+    assert created.private_key not in str(created)

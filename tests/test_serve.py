@@ -1,0 +1,196 @@
+"""`keyguard serve` as a user runs it, and the CLI walk-through of the README."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+KEYGUARD = str(Path(sys.executable).parent / "keyguard")
+
+
+class ServeProcess:
+    def __init__(self, cwd: Path) -> None:
+        env = {
+            **os.environ,
+            "KEYGUARD_ARGON2_TIME_COST": "1",
+            "KEYGUARD_ARGON2_MEMORY_KIB": "1024",
+            "KEYGUARD_ARGON2_PARALLELISM": "1",
+        }
+        self.log = cwd / "serve.log"
+        self._log_file = self.log.open("w")
+        self.proc = subprocess.Popen(
+            [KEYGUARD, "serve", "--listen", "127.0.0.1:0"],
+            cwd=cwd,
+            env=env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while not (match := re.search(r"\(port (\d+)\)", self.log.read_text())):
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.target = f"127.0.0.1:{match[1]}"
+
+    def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [KEYGUARD, "--target", self.target, *args],
+            capture_output=True,
+            text=True,
+            input=stdin,
+            timeout=30,
+        )
+
+    def terminate(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(15)
+        finally:
+            self._log_file.close()
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    process = ServeProcess(tmp_path_factory.mktemp("serve"))
+    yield process
+    if process.proc.poll() is None:
+        process.terminate()
+
+
+def test_serves_health_and_reflection(serve: ServeProcess) -> None:
+    with grpc.insecure_channel(serve.target) as channel:
+        health: Any = health_pb2_grpc.HealthStub(channel)  # the typeshed stub lists no methods
+        for service in ("", "keyguard.v1.KeyManagement", "keyguard.v1.Authorization"):
+            response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"keyguard.v1.KeyManagement", "keyguard.v1.Authorization", "grpc.health.v1.Health"} <= services
+
+
+def test_data_lives_in_the_local_data_dir(serve: ServeProcess) -> None:
+    assert (serve.log.parent / "data" / "keyguard.db").exists()
+
+
+def test_readme_walkthrough(serve: ServeProcess) -> None:
+    """The README's CLI walk-through, step by step, with its outputs."""
+    out = serve.cli("keys", "create", "acct-42", "--name", "my-bot", "--permission", "trade", "--ip", "203.0.113.7")
+    assert out.returncode == 0, out.stderr
+    assert "shown only this once" in out.stdout and "Never give it to anyone" in out.stdout
+    access_key = re.search(r"Access key:\s+(kg_\w+)", out.stdout)[1]  # type: ignore[index]
+    private_key = re.search(r"Private key:\s+(kgsk_\w+)", out.stdout)[1]  # type: ignore[index]
+
+    listing = serve.cli("keys", "list", "acct-42")
+    assert access_key in listing.stdout and "TRADE" in listing.stdout and private_key not in listing.stdout
+    assert access_key in serve.cli("keys", "get", "acct-42", access_key).stdout
+
+    def authorize(*args: str) -> subprocess.CompletedProcess[str]:
+        return serve.cli("authorize", "--access-key", access_key, "--private-key", private_key, *args)
+
+    allowed = authorize("--ip", "203.0.113.7", "--permission", "trade")
+    assert (allowed.returncode, allowed.stdout.split(":")[0]) == (0, "ALLOW")
+    wrong_ip = authorize("--ip", "198.51.100.9", "--permission", "trade")
+    assert (wrong_ip.returncode, wrong_ip.stdout.strip()) == (3, "DENY: IP_NOT_ALLOWED")
+    too_much = authorize("--ip", "203.0.113.7", "--permission", "withdraw", "--asset", "BTC", "--address", "bc1q")
+    assert (too_much.returncode, too_much.stdout.strip()) == (3, "DENY: PERMISSION_DENIED")
+
+    out = serve.cli(
+        "keys",
+        "create",
+        "acct-42",
+        "--name",
+        "treasury",
+        "--permission",
+        "withdraw",
+        "--ip",
+        "203.0.113.7,2001:db8::/32",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr
+    withdrawer = json.loads(out.stdout)
+    assert withdrawer["allowed_ips"] == ["203.0.113.7", "2001:db8::/32"]
+    assert serve.cli("address-management", "on", "acct-42").stdout.strip().endswith("is on.")
+    assert (
+        serve.cli(
+            "addresses", "add", "acct-42", "--asset", "BTC", "--address", "bc1qcold", "--label", "cold"
+        ).returncode
+        == 0
+    )
+    assert "bc1qcold" in serve.cli("addresses", "list", "acct-42").stdout
+
+    def withdraw(address: str) -> subprocess.CompletedProcess[str]:
+        return serve.cli(
+            "authorize",
+            "--access-key",
+            withdrawer["access_key"],
+            "--private-key",
+            withdrawer["private_key"],
+            "--ip",
+            "2001:db8::42",
+            "--permission",
+            "withdraw",
+            "--asset",
+            "BTC",
+            "--address",
+            address,
+        )
+
+    assert withdraw("bc1qcold").returncode == 0
+    assert withdraw("bc1qthief").stdout.strip() == "DENY: ADDRESS_NOT_WHITELISTED"
+
+    refused = serve.cli("keys", "delete-all", "acct-42", stdin="")
+    assert refused.returncode == 1 and "--yes" in refused.stderr
+    assert len(json.loads(serve.cli("keys", "list", "acct-42", "--json").stdout)) == 2
+    deleted = serve.cli("keys", "delete-all", "acct-42", "--yes")
+    assert deleted.stdout.strip() == "Deleted 2 keys of account acct-42."
+    gone = authorize("--ip", "203.0.113.7", "--permission", "read")
+    assert gone.stdout.strip() == "DENY: UNKNOWN_KEY"
+
+
+def test_cli_reports_errors_by_field(serve: ServeProcess) -> None:
+    out = serve.cli("keys", "create", "acct-43", "--name", "w", "--permission", "withdraw", "--ip", "10.0.0.1/8")
+    assert out.returncode == 1
+    assert "allowed_ips[0]" in out.stderr and "did you mean 10.0.0.0/8" in out.stderr
+    missing = serve.cli("keys", "get", "acct-43", "kg_" + "a" * 24)
+    assert missing.returncode == 1 and "no key" in missing.stderr
+
+
+def test_cli_says_when_the_server_is_unreachable(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [KEYGUARD, "--target", "127.0.0.1:1", "--timeout", "2", "keys", "list", "acct"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 1 and "cannot reach keyguard at 127.0.0.1:1" in out.stderr
+
+
+def test_sigterm_shuts_down_cleanly(tmp_path: Path) -> None:
+    process = ServeProcess(tmp_path)
+    assert process.cli("keys", "create", "acct-1", "--name", "bot", "--permission", "read").returncode == 0
+    assert process.terminate() == 0
+    log = process.log.read_text()
+    assert "shutting down" in log and "keyguard stopped" in log
+    assert "Traceback" not in log
+
+
+def test_second_server_on_the_same_port_fails_loudly(serve: ServeProcess, tmp_path: Path) -> None:
+    out = subprocess.run(
+        [KEYGUARD, "serve", "--listen", serve.target, "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 1 and "cannot listen" in out.stderr

@@ -1,0 +1,150 @@
+"""Every RPC refuses malformed input with INVALID_ARGUMENT naming the field, and stores nothing.
+
+Requests are built with the raw generated stubs, so the server is tested, not
+the typed client's own checks.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import pytest
+from keyguard import Client, InvalidArgument
+from keyguard.v1 import keyguard_pb2 as pb
+
+from tests.conftest import RawStubs, RunningServer
+
+READ, TRADE, WITHDRAW = pb.PERMISSION_READ, pb.PERMISSION_TRADE, pb.PERMISSION_WITHDRAW
+ACCOUNT = "acct-validation"
+
+
+def _create(**fields: Any) -> pb.CreateKeyRequest:
+    base: dict[str, Any] = {"account_id": ACCOUNT, "name": "bot", "permission": TRADE, "allowed_ips": []}
+    return pb.CreateKeyRequest(**{**base, **fields})
+
+
+CREATE_CASES = [
+    (_create(account_id=""), ["account_id"]),
+    (_create(account_id="a b"), ["account_id"]),
+    (_create(account_id="x" * 129), ["account_id"]),
+    (_create(account_id="acct\x00"), ["account_id"]),
+    (_create(name=""), ["name"]),
+    (_create(name="x" * 65), ["name"]),
+    (_create(name=" bot"), ["name"]),
+    (_create(name="bot\n"), ["name"]),
+    (_create(name="b\x07t"), ["name"]),
+    (_create(name="\u200bbot"), ["name"]),
+    (_create(permission=0), ["permission"]),
+    (_create(permission=7), ["permission"]),
+    (_create(allowed_ips=["1.2.3"]), ["allowed_ips[0]"]),
+    (_create(allowed_ips=["10.0.0.1", "10.0.0.5/24"]), ["allowed_ips[1]"]),
+    (_create(allowed_ips=["10.0.0.0/33"]), ["allowed_ips[0]"]),
+    (_create(allowed_ips=["0.0.0.0/0"]), ["allowed_ips[0]"]),
+    (_create(allowed_ips=["::/0"]), ["allowed_ips[0]"]),
+    (_create(allowed_ips=["::ffff:0.0.0.0/96"]), ["allowed_ips[0]"]),
+    (_create(allowed_ips=["fe80::1%eth0"]), ["allowed_ips[0]"]),
+    (_create(allowed_ips=["example.com"]), ["allowed_ips[0]"]),
+    (_create(allowed_ips=[""]), ["allowed_ips[0]"]),
+    (_create(allowed_ips=[f"10.0.{i}.1" for i in range(31)]), ["allowed_ips"]),
+    (_create(permission=WITHDRAW), ["allowed_ips"]),
+    (_create(account_id="", name="", permission=0), ["account_id", "name", "permission"]),
+]
+
+
+@pytest.mark.parametrize(("request_", "fields"), CREATE_CASES)
+def test_create_key_refusals(
+    raw: RawStubs, server: RunningServer, request_: pb.CreateKeyRequest, fields: list[str]
+) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        raw.call(raw.keys.CreateKey, request_)
+    assert list(err.value.fields) == fields
+    assert all(v.description for v in err.value.violations)
+    with sqlite3.connect(server.db_path) as db:
+        assert db.execute("SELECT count(*) FROM key_model WHERE account_id = ?", (ACCOUNT,)).fetchone() == (0,)
+
+
+def test_thirty_ips_is_fine(raw: RawStubs) -> None:
+    request = _create(account_id="acct-thirty", allowed_ips=[f"10.0.{i}.1" for i in range(30)])
+    assert len(raw.call(raw.keys.CreateKey, request).key.allowed_ips) == 30
+
+
+def test_error_message_says_why(client: Client) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        client.create_key("acct-msg", "bot", "read", ["10.0.0.5/24"])
+    assert "did you mean 10.0.0.0/24" in str(err.value)
+
+
+KEY = "kg_" + "A" * 24
+
+OTHER_CASES = [
+    ("ListKeys", pb.ListKeysRequest(account_id=""), ["account_id"]),
+    ("GetKey", pb.GetKeyRequest(account_id=ACCOUNT, access_key=""), ["access_key"]),
+    ("GetKey", pb.GetKeyRequest(account_id=ACCOUNT, access_key="kg_short"), ["access_key"]),
+    ("GetKey", pb.GetKeyRequest(account_id="", access_key=KEY), ["account_id"]),
+    ("DeleteKey", pb.DeleteKeyRequest(account_id=ACCOUNT, access_key="nope"), ["access_key"]),
+    ("DeleteKey", pb.DeleteKeyRequest(account_id="a\tb", access_key=KEY), ["account_id"]),
+    ("DeleteAllKeys", pb.DeleteAllKeysRequest(account_id=""), ["account_id"]),
+    ("GetAccountSettings", pb.GetAccountSettingsRequest(account_id=""), ["account_id"]),
+    ("SetAddressManagement", pb.SetAddressManagementRequest(account_id="", enabled=True), ["account_id"]),
+    ("AddWithdrawalAddress", pb.AddWithdrawalAddressRequest(account_id=ACCOUNT, asset="", address="x"), ["asset"]),
+    ("AddWithdrawalAddress", pb.AddWithdrawalAddressRequest(account_id=ACCOUNT, asset="B/TC", address="x"), ["asset"]),
+    (
+        "AddWithdrawalAddress",
+        pb.AddWithdrawalAddressRequest(account_id=ACCOUNT, asset="X" * 33, address="x"),
+        ["asset"],
+    ),
+    ("AddWithdrawalAddress", pb.AddWithdrawalAddressRequest(account_id=ACCOUNT, asset="BTC", address=""), ["address"]),
+    (
+        "AddWithdrawalAddress",
+        pb.AddWithdrawalAddressRequest(account_id=ACCOUNT, asset="BTC", address="a d"),
+        ["address"],
+    ),
+    (
+        "AddWithdrawalAddress",
+        pb.AddWithdrawalAddressRequest(account_id=ACCOUNT, asset="BTC", address="bc1é"),
+        ["address"],
+    ),
+    (
+        "AddWithdrawalAddress",
+        pb.AddWithdrawalAddressRequest(account_id=ACCOUNT, asset="BTC", address="x" * 257),
+        ["address"],
+    ),
+    (
+        "AddWithdrawalAddress",
+        pb.AddWithdrawalAddressRequest(account_id=ACCOUNT, asset="BTC", address="x", memo="m\r"),
+        ["memo"],
+    ),
+    (
+        "AddWithdrawalAddress",
+        pb.AddWithdrawalAddressRequest(account_id=ACCOUNT, asset="BTC", address="x", label="l" * 65),
+        ["label"],
+    ),
+    ("RemoveWithdrawalAddress", pb.RemoveWithdrawalAddressRequest(account_id=ACCOUNT, address_id=0), ["address_id"]),
+    ("RemoveWithdrawalAddress", pb.RemoveWithdrawalAddressRequest(account_id="", address_id=1), ["account_id"]),
+]
+
+
+@pytest.mark.parametrize(("method", "request_", "fields"), OTHER_CASES)
+def test_management_refusals(
+    raw: RawStubs, server: RunningServer, method: str, request_: Any, fields: list[str]
+) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        raw.call(getattr(raw.keys, method), request_)
+    assert list(err.value.fields) == fields
+    with sqlite3.connect(server.db_path) as db:
+        for table in ("key_model", "address_model", "account_model"):
+            assert db.execute(f"SELECT count(*) FROM {table} WHERE account_id = ?", (ACCOUNT,)).fetchone() == (0,)
+
+
+@pytest.mark.parametrize("permission", [0, 4, -1])
+def test_authorize_refuses_unknown_permission_values(raw: RawStubs, permission: int) -> None:
+    request = pb.AuthorizeRequest(
+        access_key=KEY,
+        private_key="kgsk_x",
+        client_ip="192.0.2.1",
+        required_permission=pb.Permission.ValueType(permission),
+    )
+    with pytest.raises(InvalidArgument) as err:
+        raw.call(raw.auth.Authorize, request)
+    assert err.value.fields == ("required_permission",)
