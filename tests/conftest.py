@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+
 from keyguard import Client
 from keyguard._client import domain_error
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc

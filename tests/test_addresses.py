@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from keyguard import AlreadyExists, Client, LimitExceeded, NotFound
 
+from keyguard import AlreadyExists, Client, LimitExceeded, NotFound
 from tests.conftest import StartServer
 
 

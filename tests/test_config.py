@@ -45,9 +45,7 @@ def test_config_file_can_come_from_the_environment(tmp_path: Path) -> None:
         ("max_keys_per_account = 0\n", {}, "at least 1"),
     ],
 )
-def test_mistakes_are_errors_not_silently_ignored(
-    tmp_path: Path, toml: str, env: dict[str, str], message: str
-) -> None:
+def test_mistakes_are_errors_not_silently_ignored(tmp_path: Path, toml: str, env: dict[str, str], message: str) -> None:
     path = tmp_path / "keyguard.toml"
     path.write_text(toml)
     with pytest.raises(ValueError, match=message):

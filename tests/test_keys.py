@@ -7,8 +7,8 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from keyguard import AlreadyExists, Client, InvalidArgument, LimitExceeded, NotFound, Permission
 
+from keyguard import AlreadyExists, Client, InvalidArgument, LimitExceeded, NotFound, Permission
 from tests.conftest import StartServer
 
 ACCESS_KEY = re.compile(r"kg_[0-9A-Za-z]{24}")

@@ -6,9 +6,9 @@ import logging
 
 import argon2
 import pytest
+
 from keyguard import Client
 from keyguard_server._secrets import is_well_formed_private_key, new_private_key
-
 from tests.conftest import StartServer
 
 

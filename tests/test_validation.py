@@ -10,9 +10,9 @@ import sqlite3
 from typing import Any
 
 import pytest
+
 from keyguard import Client, InvalidArgument
 from keyguard.v1 import keyguard_pb2 as pb
-
 from tests.conftest import RawStubs, RunningServer
 
 READ, TRADE, WITHDRAW = pb.PERMISSION_READ, pb.PERMISSION_TRADE, pb.PERMISSION_WITHDRAW

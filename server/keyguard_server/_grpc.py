@@ -17,6 +17,7 @@ import grpc
 from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
 from keyguard import (
     AccountSettings,
     ApiKey,
@@ -27,7 +28,6 @@ from keyguard import (
 )
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
-
 from keyguard_server._service import Authorizer, KeyManager
 
 log = logging.getLogger("keyguard.grpc")

@@ -10,9 +10,9 @@ from urllib.parse import urlsplit, urlunsplit
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
-
 from keyguard_server._config import Config
 from keyguard_server._grpc import AuthorizationServicer, KeyManagementServicer
 from keyguard_server._secrets import SecretHasher

@@ -20,7 +20,6 @@ from keyguard import (
     WithdrawalAddress,
     WithdrawalDestination,
 )
-
 from keyguard_server._config import Config
 from keyguard_server._secrets import (
     SecretHasher,

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import peewee as pw
-from keyguard import AlreadyExists, ApiKey, LimitExceeded, NotFound, Permission, WithdrawalAddress
 from playhouse import db_url
+
+from keyguard import AlreadyExists, ApiKey, LimitExceeded, NotFound, Permission, WithdrawalAddress
 
 
 class _Model(pw.Model):
