@@ -52,8 +52,13 @@ class RunningServer:
         self.db_path = Path(self.config.database_url.removeprefix("sqlite:///"))
         self._loop = loop
 
-    def client(self) -> Client:
-        return Client(self.target, timeout=10)
+    @property
+    def admin_token(self) -> str:
+        return self.config.admin_token_file.read_text().strip()
+
+    def client(self, **credentials: Any) -> Client:
+        """A client with the generated admin token unless other credentials are given."""
+        return Client(self.target, timeout=10, **(credentials or {"token": self.admin_token}))
 
     def stop(self) -> None:
         self._loop.run(self.server.stop(0))
@@ -107,15 +112,15 @@ def client(server: RunningServer) -> Iterator[Client]:
 class RawStubs:
     """The generated stubs, for requests the typed client would refuse to build."""
 
-    def __init__(self, channel: grpc.Channel) -> None:
+    def __init__(self, channel: grpc.Channel, token: str) -> None:
         self.keys = pb_grpc.KeyManagementStub(channel)
         self.auth = pb_grpc.AuthorizationStub(channel)
+        self.metadata = (("authorization", f"Bearer {token}"),)
 
-    @staticmethod
-    def call(method: Callable[..., T], request: Any) -> T:
+    def call(self, method: Callable[..., T], request: Any) -> T:
         """Calls one RPC; a failure raises the keyguard error it stands for."""
         try:
-            return method(request, timeout=10)
+            return method(request, timeout=10, metadata=self.metadata)
         except grpc.RpcError as exc:
             raise domain_error(exc) from None
 
@@ -123,7 +128,7 @@ class RawStubs:
 @pytest.fixture
 def raw(server: RunningServer) -> Iterator[RawStubs]:
     with grpc.insecure_channel(server.target) as channel:
-        yield RawStubs(channel)
+        yield RawStubs(channel, server.admin_token)
 
 
 _accounts = itertools.count(1)

@@ -29,6 +29,7 @@ class ServeProcess:
             "KEYGUARD_ARGON2_MEMORY_KIB": "1024",
             "KEYGUARD_ARGON2_PARALLELISM": "1",
         }
+        self.cwd = cwd
         self.log = cwd / "serve.log"
         self._log_file = self.log.open("w")
         self.proc = subprocess.Popen(
@@ -39,7 +40,7 @@ class ServeProcess:
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 20
-        while not (match := re.search(r"\(port (\d+)\)", self.log.read_text())):
+        while not (match := re.search(r"\(port (\d+)", self.log.read_text())):
             assert self.proc.poll() is None, self.log.read_text()
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.05)
@@ -52,6 +53,7 @@ class ServeProcess:
             text=True,
             input=stdin,
             timeout=30,
+            cwd=self.cwd,  # where `keyguard serve` left data/admin.token, as for a user
         )
 
     def terminate(self) -> int:

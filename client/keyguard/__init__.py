@@ -20,6 +20,8 @@ from keyguard._errors import (
 from keyguard._models import (
     AccountSettings,
     ApiKey,
+    AuditAction,
+    AuditEvent,
     AuthorizeResult,
     CreatedKey,
     Decision,
@@ -33,6 +35,8 @@ __all__ = [
     "AccountSettings",
     "AlreadyExists",
     "ApiKey",
+    "AuditAction",
+    "AuditEvent",
     "AuthorizeResult",
     "Client",
     "CreatedKey",

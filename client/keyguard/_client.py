@@ -16,6 +16,8 @@ from keyguard._errors import ERRORS_BY_CODE, FieldViolation, InvalidArgument, Ke
 from keyguard._models import (
     AccountSettings,
     ApiKey,
+    AuditAction,
+    AuditEvent,
     AuthorizeResult,
     CreatedKey,
     Decision,
@@ -34,17 +36,28 @@ Resp = TypeVar("Resp")
 class Client:
     """Talks to one keyguard server; every method raises :class:`keyguard.KeyguardError`.
 
-    Use as a context manager, or call :meth:`close`.
+    ``token`` is the caller's bearer token. For TLS pass ``root_certificates``
+    (PEM of the CA that signed the server's certificate) and, for mTLS, the
+    client's ``private_key`` and ``certificate_chain``. Use as a context
+    manager, or call :meth:`close`.
     """
 
     def __init__(
         self,
         target: str = DEFAULT_TARGET,
         *,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
         timeout: float = 10.0,
-        channel: grpc.Channel | None = None,
     ) -> None:
-        self._channel = channel or grpc.insecure_channel(target)
+        if root_certificates or certificate_chain:
+            credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+            self._channel = grpc.secure_channel(target, credentials)
+        else:
+            self._channel = grpc.insecure_channel(target)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = timeout
         self._keys = pb_grpc.KeyManagementStub(self._channel)
         self._auth = pb_grpc.AuthorizationStub(self._channel)
@@ -62,7 +75,7 @@ class Client:
 
     def _call(self, method: Callable[..., Resp], request: Any) -> Resp:
         try:
-            return method(request, timeout=self._timeout)
+            return method(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise domain_error(exc) from None
 
@@ -136,6 +149,16 @@ class Client:
             self._keys.RemoveWithdrawalAddress,
             pb.RemoveWithdrawalAddressRequest(account_id=account_id, address_id=address_id),
         )
+
+    def list_audit_events(
+        self, account_id: str = "", *, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[AuditEvent], str]:
+        """One page, newest first, and the token of the next page ("" at the end)."""
+        response = self._call(
+            self._keys.ListAuditEvents,
+            pb.ListAuditEventsRequest(account_id=account_id, page_size=page_size, page_token=page_token),
+        )
+        return [_event(e) for e in response.events], response.next_page_token
 
     # -- authorization --------------------------------------------------------
 
@@ -211,6 +234,18 @@ def _settings(settings: pb.AccountSettings) -> AccountSettings:
         address_management=settings.address_management,
         key_count=settings.key_count,
         max_keys=settings.max_keys,
+    )
+
+
+def _event(event: pb.AuditEvent) -> AuditEvent:
+    return AuditEvent(
+        id=event.id,
+        time=_time(event.time),
+        caller=event.caller,
+        action=AuditAction(event.action),
+        account_id=event.account_id,
+        access_key=event.access_key,
+        details=dict(event.details),
     )
 
 

@@ -39,6 +39,16 @@ class Decision(enum.IntEnum):
     ADDRESS_NOT_WHITELISTED = 6
 
 
+class AuditAction(enum.IntEnum):
+    KEY_CREATED = 1
+    KEY_DELETED = 2
+    ALL_KEYS_DELETED = 3
+    ADDRESS_ADDED = 4
+    ADDRESS_REMOVED = 5
+    ADDRESS_MANAGEMENT_ENABLED = 6
+    ADDRESS_MANAGEMENT_DISABLED = 7
+
+
 @dataclass(frozen=True)
 class ApiKey:
     account_id: str
@@ -91,3 +101,16 @@ class AuthorizeResult:
     account_id: str = ""
     key_name: str = ""
     permission: Permission | None = None
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One change: who (the calling service) did what to which account, and when."""
+
+    id: int
+    time: datetime
+    caller: str
+    action: AuditAction
+    account_id: str
+    access_key: str
+    details: dict[str, str] = field(default_factory=dict)

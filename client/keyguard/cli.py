@@ -18,8 +18,9 @@ from typing import Any
 
 from keyguard._client import DEFAULT_TARGET, Client
 from keyguard._errors import InvalidArgument, KeyguardError, Unavailable
-from keyguard._models import ApiKey, WithdrawalAddress, WithdrawalDestination
+from keyguard._models import ApiKey, AuditEvent, WithdrawalAddress, WithdrawalDestination
 
+DEFAULT_TOKEN_FILE = os.path.join(os.environ.get("KEYGUARD_DATA_DIR", "data"), "admin.token")
 EXIT_ERROR = 1
 EXIT_DENIED = 3
 
@@ -33,10 +34,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "new-token":
+        return _new_token()
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with _connect(args) as client:
             result: int = args.run(client, args)
             return result
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
     except Unavailable as exc:
         print(f"error: cannot reach keyguard at {args.target} ({exc.message}); is it running?", file=sys.stderr)
     except InvalidArgument as exc:
@@ -56,6 +61,16 @@ def _parser() -> argparse.ArgumentParser:
         help="server address (env KEYGUARD_TARGET, default %(default)s)",
     )
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default %(default)s)")
+    auth = parser.add_argument_group("caller credentials")
+    auth.add_argument(
+        "--token-file",
+        default=os.environ.get("KEYGUARD_TOKEN_FILE", DEFAULT_TOKEN_FILE),
+        help="file holding the caller token (env KEYGUARD_TOKEN_FILE, default %(default)s: "
+        "the admin token `keyguard serve` generates with no callers configured)",
+    )
+    auth.add_argument("--tls-ca", default=os.environ.get("KEYGUARD_TLS_CA"), help="CA certificate (PEM) for TLS")
+    auth.add_argument("--tls-cert", default=os.environ.get("KEYGUARD_TLS_CERT"), help="client certificate for mTLS")
+    auth.add_argument("--tls-key", default=os.environ.get("KEYGUARD_TLS_KEY"), help="client key for mTLS")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     out = argparse.ArgumentParser(add_help=False)
     out.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -115,6 +130,13 @@ def _parser() -> argparse.ArgumentParser:
     remove.add_argument("address_id", type=int)
     remove.set_defaults(run=_addresses_remove)
 
+    audit = commands.add_parser("audit", parents=[out], help="the audit log, newest first")
+    audit.add_argument("account_id", nargs="?", default="", help="only this account (default: all)")
+    audit.add_argument("--limit", type=int, default=20, help="how many events (default %(default)s)")
+    audit.set_defaults(run=_audit)
+
+    commands.add_parser("new-token", help="generate a caller token and the token_sha256 line for the config")
+
     management = commands.add_parser(
         "address-management", parents=[out], help="withdrawals only to whitelisted addresses: on, off or status"
     )
@@ -138,6 +160,43 @@ def _parser() -> argparse.ArgumentParser:
     authorize.add_argument("--memo", default="", help="withdrawal destination memo / tag")
     authorize.set_defaults(run=_authorize)
     return parser
+
+
+def _connect(args: argparse.Namespace) -> Client:
+    """A client with the credentials the flags and environment name.
+
+    Token: KEYGUARD_TOKEN, else the token file if it exists (so the zero-config
+    admin token just works when run next to `keyguard serve`).
+    """
+    token = os.environ.get("KEYGUARD_TOKEN")
+    if not token and os.path.exists(args.token_file):
+        with open(args.token_file) as f:
+            token = f.read().strip()
+
+    def read(path: str | None) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return Client(
+        args.target,
+        token=token,
+        root_certificates=read(args.tls_ca),
+        certificate_chain=read(args.tls_cert),
+        private_key=read(args.tls_key),
+        timeout=args.timeout,
+    )
+
+
+def _new_token() -> int:
+    from keyguard_server._auth import new_token, token_sha256
+
+    token = new_token()
+    print(f"token:        {token}")
+    print(f'token_sha256 = "{token_sha256(token)}"')
+    print("Give the token to the caller (its KEYGUARD_TOKEN); put only token_sha256 in the server config.")
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -275,6 +334,34 @@ def _authorize(client: Client, args: argparse.Namespace) -> int:
     else:
         print(f"DENY: {result.decision.name}")
     return 0 if result.allowed else EXIT_DENIED
+
+
+def _audit(client: Client, args: argparse.Namespace) -> int:
+    events: list[AuditEvent] = []
+    token = ""
+    while len(events) < args.limit:
+        page, token = client.list_audit_events(
+            args.account_id, page_size=min(args.limit - len(events), 500), page_token=token
+        )
+        events += page
+        if not token:
+            break
+    if args.json:
+        _print_json([_jsonable(e) for e in events])
+        return 0
+    rows = [
+        [
+            _time(e.time),
+            e.caller,
+            e.action.name,
+            e.account_id,
+            e.access_key or "-",
+            " ".join(f"{k}={v}" for k, v in sorted(e.details.items())) or "-",
+        ]
+        for e in events
+    ]
+    _print_table(["TIME", "CALLER", "ACTION", "ACCOUNT", "ACCESS KEY", "DETAILS"], rows)
+    return 0
 
 
 def _print_key(key: ApiKey) -> None:

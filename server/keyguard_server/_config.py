@@ -1,19 +1,52 @@
 """Server configuration: defaults < TOML file < KEYGUARD_* env vars < flags.
 
-Every field of :class:`Config` is a top-level key of the TOML file and has an
-environment variable named ``KEYGUARD_`` + the field name in upper case.
+Every scalar field of :class:`Config` is a top-level key of the TOML file and
+has an environment variable named ``KEYGUARD_`` + the field name in upper case.
+Callers are TOML only, as ``[[callers]]`` tables (see :class:`Caller`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from keyguard_server._secrets import Argon2Params
+
+
+class Role(enum.StrEnum):
+    """What a caller may call. Health checking is open to everyone."""
+
+    AUTHORIZER = "authorizer"  # Authorization (the API gateway)
+    MANAGER = "manager"  # KeyManagement (admin tooling, website backend)
+    ADMIN = "admin"  # both (the generated local admin token)
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """A service allowed to call keyguard, known by a token or a client certificate.
+
+    ``token_sha256`` is the hex SHA-256 of the bearer token, so the config file
+    holds nothing a reader could replay; ``cert_common_name`` matches the CN of
+    a client certificate verified against ``tls_client_ca_file``.
+    """
+
+    name: str
+    role: Role
+    token_sha256: str = ""
+    cert_common_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.token_sha256 and not self.cert_common_name:
+            raise ValueError(f"caller {self.name!r} needs token_sha256 or cert_common_name")
+        if self.token_sha256 and not re.fullmatch(r"[0-9a-f]{64}", self.token_sha256):
+            raise ValueError(f"caller {self.name!r}: token_sha256 must be 64 lower-case hex digits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +70,14 @@ class Config:
     log_level: str = "INFO"
     # Seconds in-flight calls get to finish on SIGTERM/SIGINT.
     shutdown_grace: float = 5.0
+    # TLS: server certificate and key (PEM files); with a client CA, callers
+    # must present a certificate it signed (mTLS).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    # Who may call. Empty: loopback only, with a generated admin token in
+    # <data_dir>/admin.token that the CLI picks up.
+    callers: tuple[Caller, ...] = ()
 
     @property
     def database_url(self) -> str:
@@ -46,10 +87,27 @@ class Config:
     def argon2(self) -> Argon2Params:
         return Argon2Params(self.argon2_time_cost, self.argon2_memory_kib, self.argon2_parallelism)
 
+    @property
+    def admin_token_file(self) -> Path:
+        return Path(self.data_dir) / "admin.token"
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_file)
+
     def __post_init__(self) -> None:
         for name in ("max_keys_per_account", "max_allowed_ips", "max_withdrawal_addresses", "argon2_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config {name} must be at least 1")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("config tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("config tls_client_ca_file needs tls_cert_file and tls_key_file")
+        if not self.callers and not _is_loopback(self.listen):
+            raise ValueError(
+                f"refusing to listen on {self.listen} with no callers configured: "
+                "configure [[callers]] (see README) or listen on loopback"
+            )
 
     @classmethod
     def load(
@@ -64,16 +122,49 @@ class Config:
         values: dict[str, Any] = {}
         if path:
             with open(path, "rb") as f:
-                values.update(_typed(tomllib.load(f), source=str(path)))
-        fields = {f.name for f in dataclasses.fields(cls)}
+                document = tomllib.load(f)
+            values["callers"] = _callers(document.pop("callers", []), source=str(path))
+            values.update(_typed(document, source=str(path)))
+        fields = {f.name for f in dataclasses.fields(cls)} - {"callers"}
         from_env = {name: env[f"KEYGUARD_{name.upper()}"] for name in fields if f"KEYGUARD_{name.upper()}" in env}
         values.update(_typed(from_env, source="environment", parse_strings=True))
         values.update(_typed({k: v for k, v in overrides.items() if v is not None}, source="flags"))
         return cls(**values)
 
 
+def _is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _callers(raw: Any, *, source: str) -> tuple[Caller, ...]:
+    if not isinstance(raw, list) or not all(isinstance(c, dict) for c in raw):
+        raise ValueError(f"{source}: callers must be [[callers]] tables")
+    known = {f.name for f in dataclasses.fields(Caller)}
+    callers = []
+    for entry in raw:
+        unknown = set(entry) - known
+        if unknown:
+            raise ValueError(f"{source}: unknown caller setting {sorted(unknown)[0]!r}")
+        if not all(isinstance(v, str) for v in entry.values()):
+            raise ValueError(f"{source}: caller settings are strings")
+        try:
+            callers.append(Caller(**{**entry, "role": Role(entry.get("role", ""))}))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: caller {entry.get('name', '?')!r}: {exc}") from None
+    names = [c.name for c in callers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{source}: caller names must be unique")
+    return tuple(callers)
+
+
 def _typed(raw: Mapping[str, Any], *, source: str, parse_strings: bool = False) -> dict[str, Any]:
-    types = {f.name: f.type for f in dataclasses.fields(Config)}
+    types = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "callers"}
     out: dict[str, Any] = {}
     for name, value in raw.items():
         if name not in types:

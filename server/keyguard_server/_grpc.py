@@ -21,6 +21,7 @@ from grpc_status import rpc_status
 from keyguard import (
     AccountSettings,
     ApiKey,
+    AuditEvent,
     InvalidArgument,
     KeyguardError,
     WithdrawalAddress,
@@ -28,6 +29,7 @@ from keyguard import (
 )
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
+from keyguard_server._auth import current_caller
 from keyguard_server._service import Authorizer, KeyManager
 
 log = logging.getLogger("keyguard.grpc")
@@ -107,6 +109,18 @@ def _address(entry: WithdrawalAddress) -> pb.WithdrawalAddress:
     )
 
 
+def _event(event: AuditEvent) -> pb.AuditEvent:
+    return pb.AuditEvent(
+        id=event.id,
+        time=_timestamp(event.time),
+        caller=event.caller,
+        action=pb.AuditAction.ValueType(event.action),
+        account_id=event.account_id,
+        access_key=event.access_key,
+        details=event.details,
+    )
+
+
 Context = grpc.aio.ServicerContext
 
 
@@ -119,7 +133,7 @@ class KeyManagementServicer(pb_grpc.KeyManagementServicer):
         self, request: pb.CreateKeyRequest, context: Context[pb.CreateKeyRequest, pb.CreateKeyResponse]
     ) -> pb.CreateKeyResponse:
         created = await self._manager.create_key(
-            request.account_id, request.name, request.permission, list(request.allowed_ips)
+            current_caller(), request.account_id, request.name, request.permission, list(request.allowed_ips)
         )
         return pb.CreateKeyResponse(key=_key(created.key), private_key=created.private_key)
 
@@ -139,7 +153,7 @@ class KeyManagementServicer(pb_grpc.KeyManagementServicer):
     async def DeleteKey(
         self, request: pb.DeleteKeyRequest, context: Context[pb.DeleteKeyRequest, pb.DeleteKeyResponse]
     ) -> pb.DeleteKeyResponse:
-        self._manager.delete_key(request.account_id, request.access_key)
+        self._manager.delete_key(current_caller(), request.account_id, request.access_key)
         return pb.DeleteKeyResponse()
 
     @_maps_errors
@@ -148,7 +162,9 @@ class KeyManagementServicer(pb_grpc.KeyManagementServicer):
         request: pb.DeleteAllKeysRequest,
         context: Context[pb.DeleteAllKeysRequest, pb.DeleteAllKeysResponse],
     ) -> pb.DeleteAllKeysResponse:
-        return pb.DeleteAllKeysResponse(deleted_count=self._manager.delete_all_keys(request.account_id))
+        return pb.DeleteAllKeysResponse(
+            deleted_count=self._manager.delete_all_keys(current_caller(), request.account_id)
+        )
 
     @_maps_errors
     async def GetAccountSettings(
@@ -165,7 +181,7 @@ class KeyManagementServicer(pb_grpc.KeyManagementServicer):
         request: pb.SetAddressManagementRequest,
         context: Context[pb.SetAddressManagementRequest, pb.SetAddressManagementResponse],
     ) -> pb.SetAddressManagementResponse:
-        settings = self._manager.set_address_management(request.account_id, request.enabled)
+        settings = self._manager.set_address_management(current_caller(), request.account_id, request.enabled)
         return pb.SetAddressManagementResponse(settings=_settings(settings))
 
     @_maps_errors
@@ -175,7 +191,7 @@ class KeyManagementServicer(pb_grpc.KeyManagementServicer):
         context: Context[pb.AddWithdrawalAddressRequest, pb.AddWithdrawalAddressResponse],
     ) -> pb.AddWithdrawalAddressResponse:
         entry = self._manager.add_address(
-            request.account_id, request.asset, request.address, request.memo, request.label
+            current_caller(), request.account_id, request.asset, request.address, request.memo, request.label
         )
         return pb.AddWithdrawalAddressResponse(address=_address(entry))
 
@@ -194,8 +210,17 @@ class KeyManagementServicer(pb_grpc.KeyManagementServicer):
         request: pb.RemoveWithdrawalAddressRequest,
         context: Context[pb.RemoveWithdrawalAddressRequest, pb.RemoveWithdrawalAddressResponse],
     ) -> pb.RemoveWithdrawalAddressResponse:
-        self._manager.remove_address(request.account_id, request.address_id)
+        self._manager.remove_address(current_caller(), request.account_id, request.address_id)
         return pb.RemoveWithdrawalAddressResponse()
+
+    @_maps_errors
+    async def ListAuditEvents(
+        self,
+        request: pb.ListAuditEventsRequest,
+        context: Context[pb.ListAuditEventsRequest, pb.ListAuditEventsResponse],
+    ) -> pb.ListAuditEventsResponse:
+        events, next_token = self._manager.audit_events(request.account_id, request.page_size, request.page_token)
+        return pb.ListAuditEventsResponse(events=[_event(e) for e in events], next_page_token=next_token)
 
 
 class AuthorizationServicer(pb_grpc.AuthorizationServicer):

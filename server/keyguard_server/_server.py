@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
+from keyguard_server._auth import CallerInterceptor, ensure_admin_token
 from keyguard_server._config import Config
 from keyguard_server._grpc import AuthorizationServicer, KeyManagementServicer
 from keyguard_server._secrets import SecretHasher
@@ -43,11 +44,13 @@ class KeyguardServer:
         config = self.config
         self._store = Store.open(config.database_url)
         self._hasher = SecretHasher(config.argon2, config.argon2_threads)
+        callers = config.callers or (ensure_admin_token(config),)
         server = grpc.aio.server(
+            interceptors=[CallerInterceptor(callers)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         pb_grpc.add_KeyManagementServicer_to_server(
             KeyManagementServicer(KeyManager(self._store, self._hasher, config)), server
@@ -58,7 +61,10 @@ class KeyguardServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         try:
-            self.port = server.add_insecure_port(config.listen)
+            if config.tls:
+                self.port = server.add_secure_port(config.listen, _tls_credentials(config))
+            else:
+                self.port = server.add_insecure_port(config.listen)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {config.listen}: {exc}") from None
         await server.start()
@@ -66,10 +72,12 @@ class KeyguardServer:
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "keyguard serving on %s (port %d), database %s",
+            "keyguard serving on %s (port %d, %s), database %s, callers: %s",
             config.listen,
             self.port,
+            ("mTLS" if config.tls_client_ca_file else "TLS") if config.tls else "plaintext",
             _redact(config.database_url),
+            ", ".join(f"{c.name} ({c.role})" for c in callers),
         )
         return self.port
 
@@ -100,6 +108,19 @@ async def serve(config: Config) -> None:
     await stopping.wait()
     log.info("shutting down (grace %.1fs)", config.shutdown_grace)
     await server.stop(config.shutdown_grace)
+
+
+def _tls_credentials(config: Config) -> grpc.ServerCredentials:
+    def read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    client_ca = read(config.tls_client_ca_file) if config.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(read(config.tls_key_file), read(config.tls_cert_file))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 def _redact(url: str) -> str:

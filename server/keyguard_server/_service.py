@@ -13,6 +13,7 @@ import logging
 from keyguard import (
     AccountSettings,
     ApiKey,
+    AuditEvent,
     AuthorizeResult,
     CreatedKey,
     Decision,
@@ -38,6 +39,9 @@ from keyguard_server._validation import (
 
 log = logging.getLogger("keyguard.service")
 
+DEFAULT_AUDIT_PAGE = 50
+MAX_AUDIT_PAGE = 500
+
 
 class KeyManager:
     """KeyManagement: create, list and delete keys; the withdrawal whitelist."""
@@ -47,7 +51,9 @@ class KeyManager:
         self._hasher = hasher
         self._config = config
 
-    async def create_key(self, account_id: str, name: str, permission: int, allowed_ips: list[str]) -> CreatedKey:
+    async def create_key(
+        self, caller: str, account_id: str, name: str, permission: int, allowed_ips: list[str]
+    ) -> CreatedKey:
         """The key and its private key, which nothing else ever sees again."""
         v = Violations()
         v.account_id(account_id)
@@ -60,6 +66,7 @@ class KeyManager:
         private_key = new_private_key()
         secret_hash = await self._hasher.hash(private_key)
         key = self._store.insert_key(
+            caller=caller,
             account_id=account_id,
             access_key=new_access_key(),
             name=name,
@@ -87,16 +94,16 @@ class KeyManager:
         self._check_key_ref(account_id, access_key)
         return self._store.get_key(account_id, access_key)
 
-    def delete_key(self, account_id: str, access_key: str) -> None:
+    def delete_key(self, caller: str, account_id: str, access_key: str) -> None:
         self._check_key_ref(account_id, access_key)
-        self._store.delete_key(account_id, access_key)
+        self._store.delete_key(caller=caller, account_id=account_id, access_key=access_key)
         log.info("key deleted account_id=%s access_key=%s", account_id, access_key)
 
-    def delete_all_keys(self, account_id: str) -> int:
+    def delete_all_keys(self, caller: str, account_id: str) -> int:
         v = Violations()
         v.account_id(account_id)
         v.raise_if_any()
-        count = self._store.delete_all_keys(account_id)
+        count = self._store.delete_all_keys(caller=caller, account_id=account_id)
         log.info("all keys deleted account_id=%s count=%d", account_id, count)
         return count
 
@@ -107,15 +114,17 @@ class KeyManager:
         enabled, count = self._store.account_settings(account_id)
         return AccountSettings(account_id, enabled, count, self._config.max_keys_per_account)
 
-    def set_address_management(self, account_id: str, enabled: bool) -> AccountSettings:
+    def set_address_management(self, caller: str, account_id: str, enabled: bool) -> AccountSettings:
         v = Violations()
         v.account_id(account_id)
         v.raise_if_any()
-        self._store.set_address_management(account_id, enabled)
+        self._store.set_address_management(caller=caller, account_id=account_id, enabled=enabled)
         log.info("address management %s account_id=%s", "on" if enabled else "off", account_id)
         return self.account_settings(account_id)
 
-    def add_address(self, account_id: str, asset: str, address: str, memo: str, label: str) -> WithdrawalAddress:
+    def add_address(
+        self, caller: str, account_id: str, asset: str, address: str, memo: str, label: str
+    ) -> WithdrawalAddress:
         v = Violations()
         v.account_id(account_id)
         asset = v.asset(asset)
@@ -124,6 +133,7 @@ class KeyManager:
         v.label(label)
         v.raise_if_any()
         row = self._store.add_address(
+            caller=caller,
             account_id=account_id,
             asset=asset,
             address=address,
@@ -140,14 +150,29 @@ class KeyManager:
         v.raise_if_any()
         return self._store.list_addresses(account_id)
 
-    def remove_address(self, account_id: str, address_id: int) -> None:
+    def remove_address(self, caller: str, account_id: str, address_id: int) -> None:
         v = Violations()
         v.account_id(account_id)
         if address_id <= 0:
             v.add("address_id", "is required")
         v.raise_if_any()
-        self._store.remove_address(account_id, address_id)
+        self._store.remove_address(caller=caller, account_id=account_id, address_id=address_id)
         log.info("withdrawal address removed account_id=%s id=%d", account_id, address_id)
+
+    def audit_events(self, account_id: str, page_size: int, page_token: str) -> tuple[list[AuditEvent], str]:
+        """A page of events, newest first, and the token for the next page ("" at the end)."""
+        v = Violations()
+        if account_id:
+            v.account_id(account_id)
+        if page_size > MAX_AUDIT_PAGE:
+            v.add("page_size", f"must be at most {MAX_AUDIT_PAGE}")
+        if page_token and not (page_token.isdigit() and len(page_token) < 20):
+            v.add("page_token", "is not a token this server returned")
+        v.raise_if_any()
+        limit = page_size or DEFAULT_AUDIT_PAGE
+        events = self._store.audit_events(account_id, before_id=int(page_token) if page_token else None, limit=limit)
+        next_token = str(events[-1].id) if len(events) == limit else ""
+        return events, next_token
 
     @staticmethod
     def _check_key_ref(account_id: str, access_key: str) -> None:

@@ -14,6 +14,7 @@ vs ~7 µs per call).
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +25,16 @@ from typing import Any
 import peewee as pw
 from playhouse import db_url
 
-from keyguard import AlreadyExists, ApiKey, LimitExceeded, NotFound, Permission, WithdrawalAddress
+from keyguard import (
+    AlreadyExists,
+    ApiKey,
+    AuditAction,
+    AuditEvent,
+    LimitExceeded,
+    NotFound,
+    Permission,
+    WithdrawalAddress,
+)
 
 
 class _Model(pw.Model):
@@ -68,7 +78,23 @@ class AddressModel(_Model):
         indexes = ((("account_id", "asset", "address", "memo"), True),)
 
 
-MODELS: list[type[pw.Model]] = [AccountModel, KeyModel, AddressModel]
+class AuditModel(_Model):
+    """One change, written in the same transaction as the change itself."""
+
+    id = pw.AutoField()
+    time_us = pw.BigIntegerField()
+    caller = pw.CharField(max_length=128)
+    action = pw.SmallIntegerField()
+    account_id = pw.CharField(max_length=128)
+    access_key = pw.CharField(max_length=32, default="")
+    # JSON object of strings: what changed (name, permission, count, ...). Never a secret.
+    details = pw.TextField(default="{}")
+
+    class Meta:
+        indexes = ((("account_id", "id"), False),)
+
+
+MODELS: list[type[pw.Model]] = [AccountModel, KeyModel, AddressModel, AuditModel]
 
 
 @dataclass(frozen=True)
@@ -177,9 +203,22 @@ class Store:
 
     # -- keys -----------------------------------------------------------------
 
+    def _audit(
+        self, caller: str, action: AuditAction, account_id: str, access_key: str = "", **details: object
+    ) -> None:
+        AuditModel.insert(
+            time_us=now_us(),
+            caller=caller,
+            action=int(action),
+            account_id=account_id,
+            access_key=access_key,
+            details=json.dumps({k: str(v) for k, v in details.items()}, sort_keys=True),
+        ).execute()
+
     def insert_key(
         self,
         *,
+        caller: str,
         account_id: str,
         access_key: str,
         name: str,
@@ -205,6 +244,15 @@ class Store:
                 secret_hash=secret_hash,
                 created_at_us=created,
             ).execute()
+            self._audit(
+                caller,
+                AuditAction.KEY_CREATED,
+                account_id,
+                access_key,
+                name=name,
+                permission=permission.name,
+                allowed_ips=" ".join(allowed_ips),
+            )
         return ApiKey(account_id, access_key, name, permission, tuple(allowed_ips), to_datetime(created))
 
     def list_keys(self, account_id: str) -> list[ApiKey]:
@@ -219,19 +267,23 @@ class Store:
             raise NotFound(f"account {account_id!r} has no key {access_key!r}")
         return _key_row(key)
 
-    def delete_key(self, account_id: str, access_key: str) -> None:
+    def delete_key(self, *, caller: str, account_id: str, access_key: str) -> None:
         with self._transaction():
             deleted = (
                 KeyModel.delete()
                 .where((KeyModel.account_id == account_id) & (KeyModel.access_key == access_key))
                 .execute()
             )
-        if not deleted:
-            raise NotFound(f"account {account_id!r} has no key {access_key!r}")
+            if not deleted:
+                raise NotFound(f"account {account_id!r} has no key {access_key!r}")
+            self._audit(caller, AuditAction.KEY_DELETED, account_id, access_key)
 
-    def delete_all_keys(self, account_id: str) -> int:
+    def delete_all_keys(self, *, caller: str, account_id: str) -> int:
         with self._transaction():
-            return int(KeyModel.delete().where(KeyModel.account_id == account_id).execute())
+            keys = [k.access_key for k in KeyModel.select(KeyModel.access_key).where(KeyModel.account_id == account_id)]
+            KeyModel.delete().where(KeyModel.account_id == account_id).execute()
+            self._audit(caller, AuditAction.ALL_KEYS_DELETED, account_id, count=len(keys), access_keys=" ".join(keys))
+        return len(keys)
 
     # -- account settings -----------------------------------------------------
 
@@ -242,7 +294,7 @@ class Store:
             count = KeyModel.select().where(KeyModel.account_id == account_id).count()
         return (bool(account.address_management) if account else False), int(count)
 
-    def set_address_management(self, account_id: str, enabled: bool) -> None:
+    def set_address_management(self, *, caller: str, account_id: str, enabled: bool) -> None:
         with self._transaction():
             (
                 AccountModel.insert(account_id=account_id, address_management=enabled)
@@ -251,11 +303,13 @@ class Store:
                 )
                 .execute()
             )
+            action = AuditAction.ADDRESS_MANAGEMENT_ENABLED if enabled else AuditAction.ADDRESS_MANAGEMENT_DISABLED
+            self._audit(caller, action, account_id)
 
     # -- withdrawal whitelist -------------------------------------------------
 
     def add_address(
-        self, *, account_id: str, asset: str, address: str, memo: str, label: str, max_addresses: int
+        self, *, caller: str, account_id: str, asset: str, address: str, memo: str, label: str, max_addresses: int
     ) -> WithdrawalAddress:
         with self._transaction():
             AccountModel.insert(account_id=account_id).on_conflict_ignore().execute()
@@ -270,6 +324,9 @@ class Store:
             new_id = AddressModel.insert(
                 account_id=account_id, asset=asset, address=address, memo=memo, label=label, created_at_us=created
             ).execute()
+            self._audit(
+                caller, AuditAction.ADDRESS_ADDED, account_id, id=new_id, asset=asset, address=address, memo=memo
+            )
         return WithdrawalAddress(int(new_id), asset, address, memo, label, to_datetime(created))
 
     def list_addresses(self, account_id: str) -> list[WithdrawalAddress]:
@@ -280,15 +337,44 @@ class Store:
                 for a in query
             ]
 
-    def remove_address(self, account_id: str, address_id: int) -> None:
+    def remove_address(self, *, caller: str, account_id: str, address_id: int) -> None:
         with self._transaction():
-            deleted = (
-                AddressModel.delete()
-                .where((AddressModel.account_id == account_id) & (AddressModel.id == address_id))
-                .execute()
+            entry = AddressModel.get_or_none((AddressModel.account_id == account_id) & (AddressModel.id == address_id))
+            if entry is None:
+                raise NotFound(f"account {account_id!r} has no whitelisted address with id {address_id}")
+            entry.delete_instance()
+            self._audit(
+                caller,
+                AuditAction.ADDRESS_REMOVED,
+                account_id,
+                id=address_id,
+                asset=entry.asset,
+                address=entry.address,
+                memo=entry.memo,
             )
-        if not deleted:
-            raise NotFound(f"account {account_id!r} has no whitelisted address with id {address_id}")
+
+    # -- audit ----------------------------------------------------------------
+
+    def audit_events(self, account_id: str, *, before_id: int | None, limit: int) -> list[AuditEvent]:
+        """Newest first; ``before_id`` pages on (ids only grow)."""
+        with self._bound():
+            query = AuditModel.select().order_by(AuditModel.id.desc()).limit(limit)
+            if account_id:
+                query = query.where(AuditModel.account_id == account_id)
+            if before_id is not None:
+                query = query.where(AuditModel.id < before_id)
+            return [
+                AuditEvent(
+                    id=e.id,
+                    time=to_datetime(e.time_us),
+                    caller=e.caller,
+                    action=AuditAction(e.action),
+                    account_id=e.account_id,
+                    access_key=e.access_key,
+                    details=json.loads(e.details),
+                )
+                for e in query
+            ]
 
 
 def _key_row(key: Any) -> ApiKey:

@@ -59,6 +59,34 @@ PERMISSION_WITHDRAW: Permission.ValueType  # 3
 """Move funds out, plus TRADE and READ."""
 Global___Permission: _TypeAlias = Permission  # noqa: Y015
 
+class _AuditAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AuditActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUDIT_ACTION_UNSPECIFIED: _AuditAction.ValueType  # 0
+    AUDIT_ACTION_KEY_CREATED: _AuditAction.ValueType  # 1
+    AUDIT_ACTION_KEY_DELETED: _AuditAction.ValueType  # 2
+    AUDIT_ACTION_ALL_KEYS_DELETED: _AuditAction.ValueType  # 3
+    AUDIT_ACTION_ADDRESS_ADDED: _AuditAction.ValueType  # 4
+    AUDIT_ACTION_ADDRESS_REMOVED: _AuditAction.ValueType  # 5
+    AUDIT_ACTION_ADDRESS_MANAGEMENT_ENABLED: _AuditAction.ValueType  # 6
+    AUDIT_ACTION_ADDRESS_MANAGEMENT_DISABLED: _AuditAction.ValueType  # 7
+
+class AuditAction(_AuditAction, metaclass=_AuditActionEnumTypeWrapper):
+    """What an audit event records."""
+
+AUDIT_ACTION_UNSPECIFIED: AuditAction.ValueType  # 0
+AUDIT_ACTION_KEY_CREATED: AuditAction.ValueType  # 1
+AUDIT_ACTION_KEY_DELETED: AuditAction.ValueType  # 2
+AUDIT_ACTION_ALL_KEYS_DELETED: AuditAction.ValueType  # 3
+AUDIT_ACTION_ADDRESS_ADDED: AuditAction.ValueType  # 4
+AUDIT_ACTION_ADDRESS_REMOVED: AuditAction.ValueType  # 5
+AUDIT_ACTION_ADDRESS_MANAGEMENT_ENABLED: AuditAction.ValueType  # 6
+AUDIT_ACTION_ADDRESS_MANAGEMENT_DISABLED: AuditAction.ValueType  # 7
+Global___AuditAction: _TypeAlias = AuditAction  # noqa: Y015
+
 class _Decision:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -636,6 +664,125 @@ class RemoveWithdrawalAddressResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RemoveWithdrawalAddressResponse: _TypeAlias = RemoveWithdrawalAddressResponse  # noqa: Y015
+
+@_typing.final
+class AuditEvent(_message.Message):
+    """One change, stored in the same transaction as the change. Never holds a
+    secret.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DetailsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    ACCESS_KEY_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    caller: _builtins.str
+    """The authenticated service that made the change (its configured name)."""
+    action: Global___AuditAction.ValueType
+    account_id: _builtins.str
+    access_key: _builtins.str
+    """Set for changes to one key."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def details(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """What changed, e.g. name, permission, allowed_ips, count, asset, address."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        caller: _builtins.str = ...,
+        action: Global___AuditAction.ValueType = ...,
+        account_id: _builtins.str = ...,
+        access_key: _builtins.str = ...,
+        details: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key", "account_id", b"account_id", "action", b"action", "caller", b"caller", "details", b"details", "id", b"id", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEvent: _TypeAlias = AuditEvent  # noqa: Y015
+
+@_typing.final
+class ListAuditEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """Only this account's events; empty for every account."""
+    page_size: _builtins.int
+    """At most 500; 0 means 50."""
+    page_token: _builtins.str
+    """next_page_token of the previous page; empty for the newest events."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEventsRequest: _TypeAlias = ListAuditEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListAuditEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty when there are no more events."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___AuditEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015
 
 @_typing.final
 class WithdrawalDestination(_message.Message):

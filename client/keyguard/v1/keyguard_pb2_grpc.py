@@ -84,6 +84,11 @@ class KeyManagementStub:
                 request_serializer=keyguard_dot_v1_dot_keyguard__pb2.RemoveWithdrawalAddressRequest.SerializeToString,
                 response_deserializer=keyguard_dot_v1_dot_keyguard__pb2.RemoveWithdrawalAddressResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/keyguard.v1.KeyManagement/ListAuditEvents',
+                request_serializer=keyguard_dot_v1_dot_keyguard__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=keyguard_dot_v1_dot_keyguard__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class KeyManagementServicer:
@@ -159,6 +164,13 @@ class KeyManagementServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEvents(self, request, context):
+        """The audit log, newest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyManagementServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -211,6 +223,11 @@ def add_KeyManagementServicer_to_server(servicer, server):
                     servicer.RemoveWithdrawalAddress,
                     request_deserializer=keyguard_dot_v1_dot_keyguard__pb2.RemoveWithdrawalAddressRequest.FromString,
                     response_serializer=keyguard_dot_v1_dot_keyguard__pb2.RemoveWithdrawalAddressResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=keyguard_dot_v1_dot_keyguard__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=keyguard_dot_v1_dot_keyguard__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -483,6 +500,33 @@ class KeyManagement:
             '/keyguard.v1.KeyManagement/RemoveWithdrawalAddress',
             keyguard_dot_v1_dot_keyguard__pb2.RemoveWithdrawalAddressRequest.SerializeToString,
             keyguard_dot_v1_dot_keyguard__pb2.RemoveWithdrawalAddressResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyguard.v1.KeyManagement/ListAuditEvents',
+            keyguard_dot_v1_dot_keyguard__pb2.ListAuditEventsRequest.SerializeToString,
+            keyguard_dot_v1_dot_keyguard__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

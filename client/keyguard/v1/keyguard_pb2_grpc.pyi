@@ -64,6 +64,8 @@ class KeyManagementStub:
     ListWithdrawalAddresses: _grpc.UnaryUnaryMultiCallable[_keyguard_pb2.ListWithdrawalAddressesRequest, _keyguard_pb2.ListWithdrawalAddressesResponse]
     RemoveWithdrawalAddress: _grpc.UnaryUnaryMultiCallable[_keyguard_pb2.RemoveWithdrawalAddressRequest, _keyguard_pb2.RemoveWithdrawalAddressResponse]
     """NOT_FOUND unless the entry exists in that account."""
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_keyguard_pb2.ListAuditEventsRequest, _keyguard_pb2.ListAuditEventsResponse]
+    """The audit log, newest first, a page at a time."""
 
 @_typing.type_check_only
 class KeyManagementAsyncStub(KeyManagementStub):
@@ -90,6 +92,8 @@ class KeyManagementAsyncStub(KeyManagementStub):
     ListWithdrawalAddresses: _aio.UnaryUnaryMultiCallable[_keyguard_pb2.ListWithdrawalAddressesRequest, _keyguard_pb2.ListWithdrawalAddressesResponse]  # type: ignore[assignment]
     RemoveWithdrawalAddress: _aio.UnaryUnaryMultiCallable[_keyguard_pb2.RemoveWithdrawalAddressRequest, _keyguard_pb2.RemoveWithdrawalAddressResponse]  # type: ignore[assignment]
     """NOT_FOUND unless the entry exists in that account."""
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_keyguard_pb2.ListAuditEventsRequest, _keyguard_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """The audit log, newest first, a page at a time."""
 
 class KeyManagementServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -173,6 +177,14 @@ class KeyManagementServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_keyguard_pb2.RemoveWithdrawalAddressResponse, _abc.Awaitable[_keyguard_pb2.RemoveWithdrawalAddressResponse]]:
         """NOT_FOUND unless the entry exists in that account."""
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _keyguard_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyguard_pb2.ListAuditEventsResponse, _abc.Awaitable[_keyguard_pb2.ListAuditEventsResponse]]:
+        """The audit log, newest first, a page at a time."""
 
 def add_KeyManagementServicer_to_server(servicer: KeyManagementServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

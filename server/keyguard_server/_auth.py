@@ -1,0 +1,165 @@
+"""Who is calling: one server interceptor for caller authentication and roles.
+
+Every RPC except health checking and reflection (the schema, public in
+protos/ anyway) needs a known caller, by bearer token
+(``authorization: Bearer <token>`` metadata) or by mTLS client certificate.
+No credential, or an unknown one, is UNAUTHENTICATED; a known caller outside
+its role is PERMISSION_DENIED. The caller's name is then available to the
+handler through :func:`current_caller`, for the audit log.
+
+The check needs the ServicerContext (the TLS peer is only there), so the
+interceptor wraps each handler rather than deciding from the call details.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import logging
+import os
+import secrets
+import string
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from keyguard_server._config import Caller, Config, Role
+
+log = logging.getLogger("keyguard.auth")
+
+OPEN_SERVICES = frozenset(
+    {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
+)
+ROLE_SERVICES: dict[Role, frozenset[str]] = {
+    Role.AUTHORIZER: frozenset({"keyguard.v1.Authorization"}),
+    Role.MANAGER: frozenset({"keyguard.v1.KeyManagement"}),
+    Role.ADMIN: frozenset({"keyguard.v1.Authorization", "keyguard.v1.KeyManagement"}),
+}
+
+_caller: contextvars.ContextVar[str] = contextvars.ContextVar("keyguard_caller", default="")
+
+
+def current_caller() -> str:
+    """The name of the authenticated caller of the RPC being handled."""
+    return _caller.get()
+
+
+def token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    alphabet = string.ascii_letters + string.digits
+    return "kgt_" + "".join(secrets.choice(alphabet) for _ in range(40))
+
+
+def ensure_admin_token(config: Config) -> Caller:
+    """The zero-configuration caller: a token in <data_dir>/admin.token, mode 0600.
+
+    Created once, with O_EXCL so it is never world-readable even briefly, and
+    reused on later starts so the CLI keeps working.
+    """
+    path = config.admin_token_file
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(new_token() + "\n")
+        log.info("generated admin token in %s", path)
+    if path.stat().st_mode & 0o077:
+        raise PermissionError(f"{path} must be readable by its owner only (chmod 600)")
+    return Caller("admin", Role.ADMIN, token_sha256=read_token(path))
+
+
+def read_token(path: Path) -> str:
+    return token_sha256(path.read_text().strip())
+
+
+class _Malformed:
+    """Stands in for a request that did not parse, so the handler can refuse it cleanly."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class CallerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, callers: tuple[Caller, ...]) -> None:
+        self._by_token = {c.token_sha256: c for c in callers if c.token_sha256}
+        self._by_cert = {c.cert_common_name: c for c in callers if c.cert_common_name}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        service = handler_call_details.method.split("/")[1] if "/" in handler_call_details.method else ""
+        if handler is None or service in OPEN_SERVICES:
+            return handler
+        return _guarded(handler, lambda context: self._admit(service, context))
+
+    def _admit(self, service: str, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[grpc.StatusCode, str] | str:
+        """The caller's name, or the status to refuse the call with."""
+        caller = self._identify(context)
+        if caller is None:
+            return grpc.StatusCode.UNAUTHENTICATED, "a valid caller token or client certificate is required"
+        if service not in ROLE_SERVICES[caller.role]:
+            return grpc.StatusCode.PERMISSION_DENIED, f"caller {caller.name!r} ({caller.role}) may not call {service}"
+        return caller.name
+
+    def _identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller | None:
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str):
+                scheme, _, token = value.partition(" ")
+                if scheme.lower() == "bearer" and token:
+                    # A dict lookup by digest: timing can only reveal digests, not tokens.
+                    return self._by_token.get(token_sha256(token.strip()))
+                return None
+        for name in context.auth_context().get("x509_common_name", []):
+            caller = self._by_cert.get(name.decode(errors="replace"))
+            if caller is not None:
+                return caller
+        return None
+
+
+Admit = Callable[[grpc.aio.ServicerContext[Any, Any]], "tuple[grpc.StatusCode, str] | str"]
+
+
+def _guarded(handler: grpc.RpcMethodHandler[Any, Any], admit: Admit) -> grpc.RpcMethodHandler[Any, Any]:
+    """The same handler, refusing unadmitted callers and unparseable requests first."""
+    deserialize = _lenient(handler.request_deserializer)
+
+    async def enter(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        verdict = admit(context)
+        if isinstance(verdict, tuple):
+            await context.abort(*verdict)
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {request.error}")
+        _caller.set(str(verdict))
+
+    if handler.unary_unary is not None:
+        inner_uu: Any = handler.unary_unary  # typeshed types behaviours as sync
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await enter(request, context)
+            return await inner_uu(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, handler.response_serializer)
+    raise TypeError("only unary keyguard methods sit behind caller checks")
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    strict = deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return strict(data)
+        except DecodeError as exc:
+            return _Malformed(exc)
+
+    return deserialize
