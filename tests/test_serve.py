@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,50 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-KEYGUARD = str(Path(sys.executable).parent / "keyguard")
-
-
-class ServeProcess:
-    def __init__(self, cwd: Path) -> None:
-        env = {
-            **os.environ,
-            "KEYGUARD_ARGON2_TIME_COST": "1",
-            "KEYGUARD_ARGON2_MEMORY_KIB": "1024",
-            "KEYGUARD_ARGON2_PARALLELISM": "1",
-        }
-        self.cwd = cwd
-        self.log = cwd / "serve.log"
-        self._log_file = self.log.open("w")
-        self.proc = subprocess.Popen(
-            [KEYGUARD, "serve", "--listen", "127.0.0.1:0"],
-            cwd=cwd,
-            env=env,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 20
-        while not (match := re.search(r"\(port (\d+)", self.log.read_text())):
-            assert self.proc.poll() is None, self.log.read_text()
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        self.target = f"127.0.0.1:{match[1]}"
-
-    def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [KEYGUARD, "--target", self.target, *args],
-            capture_output=True,
-            text=True,
-            input=stdin,
-            timeout=30,
-            cwd=self.cwd,  # where `keyguard serve` left data/admin.token, as for a user
-        )
-
-    def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(15)
-        finally:
-            self._log_file.close()
+from tests.processes import KEYGUARD, ServeProcess
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import string
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -59,16 +60,24 @@ def new_token() -> str:
 def ensure_admin_token(config: Config) -> Caller:
     """The zero-configuration caller: a token in <data_dir>/admin.token, mode 0600.
 
-    Created once, with O_EXCL so it is never world-readable even briefly, and
-    reused on later starts so the CLI keeps working.
+    Written to a private temporary file and hard-linked into place, so the
+    token file is never readable by others, never seen half-written, and two
+    servers starting on one data dir agree on one token. Reused on later
+    starts so the CLI keeps working.
     """
     path = config.admin_token_file
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(new_token() + "\n")
-        log.info("generated admin token in %s", path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".admin.token.")  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(new_token() + "\n")
+            os.link(tmp, path)
+            log.info("generated admin token in %s", path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
     if path.stat().st_mode & 0o077:
         raise PermissionError(f"{path} must be readable by its owner only (chmod 600)")
     return Caller("admin", Role.ADMIN, token_sha256=read_token(path))

@@ -230,10 +230,10 @@ class Store:
         """Insert a key unless the account is full or the name taken, atomically."""
         with self._transaction():
             AccountModel.insert(account_id=account_id).on_conflict_ignore().execute()
-            if KeyModel.select().where(KeyModel.account_id == account_id).count() >= max_keys:
-                raise LimitExceeded(f"account {account_id!r} already has the maximum of {max_keys} keys")
             if KeyModel.select().where((KeyModel.account_id == account_id) & (KeyModel.name == name)).exists():
                 raise AlreadyExists(f"account {account_id!r} already has a key named {name!r}")
+            if KeyModel.select().where(KeyModel.account_id == account_id).count() >= max_keys:
+                raise LimitExceeded(f"account {account_id!r} already has the maximum of {max_keys} keys")
             created = now_us()
             KeyModel.insert(
                 account_id=account_id,
@@ -313,13 +313,13 @@ class Store:
     ) -> WithdrawalAddress:
         with self._transaction():
             AccountModel.insert(account_id=account_id).on_conflict_ignore().execute()
+            if self.is_whitelisted(account_id, asset, address, memo):
+                raise AlreadyExists(f"{asset} address {address!r} is already on the whitelist")
             entries = AddressModel.select().where(AddressModel.account_id == account_id)
             if entries.count() >= max_addresses:
                 raise LimitExceeded(
                     f"account {account_id!r} already has the maximum of {max_addresses} whitelisted addresses"
                 )
-            if self.is_whitelisted(account_id, asset, address, memo):
-                raise AlreadyExists(f"{asset} address {address!r} is already on the whitelist")
             created = now_us()
             new_id = AddressModel.insert(
                 account_id=account_id, asset=asset, address=address, memo=memo, label=label, created_at_us=created

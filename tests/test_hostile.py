@@ -1,0 +1,149 @@
+"""Hostile input through a real channel: refused cleanly, nothing stored, server stays up."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import message_factory
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from keyguard.v1 import keyguard_pb2 as pb
+from tests.conftest import RunningServer, StartServer
+
+TABLES = ("account_model", "key_model", "address_model", "audit_model")
+METHODS = [(s.name, m) for s in pb.DESCRIPTOR.services_by_name.values() for m in s.methods_by_name.values()]
+
+# Valid-looking values mixed with junk, so some requests get past validation.
+_texts = st.one_of(
+    st.text(st.characters(exclude_categories=["Cs"]), max_size=80),
+    st.sampled_from(["acct-h", "bot", "BTC", "bc1q", "192.0.2.1", "10.0.0.0/8", "::1", "kg_" + "a" * 24, ""]),
+    st.text(st.characters(codec="ascii"), min_size=60, max_size=300),
+)
+_ints = {
+    FieldDescriptor.TYPE_ENUM: st.integers(-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_UINT32: st.integers(0, 2**32 - 1),
+    FieldDescriptor.TYPE_UINT64: st.integers(0, 2**64 - 1),
+}
+
+
+def _field_value(field: FieldDescriptor) -> st.SearchStrategy[Any]:
+    if field.message_type is not None:
+        return _message(field.message_type)
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        return st.booleans()
+    if field.type in _ints:
+        return _ints[field.type]
+    return _texts
+
+
+def _message(descriptor: Descriptor) -> st.SearchStrategy[Any]:
+    cls = message_factory.GetMessageClass(descriptor)
+    fields = {}
+    for field in descriptor.fields:
+        value = _field_value(field)
+        if field.is_repeated:
+            value = st.lists(value, max_size=40)
+        fields[field.name] = st.one_of(st.none(), value)
+    return st.fixed_dictionaries(fields).map(lambda kw: cls(**{k: v for k, v in kw.items() if v is not None}))
+
+
+def row_counts(server: RunningServer) -> dict[str, int]:
+    with sqlite3.connect(server.db_path) as db:
+        return {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
+
+
+@pytest.fixture(scope="module")
+def target(start_server: StartServer) -> RunningServer:
+    return start_server(max_keys_per_account=4)
+
+
+@pytest.fixture(scope="module")
+def channel(target: RunningServer) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(target.target) as ch:
+        yield ch
+
+
+def call_raw(
+    channel: grpc.Channel, target: RunningServer, service: str, method: str, payload: bytes
+) -> grpc.StatusCode:
+    rpc: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+        f"/keyguard.v1.{service}/{method}", request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
+    try:
+        rpc(payload, timeout=10, metadata=(("authorization", f"Bearer {target.admin_token}"),))
+    except grpc.RpcError as exc:
+        code: grpc.StatusCode = exc.code()
+        return code
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize(("service", "method"), [(s, m.name) for s, m in METHODS])
+def test_arbitrary_field_values(channel: grpc.Channel, target: RunningServer, service: str, method: str) -> None:
+    descriptor = dict((s, m) for s, m in METHODS if m.name == method and s == service)[service]
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(request=_message(descriptor.input_type))
+    def check(request: Any) -> None:
+        before = row_counts(target)
+        code = call_raw(channel, target, service, method, request.SerializeToString())
+        assert code not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), request
+        if code is not grpc.StatusCode.OK:
+            assert row_counts(target) == before, (code, request)
+
+    check()
+    health: Any = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _utf8_breaking(field_number: int) -> bytes:
+    """A length-delimited string field holding bytes that are not UTF-8."""
+    junk = b"\xff\xfe\xc0\x80"
+    return bytes([field_number << 3 | 2, len(junk)]) + junk
+
+
+@pytest.mark.parametrize(("service", "method"), [(s, m.name) for s, m in METHODS])
+def test_invalid_utf8_is_invalid_argument(
+    channel: grpc.Channel, target: RunningServer, service: str, method: str
+) -> None:
+    before = row_counts(target)
+    payload = pb.CreateKeyRequest(name="bot", permission=pb.PERMISSION_READ).SerializeToString()
+    code = call_raw(channel, target, service, method, _utf8_breaking(1) + payload)
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert row_counts(target) == before
+
+
+def test_truncated_message_is_invalid_argument(channel: grpc.Channel, target: RunningServer) -> None:
+    payload = pb.CreateKeyRequest(account_id="acct-trunc", name="bot").SerializeToString()[:-2]
+    assert call_raw(channel, target, "KeyManagement", "CreateKey", payload) is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_oversized_request_is_refused_before_parsing(channel: grpc.Channel, target: RunningServer) -> None:
+    before = row_counts(target)
+    request = pb.CreateKeyRequest(account_id="acct-big", name="x" * 100_000, permission=pb.PERMISSION_READ)
+    assert call_raw(channel, target, "KeyManagement", "CreateKey", request.SerializeToString()) is (
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    huge_list = pb.CreateKeyRequest(
+        account_id="acct-big", name="bot", permission=pb.PERMISSION_READ, allowed_ips=["10.0.0.1"] * 10_000
+    )
+    assert call_raw(channel, target, "KeyManagement", "CreateKey", huge_list.SerializeToString()) is (
+        grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    assert row_counts(target) == before
+
+
+def test_absurd_ip_list_within_the_size_limit(channel: grpc.Channel, target: RunningServer) -> None:
+    request = pb.CreateKeyRequest(
+        account_id="acct-ips", name="bot", permission=pb.PERMISSION_READ, allowed_ips=["10.0.0.1"] * 2_000
+    )
+    before = row_counts(target)
+    code = call_raw(channel, target, "KeyManagement", "CreateKey", request.SerializeToString())
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert row_counts(target) == before
