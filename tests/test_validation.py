@@ -122,6 +122,12 @@ OTHER_CASES = [
     ),
     ("RemoveWithdrawalAddress", pb.RemoveWithdrawalAddressRequest(account_id=ACCOUNT, address_id=0), ["address_id"]),
     ("RemoveWithdrawalAddress", pb.RemoveWithdrawalAddressRequest(account_id="", address_id=1), ["account_id"]),
+    (
+        "RemoveWithdrawalAddress",
+        pb.RemoveWithdrawalAddressRequest(account_id=ACCOUNT, address_id=2**64 - 1),
+        ["address_id"],
+    ),
+    ("ListAuditEvents", pb.ListAuditEventsRequest(page_token="9" * 19), ["page_token"]),
 ]
 
 

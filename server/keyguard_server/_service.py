@@ -41,6 +41,7 @@ log = logging.getLogger("keyguard.service")
 
 DEFAULT_AUDIT_PAGE = 50
 MAX_AUDIT_PAGE = 500
+MAX_ID = 2**63 - 1  # row ids are signed 64-bit in SQLite and PostgreSQL
 
 
 class KeyManager:
@@ -155,6 +156,8 @@ class KeyManager:
         v.account_id(account_id)
         if address_id <= 0:
             v.add("address_id", "is required")
+        elif address_id > MAX_ID:
+            v.add("address_id", "is not an id this server issued")
         v.raise_if_any()
         self._store.remove_address(caller=caller, account_id=account_id, address_id=address_id)
         log.info("withdrawal address removed account_id=%s id=%d", account_id, address_id)
@@ -166,7 +169,7 @@ class KeyManager:
             v.account_id(account_id)
         if page_size > MAX_AUDIT_PAGE:
             v.add("page_size", f"must be at most {MAX_AUDIT_PAGE}")
-        if page_token and not (page_token.isdigit() and len(page_token) < 20):
+        if page_token and not (page_token.isdigit() and len(page_token) < 20 and int(page_token) <= MAX_ID):
             v.add("page_token", "is not a token this server returned")
         v.raise_if_any()
         limit = page_size or DEFAULT_AUDIT_PAGE
