@@ -225,6 +225,8 @@ def _key(key: pb.ApiKey) -> ApiKey:
         permission=Permission(key.permission),
         allowed_ips=tuple(key.allowed_ips),
         created_at=_time(key.created_at),
+        last_used_at=_time(key.last_used_at) if key.HasField("last_used_at") else None,
+        last_used_ip=key.last_used_ip,
     )
 
 

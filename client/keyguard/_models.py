@@ -37,6 +37,7 @@ class Decision(enum.IntEnum):
     BAD_SECRET = 4
     PERMISSION_DENIED = 5
     ADDRESS_NOT_WHITELISTED = 6
+    RATE_LIMITED = 7
 
 
 class AuditAction(enum.IntEnum):
@@ -57,6 +58,8 @@ class ApiKey:
     permission: Permission
     allowed_ips: tuple[str, ...]
     created_at: datetime
+    last_used_at: datetime | None = None
+    last_used_ip: str = ""
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", help="host:port to listen on (default 127.0.0.1:50051)")
     serve.add_argument("--data-dir", help="directory for local state (default ./data)")
     serve.add_argument("--database", help="database URL (default sqlite:///<data-dir>/keyguard.db)")
+    serve.add_argument("--workers", type=int, help="processes serving the same port (default 1)")
 
     keys = commands.add_parser("keys", help="create, list and delete API keys").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -200,20 +201,14 @@ def _new_token() -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import asyncio
-    import logging
-
-    from keyguard_server import Config, serve
+    from keyguard_server import Config, run
 
     try:
-        config = Config.load(args.config, listen=args.listen, data_dir=args.data_dir, database=args.database)
+        config = Config.load(
+            args.config, listen=args.listen, data_dir=args.data_dir, database=args.database, workers=args.workers
+        )
+        run(config)
     except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        asyncio.run(serve(config))
-    except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     return 0
@@ -243,9 +238,16 @@ def _keys_list(client: Client, args: argparse.Namespace) -> int:
         print(f"Account {args.account_id} has no API keys.")
     else:
         _print_table(
-            ["ACCESS KEY", "NAME", "PERMISSION", "ALLOWED IPS", "CREATED"],
+            ["ACCESS KEY", "NAME", "PERMISSION", "ALLOWED IPS", "CREATED", "LAST USED"],
             [
-                [k.access_key, k.name, k.permission.name, ",".join(k.allowed_ips) or "any", _time(k.created_at)]
+                [
+                    k.access_key,
+                    k.name,
+                    k.permission.name,
+                    ",".join(k.allowed_ips) or "any",
+                    _time(k.created_at),
+                    _last_used(k),
+                ]
                 for k in keys
             ],
         )
@@ -371,6 +373,7 @@ def _print_key(key: ApiKey) -> None:
     print(f"Permission:  {key.permission.name}")
     print(f"Allowed IPs: {', '.join(key.allowed_ips) or 'any'}")
     print(f"Created:     {_time(key.created_at)}")
+    print(f"Last used:   {_last_used(key)}")
 
 
 def _address_row(entry: WithdrawalAddress) -> list[str]:
@@ -381,6 +384,10 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
     for row in (header, *rows):
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _last_used(key: ApiKey) -> str:
+    return f"{_time(key.last_used_at)} from {key.last_used_ip}" if key.last_used_at else "never"
 
 
 def _time(moment: datetime) -> str:

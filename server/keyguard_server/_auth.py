@@ -98,17 +98,24 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, callers: tuple[Caller, ...]) -> None:
         self._by_token = {c.token_sha256: c for c in callers if c.token_sha256}
         self._by_cert = {c.cert_common_name: c for c in callers if c.cert_common_name}
+        # Guarded handlers are built once per method, not per call (the hot path).
+        self._guarded: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
+        guarded = self._guarded.get(method)
+        if guarded is not None:
+            return guarded
         handler = await continuation(handler_call_details)
-        service = handler_call_details.method.split("/")[1] if "/" in handler_call_details.method else ""
+        service = method.split("/")[1] if "/" in method else ""
         if handler is None or service in OPEN_SERVICES:
             return handler
-        return _guarded(handler, lambda context: self._admit(service, context))
+        guarded = self._guarded[method] = _guarded(handler, lambda context: self._admit(service, context))
+        return guarded
 
     def _admit(self, service: str, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[grpc.StatusCode, str] | str:
         """The caller's name, or the status to refuse the call with."""

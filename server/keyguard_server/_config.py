@@ -67,6 +67,19 @@ class Config:
     argon2_parallelism: int = Argon2Params.parallelism
     # Threads that run argon2; each holds argon2_memory_kib while it works.
     argon2_threads: int = 2
+    # Verifications that may wait for (or run on) those threads; more are
+    # refused at once (Authorize answers RATE_LIMITED).
+    argon2_max_pending: int = 8
+    # Secrets remembered (as HMAC digests) after argon2 accepted them.
+    verify_cache_size: int = 100_000
+    # Failed Authorize attempts allowed per access key and per client IP
+    # (IPv6: per /64) in a burst, and refilled per second after it.
+    failure_burst: int = 10
+    failure_refill_per_second: float = 1.0
+    # How often last-used times and IPs are written (one transaction each time).
+    last_used_flush_seconds: float = 5.0
+    # Processes serving the same port (SO_REUSEPORT), to use every core.
+    workers: int = 1
     log_level: str = "INFO"
     # Seconds in-flight calls get to finish on SIGTERM/SIGINT.
     shutdown_grace: float = 5.0
@@ -96,7 +109,17 @@ class Config:
         return bool(self.tls_cert_file)
 
     def __post_init__(self) -> None:
-        for name in ("max_keys_per_account", "max_allowed_ips", "max_withdrawal_addresses", "argon2_threads"):
+        positive = (
+            "max_keys_per_account",
+            "max_allowed_ips",
+            "max_withdrawal_addresses",
+            "argon2_threads",
+            "argon2_max_pending",
+            "verify_cache_size",
+            "failure_burst",
+            "workers",
+        )
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"config {name} must be at least 1")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

@@ -86,6 +86,8 @@ def _key(key: ApiKey) -> pb.ApiKey:
         permission=pb.Permission.ValueType(key.permission),
         allowed_ips=key.allowed_ips,
         created_at=_timestamp(key.created_at),
+        last_used_at=_timestamp(key.last_used_at) if key.last_used_at else None,
+        last_used_ip=key.last_used_ip,
     )
 
 

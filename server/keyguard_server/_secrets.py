@@ -61,14 +61,22 @@ class Argon2Params:
     parallelism: int = 4
 
 
+class HasherBusy(Exception):
+    """Too many verifications are already waiting for argon2."""
+
+
 class SecretHasher:
     """argon2id hashing and verification on a bounded thread pool.
 
     argon2 costs tens of milliseconds by design; argon2-cffi releases the GIL,
     so running it on a small pool keeps the event loop answering other calls.
+    Verifications (driven by untrusted bots) may queue at most ``max_pending``
+    deep; past that :meth:`verify` raises :class:`HasherBusy` at once, so a
+    flood of wrong secrets cannot build an unbounded backlog. Hashing new keys
+    (trusted managers, rare) is never refused.
     """
 
-    def __init__(self, params: Argon2Params, threads: int) -> None:
+    def __init__(self, params: Argon2Params, threads: int, max_pending: int) -> None:
         self._hasher = argon2.PasswordHasher(
             time_cost=params.time_cost,
             memory_cost=params.memory_kib,
@@ -76,19 +84,27 @@ class SecretHasher:
             type=argon2.Type.ID,
         )
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="argon2")
+        self._max_pending = max_pending
+        self.pending = 0
+        self.verifications = 0
 
     async def hash(self, secret: str) -> str:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._hasher.hash, secret)
 
     async def verify(self, stored_hash: str, secret: str) -> bool:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._verify, stored_hash, secret)
+        if self.pending >= self._max_pending:
+            raise HasherBusy
+        self.pending += 1
+        self.verifications += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self._verify, stored_hash, secret)
+        finally:
+            self.pending -= 1
 
     def _verify(self, stored_hash: str, secret: str) -> bool:
         try:
             return self._hasher.verify(stored_hash, secret)
-        except argon2.exceptions.VerificationError:
-            return False
-        except argon2.exceptions.InvalidHashError:
+        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
             return False
 
     def close(self) -> None:

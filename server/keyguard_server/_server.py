@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import multiprocessing
+import multiprocessing.connection
+import os
 import signal
+import socket
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
@@ -38,26 +43,28 @@ class KeyguardServer:
         self._hasher: SecretHasher | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
+        self._flusher: asyncio.Task[None] | None = None
+        self.authorizer: Authorizer | None = None
 
     async def start(self) -> int:
         """Opens the database, binds and starts serving; returns the bound port."""
         config = self.config
         self._store = Store.open(config.database_url)
-        self._hasher = SecretHasher(config.argon2, config.argon2_threads)
+        self._hasher = SecretHasher(config.argon2, config.argon2_threads, config.argon2_max_pending)
+        self.authorizer = Authorizer(self._store, self._hasher, config)
         callers = config.callers or (ensure_admin_token(config),)
         server = grpc.aio.server(
             interceptors=[CallerInterceptor(callers)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),
+                # Only workers share a port; otherwise a second server fails loudly.
+                ("grpc.so_reuseport", int(config.workers > 1)),
             ],
         )
         pb_grpc.add_KeyManagementServicer_to_server(
             KeyManagementServicer(KeyManager(self._store, self._hasher, config)), server
         )
-        pb_grpc.add_AuthorizationServicer_to_server(
-            AuthorizationServicer(Authorizer(self._store, self._hasher)), server
-        )
+        pb_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(self.authorizer), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         try:
@@ -69,6 +76,7 @@ class KeyguardServer:
             raise OSError(f"cannot listen on {config.listen}: {exc}") from None
         await server.start()
         self._server = server
+        self._flusher = asyncio.create_task(self._flush_usage_periodically())
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -86,15 +94,76 @@ class KeyguardServer:
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
+        if self._flusher is not None:
+            self._flusher.cancel()
+        if self.authorizer is not None:
+            self.flush_usage()
         if self._hasher is not None:
             self._hasher.close()
         if self._store is not None:
             self._store.close()
         log.info("keyguard stopped")
 
-    async def wait_for_termination(self) -> None:
-        assert self._server is not None
-        await self._server.wait_for_termination()
+    def flush_usage(self) -> None:
+        """Writes the last-used times recorded since the last flush."""
+        assert self.authorizer is not None
+        try:
+            self.authorizer.usage.flush()
+        except Exception:  # a failed flush must not stop the server; the next one retries later uses
+            log.exception("could not record last-used times")
+
+    async def _flush_usage_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.last_used_flush_seconds)
+            self.flush_usage()
+
+
+def configure_logging(config: Config) -> None:
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+    )
+
+
+def run(config: Config) -> None:
+    """`keyguard serve`: one process, or ``config.workers`` processes on one port."""
+    configure_logging(config)
+    if config.workers == 1:
+        asyncio.run(serve(config))
+        return
+    host, _, port = config.listen.rpartition(":")
+    if port == "0":  # the workers must agree on a port: pick one now
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host.strip("[]"), 0))
+            config = dataclasses.replace(config, listen=f"{host}:{probe.getsockname()[1]}")
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_worker, args=(config,), name=f"worker-{i + 1}") for i in range(config.workers)]
+    for worker in workers:
+        worker.start()
+
+    def stop(signum: int, frame: object) -> None:
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    sentinels = {w.sentinel: w for w in workers}
+    while sentinels:
+        for ready in multiprocessing.connection.wait(list(sentinels)):
+            worker = sentinels.pop(ready)  # type: ignore[arg-type]  # wait() returns what it was given
+            worker.join()  # the sentinel can fire before the exit code is collectable
+            if worker.exitcode != 0 and sentinels:
+                log.error("%s exited with %s; stopping the others", worker.name, worker.exitcode)
+                stop(signal.SIGTERM, None)
+    if any(w.exitcode != 0 for w in workers):
+        raise SystemExit(1)
+
+
+def _worker(config: Config) -> None:
+    configure_logging(config)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into SIGTERM
+    asyncio.run(serve(config))
 
 
 async def serve(config: Config) -> None:

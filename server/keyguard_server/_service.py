@@ -23,12 +23,13 @@ from keyguard import (
 )
 from keyguard_server._config import Config
 from keyguard_server._secrets import (
+    HasherBusy,
     SecretHasher,
     is_well_formed_private_key,
     new_access_key,
     new_private_key,
 )
-from keyguard_server._store import AuthRow, Store
+from keyguard_server._store import AuthRow, Store, now_us
 from keyguard_server._validation import (
     ACCESS_KEY_RE,
     IPAddress,
@@ -36,6 +37,7 @@ from keyguard_server._validation import (
     Violations,
     parse_allowed_ip,
 )
+from keyguard_server._verify import FailureLimiter, VerificationCache, client_network
 
 log = logging.getLogger("keyguard.service")
 
@@ -185,12 +187,44 @@ class KeyManager:
         v.raise_if_any()
 
 
-class Authorizer:
-    """Authorization: may this key do this, from this IP, now? (DESIGN.md §4)."""
+class UsageRecorder:
+    """Last-used time and IP of keys, written in batches rather than per request."""
 
-    def __init__(self, store: Store, hasher: SecretHasher) -> None:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._pending: dict[str, tuple[int, str]] = {}
+
+    def record(self, access_key: str, ip: IPAddress) -> None:
+        self._pending[access_key] = (now_us(), str(ip))
+
+    def flush(self) -> int:
+        """Writes what was recorded since the last flush, in one transaction."""
+        if not self._pending:
+            return 0
+        batch, self._pending = self._pending, {}
+        self._store.record_last_used(batch)
+        return len(batch)
+
+
+class Authorizer:
+    """Authorization: may this key do this, from this IP, now? (DESIGN.md §4).
+
+    Every call reads the key's current row (a point lookup), so a delete or a
+    restriction holds at once, on every replica. Only the argon2 verdict is
+    cached, keyed by the stored hash (see ``_verify``).
+    """
+
+    def __init__(self, store: Store, hasher: SecretHasher, config: Config) -> None:
         self._store = store
         self._hasher = hasher
+        self.cache = VerificationCache(config.verify_cache_size)
+        self._failures = FailureLimiter(config.failure_burst, config.failure_refill_per_second)
+        self.usage = UsageRecorder(store)
+        self.cache_hits = 0
+
+    @property
+    def argon2_verifications(self) -> int:
+        return self._hasher.verifications
 
     async def authorize(
         self,
@@ -225,10 +259,27 @@ class Authorizer:
             return _deny(Decision.UNKNOWN_KEY)
         if not _ip_allowed(ip, row.allowed_ips):
             return _deny(Decision.IP_NOT_ALLOWED)
-        if not is_well_formed_private_key(private_key):
+        if self.cache.hit(row.secret_hash, private_key):
+            # Verified before against this very hash: no argon2, no await, and
+            # no failure limit (a flood against a public access key must not
+            # lock out the bot that holds the secret).
+            self.cache_hits += 1
+            return self._after_secret(access_key, row, ip, level, destination)
+
+        network = client_network(ip)
+        if self._failures.exhausted(access_key) or self._failures.exhausted(network):
+            return _deny(Decision.RATE_LIMITED)
+        try:
+            verified = is_well_formed_private_key(private_key) and await self._hasher.verify(
+                row.secret_hash, private_key
+            )
+        except HasherBusy:
+            return _deny(Decision.RATE_LIMITED)
+        if not verified:
+            self._failures.failed(access_key)
+            self._failures.failed(network)
             return _deny(Decision.BAD_SECRET)
-        if not await self._hasher.verify(row.secret_hash, private_key):
-            return _deny(Decision.BAD_SECRET)
+        self.cache.remember(row.secret_hash, private_key)
         # argon2 ran off the loop: the key may have been deleted, re-keyed or
         # restricted meanwhile. Decide on the state as it is now.
         current = self._store.auth_lookup(access_key)
@@ -238,10 +289,15 @@ class Authorizer:
             return _deny(Decision.BAD_SECRET)
         if not _ip_allowed(ip, current.allowed_ips):
             return _deny(Decision.IP_NOT_ALLOWED)
-        return self._after_secret(current, level, destination)
+        return self._after_secret(access_key, current, ip, level, destination)
 
     def _after_secret(
-        self, row: AuthRow, required: Permission, destination: WithdrawalDestination | None
+        self,
+        access_key: str,
+        row: AuthRow,
+        ip: IPAddress,
+        required: Permission,
+        destination: WithdrawalDestination | None,
     ) -> AuthorizeResult:
         def answer(decision: Decision) -> AuthorizeResult:
             return AuthorizeResult(decision is Decision.ALLOW, decision, row.account_id, row.name, row.permission)
@@ -254,6 +310,7 @@ class Authorizer:
             and not self._store.is_whitelisted(row.account_id, destination.asset, destination.address, destination.memo)
         ):
             return answer(Decision.ADDRESS_NOT_WHITELISTED)
+        self.usage.record(access_key, ip)
         return answer(Decision.ALLOW)
 
 

@@ -1,4 +1,4 @@
-"""Storage: Peewee models and every query keyguard makes.
+"""Storage: every query keyguard makes (the models are in ``_schema``).
 
 Concurrency contract: all store calls run synchronously on the server's event
 loop thread and never span an ``await``, so a transaction is never interleaved
@@ -35,66 +35,7 @@ from keyguard import (
     Permission,
     WithdrawalAddress,
 )
-
-
-class _Model(pw.Model):
-    class Meta:
-        legacy_table_names = False
-
-
-class AccountModel(_Model):
-    """Per-account settings; a row exists once an account has been touched."""
-
-    account_id = pw.CharField(primary_key=True, max_length=128)
-    address_management = pw.BooleanField(default=False)
-
-
-class KeyModel(_Model):
-    id = pw.AutoField()
-    account_id = pw.CharField(max_length=128, index=True)
-    access_key = pw.CharField(max_length=32, unique=True)
-    name = pw.CharField(max_length=64)
-    permission = pw.SmallIntegerField()
-    # Normalised entries joined by single spaces; empty means any IP.
-    allowed_ips = pw.TextField(default="")
-    # argon2id PHC string; the private key itself is never stored.
-    secret_hash = pw.TextField()
-    created_at_us = pw.BigIntegerField()
-
-    class Meta:
-        indexes = ((("account_id", "name"), True),)
-
-
-class AddressModel(_Model):
-    id = pw.AutoField()
-    account_id = pw.CharField(max_length=128)
-    asset = pw.CharField(max_length=32)
-    address = pw.CharField(max_length=256)
-    memo = pw.CharField(max_length=256, default="")
-    label = pw.CharField(max_length=64, default="")
-    created_at_us = pw.BigIntegerField()
-
-    class Meta:
-        indexes = ((("account_id", "asset", "address", "memo"), True),)
-
-
-class AuditModel(_Model):
-    """One change, written in the same transaction as the change itself."""
-
-    id = pw.AutoField()
-    time_us = pw.BigIntegerField()
-    caller = pw.CharField(max_length=128)
-    action = pw.SmallIntegerField()
-    account_id = pw.CharField(max_length=128)
-    access_key = pw.CharField(max_length=32, default="")
-    # JSON object of strings: what changed (name, permission, count, ...). Never a secret.
-    details = pw.TextField(default="{}")
-
-    class Meta:
-        indexes = ((("account_id", "id"), False),)
-
-
-MODELS: list[type[pw.Model]] = [AccountModel, KeyModel, AddressModel, AuditModel]
+from keyguard_server._schema import MODELS, AccountModel, AddressModel, AuditModel, KeyModel, migrate
 
 
 @dataclass(frozen=True)
@@ -146,8 +87,8 @@ class Store:
     def __init__(self, database: pw.Database) -> None:
         self.db = database
         self._execute: Callable[[str, tuple[object, ...]], Any] = database.execute_sql
+        migrate(self.db)
         with self._bound():
-            self.db.create_tables(MODELS, safe=True)
             auth = (
                 KeyModel.select(
                     KeyModel.account_id,
@@ -200,6 +141,15 @@ class Store:
     def is_whitelisted(self, account_id: str, asset: str, address: str, memo: str) -> bool:
         params = (account_id, asset, address, memo)
         return self._execute(self._whitelisted_sql, params).fetchone() is not None
+
+    def record_last_used(self, usage: dict[str, tuple[int, str]]) -> None:
+        """Batch of access key -> (time, ip); never moves a last-used time backwards."""
+        with self._transaction():
+            for access_key, (at_us, ip) in usage.items():
+                KeyModel.update(last_used_at_us=at_us, last_used_ip=ip).where(
+                    (KeyModel.access_key == access_key)
+                    & (KeyModel.last_used_at_us.is_null() | (KeyModel.last_used_at_us < at_us))
+                ).execute()
 
     # -- keys -----------------------------------------------------------------
 
@@ -385,4 +335,6 @@ def _key_row(key: Any) -> ApiKey:
         Permission(key.permission),
         tuple(key.allowed_ips.split()),
         to_datetime(key.created_at_us),
+        to_datetime(key.last_used_at_us) if key.last_used_at_us is not None else None,
+        key.last_used_ip,
     )

@@ -105,10 +105,17 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     """The key's permission is below the one the request needs."""
     DECISION_ADDRESS_NOT_WHITELISTED: _Decision.ValueType  # 6
     """Address management is on and the destination is not whitelisted."""
+    DECISION_RATE_LIMITED: _Decision.ValueType  # 7
+    """Too many recent failed attempts for this key or from this client IP, or
+    too many secrets waiting for verification: refused without checking the
+    secret. A secret already verified by this server is still accepted.
+    """
 
 class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper):
-    """Why Authorize allowed or refused a request. The checks run in the order of
-    the values below (after request validation); the first that fails decides.
+    """Why Authorize allowed or refused a request. Checks run in this order, after
+    request validation; the first that fails decides: UNKNOWN_KEY,
+    IP_NOT_ALLOWED, RATE_LIMITED (skipped for a secret this server already
+    verified), BAD_SECRET, PERMISSION_DENIED, ADDRESS_NOT_WHITELISTED.
     """
 
 DECISION_UNSPECIFIED: Decision.ValueType  # 0
@@ -123,6 +130,11 @@ DECISION_PERMISSION_DENIED: Decision.ValueType  # 5
 """The key's permission is below the one the request needs."""
 DECISION_ADDRESS_NOT_WHITELISTED: Decision.ValueType  # 6
 """Address management is on and the destination is not whitelisted."""
+DECISION_RATE_LIMITED: Decision.ValueType  # 7
+"""Too many recent failed attempts for this key or from this client IP, or
+too many secrets waiting for verification: refused without checking the
+secret. A secret already verified by this server is still accepted.
+"""
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
 
 @_typing.final
@@ -137,18 +149,27 @@ class ApiKey(_message.Message):
     PERMISSION_FIELD_NUMBER: _builtins.int
     ALLOWED_IPS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    LAST_USED_AT_FIELD_NUMBER: _builtins.int
+    LAST_USED_IP_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     access_key: _builtins.str
     """Public identifier, "kg_" followed by 24 base62 characters."""
     name: _builtins.str
     """1-64 printable characters, unique within the account."""
     permission: Global___Permission.ValueType
+    last_used_ip: _builtins.str
     @_builtins.property
     def allowed_ips(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Normalised IPv4/IPv6 addresses and CIDR networks. Empty means any IP."""
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_used_at(self) -> _timestamp_pb2.Timestamp:
+        """The last allowed Authorize: when, and from which client IP. Unset if the
+        key was never used. Recorded in batches, so it may lag a few seconds.
+        """
+
     def __init__(
         self,
         *,
@@ -158,10 +179,12 @@ class ApiKey(_message.Message):
         permission: Global___Permission.ValueType = ...,
         allowed_ips: _abc.Iterable[_builtins.str] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        last_used_at: _timestamp_pb2.Timestamp | None = ...,
+        last_used_ip: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_used_at", b"last_used_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key", "account_id", b"account_id", "allowed_ips", b"allowed_ips", "created_at", b"created_at", "name", b"name", "permission", b"permission"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key", "account_id", b"account_id", "allowed_ips", b"allowed_ips", "created_at", b"created_at", "last_used_at", b"last_used_at", "last_used_ip", b"last_used_ip", "name", b"name", "permission", b"permission"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,115 @@
+"""The database schema: Peewee models, and the migrations that bring an existing database to them.
+
+A ``schema_version`` table records the version. A new database gets every
+table at the current version; an older one is upgraded in place, one step per
+version, each step in the same transaction as its version bump (the whole
+run holds the write lock, so servers starting together migrate once).
+Databases made before versioning existed are version 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import peewee as pw
+from playhouse import migrate as pw_migrate
+
+
+class _Model(pw.Model):
+    class Meta:
+        legacy_table_names = False
+
+
+class SchemaVersion(_Model):
+    version = pw.IntegerField()
+
+
+class AccountModel(_Model):
+    """Per-account settings; a row exists once an account has been touched."""
+
+    account_id = pw.CharField(primary_key=True, max_length=128)
+    address_management = pw.BooleanField(default=False)
+
+
+class KeyModel(_Model):
+    id = pw.AutoField()
+    account_id = pw.CharField(max_length=128, index=True)
+    access_key = pw.CharField(max_length=32, unique=True)
+    name = pw.CharField(max_length=64)
+    permission = pw.SmallIntegerField()
+    # Normalised entries joined by single spaces; empty means any IP.
+    allowed_ips = pw.TextField(default="")
+    # argon2id PHC string; the private key itself is never stored.
+    secret_hash = pw.TextField()
+    created_at_us = pw.BigIntegerField()
+    # Since version 2; written in batches (UsageRecorder).
+    last_used_at_us = pw.BigIntegerField(null=True)
+    last_used_ip = pw.CharField(max_length=45, default="")
+
+    class Meta:
+        indexes = ((("account_id", "name"), True),)
+
+
+class AddressModel(_Model):
+    id = pw.AutoField()
+    account_id = pw.CharField(max_length=128)
+    asset = pw.CharField(max_length=32)
+    address = pw.CharField(max_length=256)
+    memo = pw.CharField(max_length=256, default="")
+    label = pw.CharField(max_length=64, default="")
+    created_at_us = pw.BigIntegerField()
+
+    class Meta:
+        indexes = ((("account_id", "asset", "address", "memo"), True),)
+
+
+class AuditModel(_Model):
+    """One change, written in the same transaction as the change itself."""
+
+    id = pw.AutoField()
+    time_us = pw.BigIntegerField()
+    caller = pw.CharField(max_length=128)
+    action = pw.SmallIntegerField()
+    account_id = pw.CharField(max_length=128)
+    access_key = pw.CharField(max_length=32, default="")
+    # JSON object of strings: what changed (name, permission, count, ...). Never a secret.
+    details = pw.TextField(default="{}")
+
+    class Meta:
+        indexes = ((("account_id", "id"), False),)
+
+
+MODELS: list[type[pw.Model]] = [SchemaVersion, AccountModel, KeyModel, AddressModel, AuditModel]
+
+
+def _v2_last_used(migrator: pw_migrate.SchemaMigrator) -> None:
+    pw_migrate.migrate(
+        migrator.add_column("key_model", "last_used_at_us", KeyModel.last_used_at_us),
+        migrator.add_column("key_model", "last_used_ip", KeyModel.last_used_ip),
+    )
+
+
+# STEPS[n] upgrades version n + 1 to n + 2.
+STEPS: list[Callable[[pw_migrate.SchemaMigrator], None]] = [_v2_last_used]
+VERSION = len(STEPS) + 1
+
+
+def migrate(db: pw.Database) -> int:
+    """Creates or upgrades the schema; returns the version it found."""
+    with db.bind_ctx(MODELS), db.atomic():
+        tables = set(db.get_tables())
+        if "schema_version" not in tables:
+            if "key_model" in tables:  # made before versioning: version 1
+                db.create_tables([SchemaVersion])
+                SchemaVersion.create(version=1)
+            else:
+                db.create_tables(MODELS)
+                SchemaVersion.create(version=VERSION)
+        found: int = SchemaVersion.get().version
+        if found > VERSION:
+            raise RuntimeError(f"database schema version {found} is newer than this keyguard ({VERSION})")
+        migrator = pw_migrate.SchemaMigrator.from_database(db)
+        for version in range(found, VERSION):
+            STEPS[version - 1](migrator)
+            SchemaVersion.update(version=version + 1).execute()
+        return found

@@ -1,0 +1,259 @@
+"""The Authorize fast path: verification cache, failure limits, bounded argon2, last used."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import argon2
+import pytest
+
+from keyguard import Client, CreatedKey, Decision
+from keyguard_server import Config
+from keyguard_server._schema import VERSION
+from keyguard_server._store import Store
+from keyguard_server._verify import FailureLimiter
+from tests.conftest import RunningServer, StartServer
+from tests.processes import ServeProcess
+
+BOT_IP = "203.0.113.7"
+WRONG = "kgsk_" + "A" * 43 + "_000000"  # well-formed shape, bad checksum
+# Slow enough that a test can act while one verification is running.
+SLOW_ARGON2 = {"argon2_time_cost": 6, "argon2_memory_kib": 65536, "argon2_parallelism": 1}
+
+
+def verifications(server: RunningServer) -> int:
+    assert server.server.authorizer is not None
+    return server.server.authorizer.argon2_verifications
+
+
+def allow(client: Client, key: CreatedKey, secret: str | None = None, ip: str = BOT_IP) -> Decision:
+    return client.authorize(key.key.access_key, key.private_key if secret is None else secret, ip, "read").decision
+
+
+def test_cache_hit_skips_argon2(server: RunningServer, client: Client, account: str) -> None:
+    key = client.create_key(account, "bot", "trade", [BOT_IP])
+    before = verifications(server)
+    assert allow(client, key) is Decision.ALLOW
+    assert verifications(server) == before + 1
+    for _ in range(20):
+        assert allow(client, key) is Decision.ALLOW
+    assert verifications(server) == before + 1
+
+
+def test_cache_never_revives_a_deleted_key(server: RunningServer, client: Client, account: str) -> None:
+    key = client.create_key(account, "bot", "trade", [BOT_IP])
+    assert allow(client, key) is Decision.ALLOW  # now cached
+    client.delete_key(account, key.key.access_key)
+    assert allow(client, key) is Decision.UNKNOWN_KEY
+
+
+def test_cache_never_accepts_the_old_secret_of_a_rekeyed_key(
+    server: RunningServer, client: Client, account: str
+) -> None:
+    key = client.create_key(account, "bot", "trade", [BOT_IP])
+    assert allow(client, key) is Decision.ALLOW  # the old secret is cached
+    other = client.create_key(account, "other", "trade", [BOT_IP])
+    # Re-key from outside this process (as a rotation on another replica would):
+    # the key's stored hash becomes that of another secret.
+    with sqlite3.connect(server.db_path) as db:
+        (new_hash,) = db.execute(
+            "SELECT secret_hash FROM key_model WHERE access_key = ?", (other.key.access_key,)
+        ).fetchone()
+        db.execute("UPDATE key_model SET secret_hash = ? WHERE access_key = ?", (new_hash, key.key.access_key))
+    assert allow(client, key) is Decision.BAD_SECRET
+    assert allow(client, key, other.private_key) is Decision.ALLOW
+
+
+def test_key_deleted_while_argon2_runs_is_refused(start_server: StartServer, account: str) -> None:
+    server = start_server(**SLOW_ARGON2)
+    with server.client() as client:
+        key = client.create_key(account, "bot", "trade", [BOT_IP])
+        results: list[Decision] = []
+        worker = threading.Thread(target=lambda: results.append(allow(client, key)))
+        started = time.monotonic()
+        worker.start()
+        time.sleep(0.05)
+        client.delete_key(account, key.key.access_key)
+        assert time.monotonic() - started < 0.2, "argon2 was too fast for this test to mean anything"
+        worker.join()
+    assert results == [Decision.UNKNOWN_KEY]
+
+
+def test_failures_are_limited_per_key_and_recover(start_server: StartServer, account: str) -> None:
+    server = start_server(failure_burst=3, failure_refill_per_second=2.0)
+    with server.client() as client:
+        key = client.create_key(account, "bot", "trade", [])
+        for i in range(3):
+            assert allow(client, key, WRONG, ip=f"192.0.2.{i}") is Decision.BAD_SECRET
+        before = verifications(server)
+        # Refused without looking at the secret, even the right one, from any IP.
+        assert allow(client, key, ip="198.51.100.1") is Decision.RATE_LIMITED
+        assert verifications(server) == before
+        time.sleep(0.6)  # refills one attempt
+        assert allow(client, key, ip="198.51.100.1") is Decision.ALLOW
+
+
+def test_failures_are_limited_per_client_network(start_server: StartServer, account: str) -> None:
+    server = start_server(failure_burst=3, failure_refill_per_second=0.001)
+    with server.client() as client:
+        first = client.create_key(account, "first", "read")
+        second = client.create_key(account, "second", "read")
+        third = client.create_key(account, "third", "read")
+        fourth = client.create_key(account, "fourth", "read")
+        for i in range(3):  # one IPv6 /64, three addresses in it
+            assert allow(client, first, WRONG, ip=f"2001:db8:1:2::{i + 1}") is Decision.BAD_SECRET
+        assert allow(client, second, ip="2001:db8:1:2::99") is Decision.RATE_LIMITED
+        assert allow(client, second, ip="2001:db8:1:3::1") is Decision.ALLOW
+        for _ in range(3):
+            assert allow(client, third, WRONG, ip="192.0.2.50") is Decision.BAD_SECRET
+        assert allow(client, fourth, ip="192.0.2.50") is Decision.RATE_LIMITED
+        assert allow(client, fourth, ip="192.0.2.51") is Decision.ALLOW
+
+
+def test_a_flood_does_not_lock_out_the_bot_that_holds_the_secret(start_server: StartServer, account: str) -> None:
+    server = start_server(failure_burst=3, failure_refill_per_second=0.001)
+    with server.client() as client:
+        key = client.create_key(account, "bot", "trade", [])
+        assert allow(client, key) is Decision.ALLOW  # the bot, verified once
+        for i in range(20):
+            assert allow(client, key, WRONG, ip=f"198.51.100.{i}") in (Decision.BAD_SECRET, Decision.RATE_LIMITED)
+        assert allow(client, key, WRONG) is Decision.RATE_LIMITED
+        assert allow(client, key) is Decision.ALLOW
+
+
+def test_malformed_secrets_never_reach_argon2(server: RunningServer, client: Client, account: str) -> None:
+    key = client.create_key(account, "bot", "trade", [BOT_IP])
+    before = verifications(server)
+    body = key.private_key[5:48]
+    for secret in ("", "nonsense", WRONG, f"kgsk_{body}_zzzzzz", key.private_key[:-1]):
+        assert allow(client, key, secret) is Decision.BAD_SECRET
+    assert verifications(server) == before
+
+
+def test_saturated_argon2_pool_answers_at_once(start_server: StartServer, account: str) -> None:
+    server = start_server(argon2_threads=1, argon2_max_pending=1, **SLOW_ARGON2)
+    with server.client() as client:
+        first = client.create_key(account, "first", "read")
+        second = client.create_key(account, "second", "read")
+        worker = threading.Thread(target=lambda: allow(client, first))
+        worker.start()
+        time.sleep(0.03)  # the first verification now occupies the pool
+        started = time.monotonic()
+        assert allow(client, second) is Decision.RATE_LIMITED
+        assert time.monotonic() - started < 0.1
+        worker.join()
+        assert allow(client, second) is Decision.ALLOW  # once the pool is free
+
+
+def test_limiter_refills_by_the_clock() -> None:
+    now = [0.0]
+    limiter = FailureLimiter(burst=2, per_second=0.5, clock=lambda: now[0])
+    assert not limiter.exhausted("k")
+    limiter.failed("k")
+    limiter.failed("k")
+    assert limiter.exhausted("k")
+    now[0] = 1.9
+    assert limiter.exhausted("k")
+    now[0] = 2.0
+    assert not limiter.exhausted("k")
+    limiter.failed("k")
+    assert limiter.exhausted("k")
+    now[0] = 100.0  # refills to the burst, not beyond
+    limiter.failed("k")
+    limiter.failed("k")
+    assert limiter.exhausted("k")
+    assert not limiter.exhausted("other")
+
+
+def test_limiter_memory_is_bounded() -> None:
+    limiter = FailureLimiter(burst=1, per_second=0.0, max_buckets=100)
+    for i in range(1000):
+        limiter.failed(f"k{i}")
+    assert limiter.exhausted("k999")
+    assert not limiter.exhausted("k0")  # dropped: treated as a full bucket
+
+
+def test_last_used_is_recorded_in_batches(start_server: StartServer, account: str) -> None:
+    server = start_server(last_used_flush_seconds=0.05)
+    with server.client() as client:
+        key = client.create_key(account, "bot", "trade", ["2001:db8::/32", BOT_IP])
+        assert client.get_key(account, key.key.access_key).last_used_at is None
+        assert allow(client, key, WRONG) is Decision.BAD_SECRET
+        assert allow(client, key, ip="2001:db8::7") is Decision.ALLOW
+        used = wait_for(lambda: client.get_key(account, key.key.access_key).last_used_at is not None)
+        stored = client.get_key(account, key.key.access_key)
+        assert used and stored.last_used_ip == "2001:db8::7"
+        assert stored.last_used_at is not None and stored.last_used_at >= stored.created_at
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_last_used_is_flushed_on_shutdown(start_server: StartServer, account: str) -> None:
+    first = start_server(last_used_flush_seconds=3600)
+    with first.client() as client:
+        key = client.create_key(account, "bot", "trade", [BOT_IP])
+        assert allow(client, key) is Decision.ALLOW
+    first.stop()
+    second = start_server(data_dir=first.config.data_dir)
+    with second.client() as client:
+        assert client.get_key(account, key.key.access_key).last_used_ip == BOT_IP
+
+
+def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    config = Config(data_dir=str(tmp_path))
+    store = Store.open(config.database_url)
+    store.close()
+    # Make it look like a database written before schema versioning.
+    with sqlite3.connect(tmp_path / "keyguard.db") as db:
+        db.execute("DROP TABLE schema_version")
+        db.execute("ALTER TABLE key_model DROP COLUMN last_used_at_us")
+        db.execute("ALTER TABLE key_model DROP COLUMN last_used_ip")
+        db.execute(
+            "INSERT INTO key_model (account_id, access_key, name, permission, allowed_ips, secret_hash, created_at_us)"
+            " VALUES ('acct', 'kg_aaaaaaaaaaaaaaaaaaaaaaaa', 'old', 1, '', ?, 1)",
+            (argon2.PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash("x"),),
+        )
+    store = Store.open(config.database_url)
+    try:
+        (key,) = store.list_keys("acct")
+        assert (key.name, key.last_used_at, key.last_used_ip) == ("old", None, "")
+    finally:
+        store.close()
+    with sqlite3.connect(tmp_path / "keyguard.db") as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(VERSION,)]
+
+
+def test_a_newer_database_is_refused(tmp_path: Path) -> None:
+    config = Config(data_dir=str(tmp_path))
+    Store.open(config.database_url).close()
+    with sqlite3.connect(tmp_path / "keyguard.db") as db:
+        db.execute("UPDATE schema_version SET version = version + 1")
+    with pytest.raises(RuntimeError, match="newer than this keyguard"):
+        Store.open(config.database_url)
+
+
+def test_workers_share_one_port(tmp_path: Path) -> None:
+    server = ServeProcess(tmp_path, "--workers", "2")
+    try:
+        wait_for(lambda: server.log.read_text().count("keyguard serving") == 2)
+        log = server.log.read_text()
+        assert "worker-1" in log and "worker-2" in log
+        with server.client() as client:
+            key = client.create_key("acct-workers", "bot", "trade", [BOT_IP])
+        for _ in range(10):  # fresh connections land on either worker
+            with server.client() as client:
+                assert allow(client, key) is Decision.ALLOW
+    finally:
+        assert server.terminate() == 0
+    assert server.log.read_text().count("keyguard stopped") == 2
