@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PROTOS := $(shell find protos -name '*.proto')
 
 .PHONY: run test proto lint clean
 
@@ -24,15 +23,14 @@ test: $(STAMP)
 
 ## proto: regenerate the committed stubs in client/keyguard/ from protos/
 proto: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iprotos \
-	  --python_out=client --grpc_python_out=client \
-	  --mypy_out=client --mypy_grpc_out=client $(PROTOS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python protos/generate.py client
 
-## lint: ruff and mypy
+## lint: ruff, mypy and buf lint (protos/keyguard/v1; protos/keyguard/envoy follows Envoy's names)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	cd protos && ../$(BIN)/buf lint
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -20,6 +20,7 @@ import os
 import secrets
 import string
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -28,16 +29,18 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from keyguard_server._config import Caller, Config, Role
+from keyguard_server._metrics import RPC_SECONDS
 
 log = logging.getLogger("keyguard.auth")
 
 OPEN_SERVICES = frozenset(
     {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
 )
+_AUTHORIZATION = frozenset({"keyguard.v1.Authorization", "envoy.service.auth.v3.Authorization"})
 ROLE_SERVICES: dict[Role, frozenset[str]] = {
-    Role.AUTHORIZER: frozenset({"keyguard.v1.Authorization"}),
+    Role.AUTHORIZER: _AUTHORIZATION,
     Role.MANAGER: frozenset({"keyguard.v1.KeyManagement"}),
-    Role.ADMIN: frozenset({"keyguard.v1.Authorization", "keyguard.v1.KeyManagement"}),
+    Role.ADMIN: _AUTHORIZATION | {"keyguard.v1.KeyManagement"},
 }
 
 _caller: contextvars.ContextVar[str] = contextvars.ContextVar("keyguard_caller", default="")
@@ -114,7 +117,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         service = method.split("/")[1] if "/" in method else ""
         if handler is None or service in OPEN_SERVICES:
             return handler
-        guarded = self._guarded[method] = _guarded(handler, lambda context: self._admit(service, context))
+        guarded = self._guarded[method] = _guarded(method, handler, lambda context: self._admit(service, context))
         return guarded
 
     def _admit(self, service: str, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[grpc.StatusCode, str] | str:
@@ -144,9 +147,10 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
 Admit = Callable[[grpc.aio.ServicerContext[Any, Any]], "tuple[grpc.StatusCode, str] | str"]
 
 
-def _guarded(handler: grpc.RpcMethodHandler[Any, Any], admit: Admit) -> grpc.RpcMethodHandler[Any, Any]:
-    """The same handler, refusing unadmitted callers and unparseable requests first."""
+def _guarded(method: str, handler: grpc.RpcMethodHandler[Any, Any], admit: Admit) -> grpc.RpcMethodHandler[Any, Any]:
+    """The same handler, refusing unadmitted callers and unparseable requests first, and timed."""
     deserialize = _lenient(handler.request_deserializer)
+    latency = RPC_SECONDS.labels(method)
 
     async def enter(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         verdict = admit(context)
@@ -160,8 +164,12 @@ def _guarded(handler: grpc.RpcMethodHandler[Any, Any], admit: Admit) -> grpc.Rpc
         inner_uu: Any = handler.unary_unary  # typeshed types behaviours as sync
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await enter(request, context)
-            return await inner_uu(request, context)
+            started = time.perf_counter()
+            try:
+                await enter(request, context)
+                return await inner_uu(request, context)
+            finally:
+                latency.observe(time.perf_counter() - started)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, handler.response_serializer)
     raise TypeError("only unary keyguard methods sit behind caller checks")

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from keyguard import Permission
 from keyguard_server._secrets import Argon2Params
 
 
@@ -47,6 +48,21 @@ class Caller:
             raise ValueError(f"caller {self.name!r} needs token_sha256 or cert_common_name")
         if self.token_sha256 and not re.fullmatch(r"[0-9a-f]{64}", self.token_sha256):
             raise ValueError(f"caller {self.name!r}: token_sha256 must be 64 lower-case hex digits")
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvoyRoute:
+    """Envoy ext_authz: requests whose path starts with ``path_prefix`` need ``permission``.
+
+    The longest matching prefix wins; ``method`` is an HTTP method or "*".
+    """
+
+    path_prefix: str
+    permission: Permission
+    method: str = "*"
+
+    def matches(self, method: str, path: str) -> bool:
+        return path.startswith(self.path_prefix) and self.method in ("*", method.upper())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +107,23 @@ class Config:
     # Who may call. Empty: loopback only, with a generated admin token in
     # <data_dir>/admin.token that the CLI picks up.
     callers: tuple[Caller, ...] = ()
+    # Prometheus metrics over HTTP ("" = off). With --workers N, worker i
+    # listens on the port + i - 1.
+    metrics_listen: str = ""
+    # "text" or "json" (one JSON object per line).
+    log_format: str = "text"
+    # Envoy ext_authz (envoy.service.auth.v3.Authorization/Check): where the
+    # bot's credentials and the withdrawal destination are in its HTTP request,
+    # where the client IP comes from ("" = the peer address Envoy reports;
+    # otherwise a header set by a trusted proxy, last value of a list), and
+    # which permission each route needs ([[envoy_routes]] tables).
+    envoy_access_key_header: str = "x-api-key"
+    envoy_private_key_header: str = "x-api-secret"
+    envoy_client_ip_header: str = ""
+    envoy_withdraw_asset_header: str = "x-withdraw-asset"
+    envoy_withdraw_address_header: str = "x-withdraw-address"
+    envoy_withdraw_memo_header: str = "x-withdraw-memo"
+    envoy_routes: tuple[EnvoyRoute, ...] = ()
 
     @property
     def database_url(self) -> str:
@@ -126,6 +159,8 @@ class Config:
             raise ValueError("config tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("config tls_client_ca_file needs tls_cert_file and tls_key_file")
+        if self.log_format not in ("text", "json"):
+            raise ValueError("config log_format must be text or json")
         if not self.callers and not _is_loopback(self.listen):
             raise ValueError(
                 f"refusing to listen on {self.listen} with no callers configured: "
@@ -147,8 +182,9 @@ class Config:
             with open(path, "rb") as f:
                 document = tomllib.load(f)
             values["callers"] = _callers(document.pop("callers", []), source=str(path))
+            values["envoy_routes"] = _routes(document.pop("envoy_routes", []), source=str(path))
             values.update(_typed(document, source=str(path)))
-        fields = {f.name for f in dataclasses.fields(cls)} - {"callers"}
+        fields = {f.name for f in dataclasses.fields(cls)} - TABLES
         from_env = {name: env[f"KEYGUARD_{name.upper()}"] for name in fields if f"KEYGUARD_{name.upper()}" in env}
         values.update(_typed(from_env, source="environment", parse_strings=True))
         values.update(_typed({k: v for k, v in overrides.items() if v is not None}, source="flags"))
@@ -186,8 +222,33 @@ def _callers(raw: Any, *, source: str) -> tuple[Caller, ...]:
     return tuple(callers)
 
 
+def _routes(raw: Any, *, source: str) -> tuple[EnvoyRoute, ...]:
+    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+        raise ValueError(f"{source}: envoy_routes must be [[envoy_routes]] tables")
+    routes = []
+    for entry in raw:
+        unknown = set(entry) - {"path_prefix", "permission", "method"}
+        if unknown:
+            raise ValueError(f"{source}: unknown envoy_routes setting {sorted(unknown)[0]!r}")
+        try:
+            routes.append(
+                EnvoyRoute(
+                    path_prefix=str(entry["path_prefix"]),
+                    permission=Permission.parse(str(entry["permission"])),
+                    method=str(entry.get("method", "*")).upper(),
+                )
+            )
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{source}: envoy_routes entry {entry!r}: {exc}") from None
+    return tuple(routes)
+
+
+# Settings given as [[tables]] in TOML only.
+TABLES = frozenset({"callers", "envoy_routes"})
+
+
 def _typed(raw: Mapping[str, Any], *, source: str, parse_strings: bool = False) -> dict[str, Any]:
-    types = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "callers"}
+    types = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in TABLES}
     out: dict[str, Any] = {}
     for name, value in raw.items():
         if name not in types:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import argon2
 
+from keyguard_server._metrics import ARGON2_PENDING, ARGON2_VERIFICATIONS
+
 _BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
 ACCESS_KEY_PREFIX = "kg_"
 PRIVATE_KEY_PREFIX = "kgsk_"
@@ -96,10 +98,13 @@ class SecretHasher:
             raise HasherBusy
         self.pending += 1
         self.verifications += 1
+        ARGON2_VERIFICATIONS.inc()
+        ARGON2_PENDING.inc()
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, self._verify, stored_hash, secret)
         finally:
             self.pending -= 1
+            ARGON2_PENDING.dec()
 
     def _verify(self, stored_hash: str, secret: str) -> bool:
         try:

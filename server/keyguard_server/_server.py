@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
 import socket
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
+import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
+from keyguard.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._auth import CallerInterceptor, ensure_admin_token
 from keyguard_server._config import Config
+from keyguard_server._envoy import EnvoyAuthorizationServicer
 from keyguard_server._grpc import AuthorizationServicer, KeyManagementServicer
 from keyguard_server._secrets import SecretHasher
 from keyguard_server._service import Authorizer, KeyManager
@@ -28,6 +34,9 @@ from keyguard_server._store import Store
 log = logging.getLogger("keyguard.server")
 
 SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
+ENVOY_SERVICE = ext.DESCRIPTOR.services_by_name["Authorization"].full_name
+
+HEALTH_INTERVAL_SECONDS = 5.0
 
 # The largest valid request (30 allowlist entries) is a few KiB.
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -43,7 +52,9 @@ class KeyguardServer:
         self._hasher: SecretHasher | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
-        self._flusher: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self._metrics_server: Any = None
+        self.metrics_port = 0
         self.authorizer: Authorizer | None = None
 
     async def start(self) -> int:
@@ -65,8 +76,11 @@ class KeyguardServer:
             KeyManagementServicer(KeyManager(self._store, self._hasher, config)), server
         )
         pb_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(self.authorizer), server)
+        ext_grpc.add_AuthorizationServicer_to_server(EnvoyAuthorizationServicer(self.authorizer, config), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, ENVOY_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
         try:
             if config.tls:
                 self.port = server.add_secure_port(config.listen, _tls_credentials(config))
@@ -76,9 +90,13 @@ class KeyguardServer:
             raise OSError(f"cannot listen on {config.listen}: {exc}") from None
         await server.start()
         self._server = server
-        self._flusher = asyncio.create_task(self._flush_usage_periodically())
-        for name in ("", *SERVICE_NAMES):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if config.metrics_listen:
+            self._start_metrics(config.metrics_listen)
+        await self._set_health(self._store.ping())
+        self._background = [
+            asyncio.create_task(self._flush_usage_periodically()),
+            asyncio.create_task(self._watch_database()),
+        ]
         log.info(
             "keyguard serving on %s (port %d, %s), database %s, callers: %s",
             config.listen,
@@ -94,8 +112,10 @@ class KeyguardServer:
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
-        if self._flusher is not None:
-            self._flusher.cancel()
+        for task in self._background:
+            task.cancel()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
         if self.authorizer is not None:
             self.flush_usage()
         if self._hasher is not None:
@@ -112,17 +132,58 @@ class KeyguardServer:
         except Exception:  # a failed flush must not stop the server; the next one retries later uses
             log.exception("could not record last-used times")
 
+    def _start_metrics(self, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        self._metrics_server, _ = prometheus_client.start_http_server(int(port), addr=host.strip("[]"))
+        self.metrics_port = self._metrics_server.server_port
+        log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICE_NAMES, ENVOY_SERVICE):
+            await self._health.set(name, status)
+
+    async def _watch_database(self) -> None:
+        """SERVING only while the database answers, so load balancers route around a broken one."""
+        assert self._store is not None
+        serving = True
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
+            now = self._store.ping()
+            if now != serving:
+                log.warning("database %s", "reachable again" if now else "unreachable: health is NOT_SERVING")
+                await self._set_health(now)
+                serving = now
+
     async def _flush_usage_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.config.last_used_flush_seconds)
             self.flush_usage()
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log pipelines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "process": record.processName,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
 def configure_logging(config: Config) -> None:
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    if config.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"))
+    logging.basicConfig(level=config.log_level.upper(), handlers=[handler], force=True)
 
 
 def run(config: Config) -> None:
@@ -137,7 +198,10 @@ def run(config: Config) -> None:
             probe.bind((host.strip("[]"), 0))
             config = dataclasses.replace(config, listen=f"{host}:{probe.getsockname()[1]}")
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_worker, args=(config,), name=f"worker-{i + 1}") for i in range(config.workers)]
+    workers = [
+        context.Process(target=_worker, args=(_worker_config(config, i),), name=f"worker-{i + 1}")
+        for i in range(config.workers)
+    ]
     for worker in workers:
         worker.start()
 
@@ -158,6 +222,14 @@ def run(config: Config) -> None:
                 stop(signal.SIGTERM, None)
     if any(w.exitcode != 0 for w in workers):
         raise SystemExit(1)
+
+
+def _worker_config(config: Config, index: int) -> Config:
+    """Each worker serves its own metrics, on the configured port + its index."""
+    if not config.metrics_listen:
+        return config
+    host, _, port = config.metrics_listen.rpartition(":")
+    return dataclasses.replace(config, metrics_listen=f"{host}:{int(port) + index}")
 
 
 def _worker(config: Config) -> None:

@@ -22,6 +22,7 @@ from keyguard import (
     WithdrawalDestination,
 )
 from keyguard_server._config import Config
+from keyguard_server._metrics import CACHE_HITS, DECISIONS
 from keyguard_server._secrets import (
     HasherBusy,
     SecretHasher,
@@ -234,6 +235,18 @@ class Authorizer:
         required: int,
         destination: WithdrawalDestination | None,
     ) -> AuthorizeResult:
+        result = await self._decide(access_key, private_key, client_ip, required, destination)
+        DECISIONS.labels(result.decision.name).inc()
+        return result
+
+    async def _decide(
+        self,
+        access_key: str,
+        private_key: str,
+        client_ip: str,
+        required: int,
+        destination: WithdrawalDestination | None,
+    ) -> AuthorizeResult:
         v = Violations()
         if not access_key:
             v.add("access_key", "is required")
@@ -264,6 +277,7 @@ class Authorizer:
             # no failure limit (a flood against a public access key must not
             # lock out the bot that holds the secret).
             self.cache_hits += 1
+            CACHE_HITS.inc()
             return self._after_secret(access_key, row, ip, level, destination)
 
         network = client_network(ip)

@@ -117,6 +117,14 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    def ping(self) -> bool:
+        """Whether the database answers a trivial query now."""
+        try:
+            self._execute("SELECT 1", ()).fetchone()
+        except pw.DatabaseError:
+            return False
+        return True
+
     @contextlib.contextmanager
     def _bound(self) -> Iterator[None]:
         # Models are bound per call, not globally, so several stores (tests,
