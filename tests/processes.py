@@ -58,8 +58,11 @@ class ServeProcess:
 
     def terminate(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
+        return self.wait()
+
+    def wait(self, timeout: float = 15) -> int:
         try:
-            return self.proc.wait(15)
+            return self.proc.wait(timeout)
         finally:
             self._log_file.close()
 

@@ -14,6 +14,7 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keyguard import Client, Unauthenticated
+from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard_server import Config
 from keyguard_server._auth import token_sha256
@@ -30,18 +31,19 @@ CALLERS = (
     Caller("ops", Role.ADMIN, token_sha256=token_sha256(OPS_TOKEN)),
 )
 
-METHODS = [
-    (service.name, method) for service in pb.DESCRIPTOR.services_by_name.values() for method in service.methods_by_name
-]
+SERVICES = {s.full_name: s for f in (pb.DESCRIPTOR, ext.DESCRIPTOR) for s in f.services_by_name.values()}
+METHODS = [(name, method) for name, service in SERVICES.items() for method in service.methods_by_name]
 DENIED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+AUTHORIZATION = {"keyguard.v1.Authorization", "envoy.service.auth.v3.Authorization"}
+MANAGEMENT = {"keyguard.v1.KeyManagement"}
 
 
 def status_of(channel: grpc.Channel, service: str, method: str, metadata: tuple[tuple[str, str], ...]) -> Any:
     """Calls the RPC with an empty request; the status code it ends with."""
-    descriptor = pb.DESCRIPTOR.services_by_name[service].methods_by_name[method]
+    descriptor = SERVICES[service].methods_by_name[method]
     request = message_factory.GetMessageClass(descriptor.input_type)()
     rpc: grpc.UnaryUnaryMultiCallable[Any, bytes] = channel.unary_unary(
-        f"/keyguard.v1.{service}/{method}",
+        f"/{service}/{method}",
         request_serializer=lambda m: m.SerializeToString(),
         response_deserializer=lambda b: b,
     )
@@ -72,9 +74,9 @@ CREDENTIALS = {
     "wrong token": (bearer("kgt_not-a-configured-token"), None),
     "not bearer": ((("authorization", f"Basic {GATEWAY_TOKEN}"),), None),
     "empty bearer": ((("authorization", "Bearer "),), None),
-    "authorizer": (bearer(GATEWAY_TOKEN), {"Authorization"}),
-    "manager": (bearer(WEBSITE_TOKEN), {"KeyManagement"}),
-    "admin": (bearer(OPS_TOKEN), {"Authorization", "KeyManagement"}),
+    "authorizer": (bearer(GATEWAY_TOKEN), AUTHORIZATION),
+    "manager": (bearer(WEBSITE_TOKEN), MANAGEMENT),
+    "admin": (bearer(OPS_TOKEN), AUTHORIZATION | MANAGEMENT),
 }
 
 
@@ -136,8 +138,8 @@ def mtls_channel(server: RunningServer, ca: CertificateAuthority, common_name: s
 
 
 CERTS = {
-    "authorizer cert": ("gateway", {"Authorization"}),
-    "manager cert": ("website", {"KeyManagement"}),
+    "authorizer cert": ("gateway", AUTHORIZATION),
+    "manager cert": ("website", MANAGEMENT),
     "unknown cert": ("stranger", None),
 }
 
@@ -158,14 +160,14 @@ def test_role_matrix_mtls(mtls: RunningServer, ca: CertificateAuthority, who: st
 
 def test_mtls_refuses_a_client_without_certificate(mtls: RunningServer, ca: CertificateAuthority) -> None:
     with mtls_channel(mtls, ca, None) as ch:
-        assert status_of(ch, "KeyManagement", "ListKeys", bearer(OPS_TOKEN)) is grpc.StatusCode.UNAVAILABLE
+        assert status_of(ch, "keyguard.v1.KeyManagement", "ListKeys", bearer(OPS_TOKEN)) is grpc.StatusCode.UNAVAILABLE
 
 
 def test_mtls_refuses_a_certificate_from_another_ca(mtls: RunningServer, ca: CertificateAuthority) -> None:
     rogue = CertificateAuthority("rogue CA").issue("website")
     credentials = grpc.ssl_channel_credentials(ca.pem, rogue.key, rogue.cert)
     with grpc.secure_channel(mtls.target, credentials) as ch:
-        assert status_of(ch, "KeyManagement", "ListKeys", ()) is grpc.StatusCode.UNAVAILABLE
+        assert status_of(ch, "keyguard.v1.KeyManagement", "ListKeys", ()) is grpc.StatusCode.UNAVAILABLE
 
 
 def test_typed_client_over_mtls(mtls: RunningServer, ca: CertificateAuthority) -> None:

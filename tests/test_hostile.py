@@ -14,11 +14,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard.v1 import keyguard_pb2 as pb
 from tests.conftest import RunningServer, StartServer
 
 TABLES = ("account_model", "key_model", "address_model", "audit_model")
-METHODS = [(s.name, m) for s in pb.DESCRIPTOR.services_by_name.values() for m in s.methods_by_name.values()]
+METHODS = [
+    (s.full_name, m)
+    for f in (pb.DESCRIPTOR, ext.DESCRIPTOR)
+    for s in f.services_by_name.values()
+    for m in s.methods_by_name.values()
+]
 
 # Valid-looking values mixed with junk, so some requests get past validation.
 _texts = st.one_of(
@@ -26,21 +32,24 @@ _texts = st.one_of(
     st.sampled_from(["acct-h", "bot", "BTC", "bc1q", "192.0.2.1", "10.0.0.0/8", "::1", "kg_" + "a" * 24, ""]),
     st.text(st.characters(codec="ascii"), min_size=60, max_size=300),
 )
-_ints = {
+_scalars: dict[int, st.SearchStrategy[Any]] = {
     FieldDescriptor.TYPE_ENUM: st.integers(-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_INT32: st.integers(-(2**31), 2**31 - 1),
     FieldDescriptor.TYPE_UINT32: st.integers(0, 2**32 - 1),
+    FieldDescriptor.TYPE_INT64: st.integers(-(2**63), 2**63 - 1),
     FieldDescriptor.TYPE_UINT64: st.integers(0, 2**64 - 1),
+    FieldDescriptor.TYPE_BOOL: st.booleans(),
+    FieldDescriptor.TYPE_BYTES: st.binary(max_size=64),
 }
 
 
 def _field_value(field: FieldDescriptor) -> st.SearchStrategy[Any]:
     if field.message_type is not None:
+        if field.message_type.GetOptions().map_entry:
+            key, value = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]
+            return st.dictionaries(_field_value(key), _field_value(value), max_size=5)
         return _message(field.message_type)
-    if field.type == FieldDescriptor.TYPE_BOOL:
-        return st.booleans()
-    if field.type in _ints:
-        return _ints[field.type]
-    return _texts
+    return _scalars.get(field.type, _texts)
 
 
 def _message(descriptor: Descriptor) -> st.SearchStrategy[Any]:
@@ -48,7 +57,8 @@ def _message(descriptor: Descriptor) -> st.SearchStrategy[Any]:
     fields = {}
     for field in descriptor.fields:
         value = _field_value(field)
-        if field.is_repeated:
+        is_map = field.message_type is not None and field.message_type.GetOptions().map_entry
+        if field.is_repeated and not is_map:
             value = st.lists(value, max_size=40)
         fields[field.name] = st.one_of(st.none(), value)
     return st.fixed_dictionaries(fields).map(lambda kw: cls(**{k: v for k, v in kw.items() if v is not None}))
@@ -74,7 +84,7 @@ def call_raw(
     channel: grpc.Channel, target: RunningServer, service: str, method: str, payload: bytes
 ) -> grpc.StatusCode:
     rpc: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
-        f"/keyguard.v1.{service}/{method}", request_serializer=lambda b: b, response_deserializer=lambda b: b
+        f"/{service}/{method}", request_serializer=lambda b: b, response_deserializer=lambda b: b
     )
     try:
         rpc(payload, timeout=10, metadata=(("authorization", f"Bearer {target.admin_token}"),))
@@ -122,19 +132,21 @@ def test_invalid_utf8_is_invalid_argument(
 
 def test_truncated_message_is_invalid_argument(channel: grpc.Channel, target: RunningServer) -> None:
     payload = pb.CreateKeyRequest(account_id="acct-trunc", name="bot").SerializeToString()[:-2]
-    assert call_raw(channel, target, "KeyManagement", "CreateKey", payload) is grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        call_raw(channel, target, "keyguard.v1.KeyManagement", "CreateKey", payload) is grpc.StatusCode.INVALID_ARGUMENT
+    )
 
 
 def test_oversized_request_is_refused_before_parsing(channel: grpc.Channel, target: RunningServer) -> None:
     before = row_counts(target)
     request = pb.CreateKeyRequest(account_id="acct-big", name="x" * 100_000, permission=pb.PERMISSION_READ)
-    assert call_raw(channel, target, "KeyManagement", "CreateKey", request.SerializeToString()) is (
+    assert call_raw(channel, target, "keyguard.v1.KeyManagement", "CreateKey", request.SerializeToString()) is (
         grpc.StatusCode.RESOURCE_EXHAUSTED
     )
     huge_list = pb.CreateKeyRequest(
         account_id="acct-big", name="bot", permission=pb.PERMISSION_READ, allowed_ips=["10.0.0.1"] * 10_000
     )
-    assert call_raw(channel, target, "KeyManagement", "CreateKey", huge_list.SerializeToString()) is (
+    assert call_raw(channel, target, "keyguard.v1.KeyManagement", "CreateKey", huge_list.SerializeToString()) is (
         grpc.StatusCode.RESOURCE_EXHAUSTED
     )
     assert row_counts(target) == before
@@ -145,6 +157,6 @@ def test_absurd_ip_list_within_the_size_limit(channel: grpc.Channel, target: Run
         account_id="acct-ips", name="bot", permission=pb.PERMISSION_READ, allowed_ips=["10.0.0.1"] * 2_000
     )
     before = row_counts(target)
-    code = call_raw(channel, target, "KeyManagement", "CreateKey", request.SerializeToString())
+    code = call_raw(channel, target, "keyguard.v1.KeyManagement", "CreateKey", request.SerializeToString())
     assert code is grpc.StatusCode.INVALID_ARGUMENT
     assert row_counts(target) == before

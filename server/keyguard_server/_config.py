@@ -54,7 +54,8 @@ class Caller:
 class EnvoyRoute:
     """Envoy ext_authz: requests whose path starts with ``path_prefix`` need ``permission``.
 
-    The longest matching prefix wins; ``method`` is an HTTP method or "*".
+    The longest matching prefix wins, and at equal prefixes a route naming the
+    request's method beats "*"; ``method`` is an HTTP method or "*".
     """
 
     path_prefix: str

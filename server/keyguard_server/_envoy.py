@@ -47,8 +47,8 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
     def __init__(self, authorizer: Authorizer, config: Config) -> None:
         self._authorizer = authorizer
         self._config = config
-        # Longest prefix first, so the first match is the most specific route.
-        self._routes = sorted(config.envoy_routes, key=lambda r: len(r.path_prefix), reverse=True)
+        # Most specific first: longest prefix, then a named method before "*".
+        self._routes = sorted(config.envoy_routes, key=lambda r: (len(r.path_prefix), r.method != "*"), reverse=True)
 
     async def Check(
         self, request: ext.CheckRequest, context: grpc.aio.ServicerContext[ext.CheckRequest, ext.CheckResponse]

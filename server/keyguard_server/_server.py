@@ -116,6 +116,7 @@ class KeyguardServer:
             task.cancel()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         if self.authorizer is not None:
             self.flush_usage()
         if self._hasher is not None:

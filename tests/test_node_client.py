@@ -1,0 +1,53 @@
+"""Clients in other languages come from protos/: a Node.js client (@grpc/grpc-js) against the real server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RunningServer
+
+NODE_DIR = Path(__file__).parent / "node"
+NODE, NPM = shutil.which("node"), shutil.which("npm")
+
+
+@pytest.fixture(scope="module")
+def node_client() -> Path:
+    if NODE is None or NPM is None:
+        pytest.fail("node and npm are needed for this test (the machine image ships them)")
+    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").exists():
+        subprocess.run(
+            [NPM, "install", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=NODE_DIR,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+    return NODE_DIR / "client.js"
+
+
+def test_node_client_creates_a_key_and_authorizes(node_client: Path, server: RunningServer, account: str) -> None:
+    assert NODE is not None
+    out = subprocess.run(
+        [NODE, str(node_client), server.target, server.admin_token, account],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["created"]["account_id"] == account
+    assert result["created"]["allowed_ips"] == ["2001:db8::/32"]
+    assert result["created"]["access_key"].startswith("kg_")
+    assert result["allowed"]["allowed"] is True
+    assert result["allowed"]["decision"] == "DECISION_ALLOW"
+    assert result["allowed"]["key_name"] == "node bot"
+    assert result["denied"]["decision"] == "DECISION_PERMISSION_DENIED"
+    assert result["invalid"]["code"] == 3  # INVALID_ARGUMENT
+    assert "name" in result["invalid"]["details"]
+    with server.client() as client:
+        assert [k.name for k in client.list_keys(account)] == ["node bot"]
