@@ -1,8 +1,10 @@
-"""Fixtures: real keyguard servers on real loopback ports, real SQLite files.
+"""Fixtures: real keyguard servers on real loopback ports, on real databases.
 
 In-process servers run on one shared asyncio loop in a background thread (as
 ``keyguard serve`` runs them on its main loop); tests talk to them through the
-generated stubs via :class:`keyguard.Client` over a real TCP channel.
+generated stubs via :class:`keyguard.Client` over a real TCP channel. Every
+test that starts a server runs twice: on SQLite files and on PostgreSQL
+(``tests/databases.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from keyguard import Client
 from keyguard._client import domain_error
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server import Config, KeyguardServer
+from tests.databases import ADMIN_URL, REQUIRED, Postgres, run_sql
 
 T = TypeVar("T")
 
@@ -49,8 +52,13 @@ class RunningServer:
         self.server = server
         self.config = server.config
         self.target = f"127.0.0.1:{server.port}"
-        self.db_path = Path(self.config.database_url.removeprefix("sqlite:///"))
+        self.database_url = self.config.database_url
+        self.backend = "sqlite" if self.database_url.startswith("sqlite") else "postgresql"
         self._loop = loop
+
+    def sql(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """A statement on this server's database from outside it ("?" placeholders)."""
+        return run_sql(self.database_url, query, params)
 
     @property
     def admin_token(self) -> str:
@@ -75,7 +83,51 @@ StartServer = Callable[..., RunningServer]
 
 
 @pytest.fixture(scope="session")
-def start_server(loop_thread: LoopThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServer]:
+def postgres() -> Iterator[Postgres]:
+    pg = Postgres()
+    problem = pg.problem()
+    if problem is not None:
+        if REQUIRED:
+            pytest.fail(f"KEYGUARD_REQUIRE_POSTGRES=1 but PostgreSQL at {ADMIN_URL} is unreachable: {problem}")
+        pytest.skip(f"PostgreSQL at {ADMIN_URL} is unreachable ({problem}); set KEYGUARD_TEST_POSTGRES_URL")
+    yield pg
+    pg.drop_all()
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def database_for(backend: str, request: pytest.FixtureRequest) -> Callable[[str], str]:
+    """The database URL for a data dir: the same data dir always gets the same database."""
+    if backend == "sqlite":
+        return lambda data_dir: f"sqlite:///{Path(data_dir) / 'keyguard.db'}"
+    pg: Postgres = request.getfixturevalue("postgres")
+    databases: dict[str, str] = {}
+
+    def database(data_dir: str) -> str:
+        if data_dir not in databases:
+            databases[data_dir] = pg.create()
+        return databases[data_dir]
+
+    return database
+
+
+@pytest.fixture
+def serve_database(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> tuple[list[str], str]:
+    """For `keyguard serve` processes run in tmp_path: (extra flags, database URL)."""
+    if backend == "sqlite":
+        return [], f"sqlite:///{tmp_path / 'data' / 'keyguard.db'}"
+    url = request.getfixturevalue("postgres").create()
+    return ["--database", url], url
+
+
+@pytest.fixture(scope="session")
+def start_server(
+    loop_thread: LoopThread, tmp_path_factory: pytest.TempPathFactory, database_for: Callable[[str], str]
+) -> Iterator[StartServer]:
     """Starts a server with test defaults plus the given Config overrides."""
     started: list[RunningServer] = []
 
@@ -86,6 +138,7 @@ def start_server(loop_thread: LoopThread, tmp_path_factory: pytest.TempPathFacto
             **FAST_ARGON2,
             **overrides,
         }
+        settings.setdefault("database", database_for(settings["data_dir"]))
         server = KeyguardServer(Config(**settings))
         loop_thread.run(server.start())
         running = RunningServer(server, loop_thread)

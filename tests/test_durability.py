@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import random
-import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from keyguard import AuditAction, CreatedKey, KeyguardError, LimitExceeded, Unavailable
+from tests.databases import run_sql
 from tests.processes import ServeProcess
 
 
-def test_fifty_concurrent_creates_over_two_processes_make_exactly_sixteen(tmp_path: Path) -> None:
-    first = ServeProcess(tmp_path, log_name="a.log")
-    second = ServeProcess(tmp_path, log_name="b.log")  # same ./data/keyguard.db
+def test_fifty_concurrent_creates_over_two_processes_make_exactly_sixteen(
+    tmp_path: Path, serve_database: tuple[list[str], str]
+) -> None:
+    flags, _ = serve_database
+    first = ServeProcess(tmp_path, *flags, log_name="a.log")
+    second = ServeProcess(tmp_path, *flags, log_name="b.log")  # the same database
     try:
         clients = [first.client(), second.client()]
         barrier = threading.Barrier(50)
@@ -40,8 +43,9 @@ def test_fifty_concurrent_creates_over_two_processes_make_exactly_sixteen(tmp_pa
         second.terminate()
 
 
-def test_sigkill_mid_stream_loses_no_acknowledged_change(tmp_path: Path) -> None:
-    server = ServeProcess(tmp_path)
+def test_sigkill_mid_stream_loses_no_acknowledged_change(tmp_path: Path, serve_database: tuple[list[str], str]) -> None:
+    flags, database_url = serve_database
+    server = ServeProcess(tmp_path, *flags)
     created: dict[str, CreatedKey] = {}
     deleted: set[str] = set()
     stop = threading.Event()
@@ -73,7 +77,7 @@ def test_sigkill_mid_stream_loses_no_acknowledged_change(tmp_path: Path) -> None
     worker.join(20)
     assert len(created) >= 40, "the stream did not get going"
 
-    restarted = ServeProcess(tmp_path, log_name="restart.log")
+    restarted = ServeProcess(tmp_path, *flags, log_name="restart.log")
     try:
         with restarted.client() as client:
             for access_key, key in created.items():
@@ -93,14 +97,49 @@ def test_sigkill_mid_stream_loses_no_acknowledged_change(tmp_path: Path) -> None
 
     # No half-written key: every row is complete and has its creation event
     # (written in the same transaction), acknowledged or not.
-    with sqlite3.connect(tmp_path / "data" / "keyguard.db") as db:
-        rows = db.execute("SELECT access_key, name, permission, allowed_ips, secret_hash FROM key_model").fetchall()
-        created_events = {
-            ak
-            for (ak,) in db.execute("SELECT access_key FROM audit_model WHERE action = ?", (AuditAction.KEY_CREATED,))
-        }
+    rows = run_sql(database_url, "SELECT access_key, name, permission, allowed_ips, secret_hash FROM key_model")
+    created_events = {
+        ak for (ak,) in run_sql(database_url, "SELECT access_key FROM audit_model WHERE action = ?", (1,))
+    }
     assert rows
     for access_key, name, permission, allowed_ips, secret_hash in rows:
         assert name and permission == 2 and allowed_ips == "192.0.2.1"
         assert secret_hash.startswith("$argon2id$")
         assert access_key in created_events
+
+
+def test_a_change_through_one_replica_holds_on_the_other_at_once(
+    tmp_path: Path, serve_database: tuple[list[str], str]
+) -> None:
+    flags, database_url = serve_database
+    a = ServeProcess(tmp_path, *flags, log_name="a.log")
+    b = ServeProcess(tmp_path, *flags, log_name="b.log")
+    try:
+        with a.client() as via_a, b.client() as via_b:
+
+            def on_b(key: CreatedKey, required: str = "trade", ip: str = "192.0.2.1") -> str:
+                return via_b.authorize(key.key.access_key, key.private_key, ip, required).decision.name
+
+            doomed = via_a.create_key("acct-replicas", "doomed", "trade", ["192.0.2.1"])
+            assert on_b(doomed) == "ALLOW"  # B has now verified (and cached) its secret
+            via_a.delete_key("acct-replicas", doomed.key.access_key)
+            assert on_b(doomed) == "UNKNOWN_KEY"
+
+            # Restricting a key (UpdateKey is still to come; a write to its row is what it will do).
+            key = via_a.create_key("acct-replicas", "bot", "trade", ["192.0.2.1"])
+            assert on_b(key) == "ALLOW"
+            run_sql(database_url, "UPDATE key_model SET permission = 1 WHERE access_key = ?", (key.key.access_key,))
+            assert on_b(key) == "PERMISSION_DENIED"
+            assert on_b(key, "read") == "ALLOW"
+            run_sql(
+                database_url,
+                "UPDATE key_model SET allowed_ips = ? WHERE access_key = ?",
+                ("10.0.0.0/8", key.key.access_key),
+            )
+            assert on_b(key, "read") == "IP_NOT_ALLOWED"
+
+            assert via_a.delete_all_keys("acct-replicas") == 1
+            assert on_b(key, "read", "10.0.0.1") == "UNKNOWN_KEY"
+    finally:
+        a.terminate()
+        b.terminate()

@@ -59,11 +59,8 @@ def test_cache_never_accepts_the_old_secret_of_a_rekeyed_key(
     other = client.create_key(account, "other", "trade", [BOT_IP])
     # Re-key from outside this process (as a rotation on another replica would):
     # the key's stored hash becomes that of another secret.
-    with sqlite3.connect(server.db_path) as db:
-        (new_hash,) = db.execute(
-            "SELECT secret_hash FROM key_model WHERE access_key = ?", (other.key.access_key,)
-        ).fetchone()
-        db.execute("UPDATE key_model SET secret_hash = ? WHERE access_key = ?", (new_hash, key.key.access_key))
+    ((new_hash,),) = server.sql("SELECT secret_hash FROM key_model WHERE access_key = ?", (other.key.access_key,))
+    server.sql("UPDATE key_model SET secret_hash = ? WHERE access_key = ?", (new_hash, key.key.access_key))
     assert allow(client, key) is Decision.BAD_SECRET
     assert allow(client, key, other.private_key) is Decision.ALLOW
 

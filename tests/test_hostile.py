@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
@@ -65,8 +64,7 @@ def _message(descriptor: Descriptor) -> st.SearchStrategy[Any]:
 
 
 def row_counts(server: RunningServer) -> dict[str, int]:
-    with sqlite3.connect(server.db_path) as db:
-        return {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
+    return {t: server.sql(f"SELECT count(*) FROM {t}")[0][0] for t in TABLES}
 
 
 @pytest.fixture(scope="module")

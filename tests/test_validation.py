@@ -6,7 +6,6 @@ the typed client's own checks.
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 import pytest
@@ -60,8 +59,7 @@ def test_create_key_refusals(
         raw.call(raw.keys.CreateKey, request_)
     assert list(err.value.fields) == fields
     assert all(v.description for v in err.value.violations)
-    with sqlite3.connect(server.db_path) as db:
-        assert db.execute("SELECT count(*) FROM key_model WHERE account_id = ?", (ACCOUNT,)).fetchone() == (0,)
+    assert server.sql("SELECT count(*) FROM key_model WHERE account_id = ?", (ACCOUNT,)) == [(0,)]
 
 
 def test_thirty_ips_is_fine(raw: RawStubs) -> None:
@@ -138,9 +136,8 @@ def test_management_refusals(
     with pytest.raises(InvalidArgument) as err:
         raw.call(getattr(raw.keys, method), request_)
     assert list(err.value.fields) == fields
-    with sqlite3.connect(server.db_path) as db:
-        for table in ("key_model", "address_model", "account_model"):
-            assert db.execute(f"SELECT count(*) FROM {table} WHERE account_id = ?", (ACCOUNT,)).fetchone() == (0,)
+    for table in ("key_model", "address_model", "account_model"):
+        assert server.sql(f"SELECT count(*) FROM {table} WHERE account_id = ?", (ACCOUNT,)) == [(0,)]
 
 
 @pytest.mark.parametrize("permission", [0, 4, -1])

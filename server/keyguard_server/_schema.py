@@ -10,6 +10,7 @@ Databases made before versioning existed are version 1.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, cast
 
 import peewee as pw
 from playhouse import migrate as pw_migrate
@@ -32,7 +33,7 @@ class AccountModel(_Model):
 
 
 class KeyModel(_Model):
-    id = pw.AutoField()
+    id = pw.BigAutoField()
     account_id = pw.CharField(max_length=128, index=True)
     access_key = pw.CharField(max_length=32, unique=True)
     name = pw.CharField(max_length=64)
@@ -51,7 +52,7 @@ class KeyModel(_Model):
 
 
 class AddressModel(_Model):
-    id = pw.AutoField()
+    id = pw.BigAutoField()
     account_id = pw.CharField(max_length=128)
     asset = pw.CharField(max_length=32)
     address = pw.CharField(max_length=256)
@@ -66,7 +67,7 @@ class AddressModel(_Model):
 class AuditModel(_Model):
     """One change, written in the same transaction as the change itself."""
 
-    id = pw.AutoField()
+    id = pw.BigAutoField()
     time_us = pw.BigIntegerField()
     caller = pw.CharField(max_length=128)
     action = pw.SmallIntegerField()
@@ -92,11 +93,15 @@ def _v2_last_used(migrator: pw_migrate.SchemaMigrator) -> None:
 # STEPS[n] upgrades version n + 1 to n + 2.
 STEPS: list[Callable[[pw_migrate.SchemaMigrator], None]] = [_v2_last_used]
 VERSION = len(STEPS) + 1
+MIGRATION_LOCK = 0x6B657967  # "keyg": the advisory lock key of schema migrations on PostgreSQL
 
 
 def migrate(db: pw.Database) -> int:
     """Creates or upgrades the schema; returns the version it found."""
     with db.bind_ctx(MODELS), db.atomic():
+        if isinstance(db, pw.PostgresqlDatabase):
+            # Replicas starting together: one migrates, the others wait, then find it done.
+            cast(Any, db).execute_sql("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         tables = set(db.get_tables())
         if "schema_version" not in tables:
             if "key_model" in tables:  # made before versioning: version 1
