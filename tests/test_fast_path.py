@@ -214,8 +214,15 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     # Make it look like a database written before schema versioning.
     with sqlite3.connect(tmp_path / "keyguard.db") as db:
         db.execute("DROP TABLE schema_version")
-        db.execute("ALTER TABLE key_model DROP COLUMN last_used_at_us")
-        db.execute("ALTER TABLE key_model DROP COLUMN last_used_ip")
+        for column in (  # everything added since version 1
+            "last_used_at_us",
+            "last_used_ip",
+            "expires_at_us",
+            "enabled",
+            "previous_secret_hash",
+            "previous_valid_until_us",
+        ):
+            db.execute(f"ALTER TABLE key_model DROP COLUMN {column}")
         db.execute(
             "INSERT INTO key_model (account_id, access_key, name, permission, allowed_ips, secret_hash, created_at_us)"
             " VALUES ('acct', 'kg_aaaaaaaaaaaaaaaaaaaaaaaa', 'old', 1, '', ?, 1)",
@@ -224,7 +231,13 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     store = Store.open(config.database_url)
     try:
         (key,) = store.list_keys("acct")
-        assert (key.name, key.last_used_at, key.last_used_ip) == ("old", None, "")
+        assert (key.name, key.last_used_at, key.last_used_ip, key.enabled, key.expires_at) == (
+            "old",
+            None,
+            "",
+            True,
+            None,
+        )
     finally:
         store.close()
     with sqlite3.connect(tmp_path / "keyguard.db") as db:

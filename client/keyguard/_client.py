@@ -87,17 +87,53 @@ class Client:
         name: str,
         permission: Permission | str | int,
         allowed_ips: Iterable[str] = (),
+        *,
+        expires_at: datetime | None = None,
     ) -> CreatedKey:
         """Returns the new key and its private key, which is never available again."""
-        response = self._call(
-            self._keys.CreateKey,
-            pb.CreateKeyRequest(
-                account_id=account_id,
-                name=name,
-                permission=pb.Permission.ValueType(Permission.parse(permission)),
-                allowed_ips=list(allowed_ips),
-            ),
+        request = pb.CreateKeyRequest(
+            account_id=account_id,
+            name=name,
+            permission=pb.Permission.ValueType(Permission.parse(permission)),
+            allowed_ips=list(allowed_ips),
         )
+        if expires_at is not None:
+            request.expires_at.FromDatetime(expires_at)
+        response = self._call(self._keys.CreateKey, request)
+        return CreatedKey(_key(response.key), response.private_key)
+
+    def update_key(
+        self,
+        account_id: str,
+        access_key: str,
+        *,
+        name: str | None = None,
+        permission: Permission | str | int | None = None,
+        allowed_ips: Iterable[str] | None = None,
+        expires_at: datetime | None = None,
+        clear_expires_at: bool = False,
+        enabled: bool | None = None,
+    ) -> ApiKey:
+        """Changes only what is given; ``allowed_ips=[]`` means any IP."""
+        request = pb.UpdateKeyRequest(account_id=account_id, access_key=access_key, clear_expires_at=clear_expires_at)
+        if name is not None:
+            request.name = name
+        if permission is not None:
+            request.permission = pb.Permission.ValueType(Permission.parse(permission))
+        if allowed_ips is not None:
+            request.allowed_ips.CopyFrom(pb.IpList(entries=list(allowed_ips)))
+        if expires_at is not None:
+            request.expires_at.FromDatetime(expires_at)
+        if enabled is not None:
+            request.enabled = enabled
+        return _key(self._call(self._keys.UpdateKey, request).key)
+
+    def rotate_key(self, account_id: str, access_key: str, *, grace_seconds: int | None = None) -> CreatedKey:
+        """A new private key for the same access key; the old one works ``grace_seconds`` more (default 24 h)."""
+        request = pb.RotateKeyRequest(account_id=account_id, access_key=access_key)
+        if grace_seconds is not None:
+            request.grace_seconds = grace_seconds
+        response = self._call(self._keys.RotateKey, request)
         return CreatedKey(_key(response.key), response.private_key)
 
     def list_keys(self, account_id: str) -> list[ApiKey]:
@@ -227,6 +263,11 @@ def _key(key: pb.ApiKey) -> ApiKey:
         created_at=_time(key.created_at),
         last_used_at=_time(key.last_used_at) if key.HasField("last_used_at") else None,
         last_used_ip=key.last_used_ip,
+        expires_at=_time(key.expires_at) if key.HasField("expires_at") else None,
+        enabled=key.enabled,
+        previous_key_valid_until=(
+            _time(key.previous_key_valid_until) if key.HasField("previous_key_valid_until") else None
+        ),
     )
 
 

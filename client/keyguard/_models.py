@@ -38,6 +38,8 @@ class Decision(enum.IntEnum):
     PERMISSION_DENIED = 5
     ADDRESS_NOT_WHITELISTED = 6
     RATE_LIMITED = 7
+    KEY_DISABLED = 8
+    KEY_EXPIRED = 9
 
 
 class AuditAction(enum.IntEnum):
@@ -48,6 +50,8 @@ class AuditAction(enum.IntEnum):
     ADDRESS_REMOVED = 5
     ADDRESS_MANAGEMENT_ENABLED = 6
     ADDRESS_MANAGEMENT_DISABLED = 7
+    KEY_UPDATED = 8
+    KEY_ROTATED = 9
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,9 @@ class ApiKey:
     created_at: datetime
     last_used_at: datetime | None = None
     last_used_ip: str = ""
+    expires_at: datetime | None = None
+    enabled: bool = True
+    previous_key_valid_until: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import grpc
 from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -22,6 +23,7 @@ from keyguard import (
     AccountSettings,
     ApiKey,
     AuditEvent,
+    FieldViolation,
     InvalidArgument,
     KeyguardError,
     WithdrawalAddress,
@@ -78,6 +80,17 @@ def _timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
     return ts
 
 
+def _moment(message: Message, field: str) -> datetime | None:
+    """A Timestamp field as an aware datetime, None when unset."""
+    if not message.HasField(field):
+        return None
+    timestamp: timestamp_pb2.Timestamp = getattr(message, field)
+    try:
+        return timestamp.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError, OSError):
+        raise InvalidArgument([FieldViolation(field, "is not a valid timestamp")]) from None
+
+
 def _key(key: ApiKey) -> pb.ApiKey:
     return pb.ApiKey(
         account_id=key.account_id,
@@ -88,6 +101,9 @@ def _key(key: ApiKey) -> pb.ApiKey:
         created_at=_timestamp(key.created_at),
         last_used_at=_timestamp(key.last_used_at) if key.last_used_at else None,
         last_used_ip=key.last_used_ip,
+        expires_at=_timestamp(key.expires_at) if key.expires_at else None,
+        enabled=key.enabled,
+        previous_key_valid_until=_timestamp(key.previous_key_valid_until) if key.previous_key_valid_until else None,
     )
 
 
@@ -135,7 +151,12 @@ class KeyManagementServicer(pb_grpc.KeyManagementServicer):
         self, request: pb.CreateKeyRequest, context: Context[pb.CreateKeyRequest, pb.CreateKeyResponse]
     ) -> pb.CreateKeyResponse:
         created = await self._manager.create_key(
-            current_caller(), request.account_id, request.name, request.permission, list(request.allowed_ips)
+            current_caller(),
+            request.account_id,
+            request.name,
+            request.permission,
+            list(request.allowed_ips),
+            _moment(request, "expires_at"),
         )
         return pb.CreateKeyResponse(key=_key(created.key), private_key=created.private_key)
 
@@ -157,6 +178,31 @@ class KeyManagementServicer(pb_grpc.KeyManagementServicer):
     ) -> pb.DeleteKeyResponse:
         self._manager.delete_key(current_caller(), request.account_id, request.access_key)
         return pb.DeleteKeyResponse()
+
+    @_maps_errors
+    async def UpdateKey(
+        self, request: pb.UpdateKeyRequest, context: Context[pb.UpdateKeyRequest, pb.UpdateKeyResponse]
+    ) -> pb.UpdateKeyResponse:
+        key = self._manager.update_key(
+            current_caller(),
+            request.account_id,
+            request.access_key,
+            name=request.name if request.HasField("name") else None,
+            permission=request.permission if request.HasField("permission") else None,
+            allowed_ips=list(request.allowed_ips.entries) if request.HasField("allowed_ips") else None,
+            expires_at=_moment(request, "expires_at"),
+            clear_expires_at=request.clear_expires_at,
+            enabled=request.enabled if request.HasField("enabled") else None,
+        )
+        return pb.UpdateKeyResponse(key=_key(key))
+
+    @_maps_errors
+    async def RotateKey(
+        self, request: pb.RotateKeyRequest, context: Context[pb.RotateKeyRequest, pb.RotateKeyResponse]
+    ) -> pb.RotateKeyResponse:
+        grace = request.grace_seconds if request.HasField("grace_seconds") else None
+        created = await self._manager.rotate_key(current_caller(), request.account_id, request.access_key, grace)
+        return pb.RotateKeyResponse(key=_key(created.key), private_key=created.private_key)
 
     @_maps_errors
     async def DeleteAllKeys(

@@ -46,6 +46,11 @@ class KeyModel(_Model):
     # Since version 2; written in batches (UsageRecorder).
     last_used_at_us = pw.BigIntegerField(null=True)
     last_used_ip = pw.CharField(max_length=45, default="")
+    # Since version 3: the key's lifecycle.
+    expires_at_us = pw.BigIntegerField(null=True)
+    enabled = pw.BooleanField(default=True)
+    previous_secret_hash = pw.TextField(default="")
+    previous_valid_until_us = pw.BigIntegerField(null=True)
 
     class Meta:
         indexes = ((("account_id", "name"), True),)
@@ -90,8 +95,17 @@ def _v2_last_used(migrator: pw_migrate.SchemaMigrator) -> None:
     )
 
 
+def _v3_lifecycle(migrator: pw_migrate.SchemaMigrator) -> None:
+    pw_migrate.migrate(
+        migrator.add_column("key_model", "expires_at_us", KeyModel.expires_at_us),
+        migrator.add_column("key_model", "enabled", KeyModel.enabled),
+        migrator.add_column("key_model", "previous_secret_hash", KeyModel.previous_secret_hash),
+        migrator.add_column("key_model", "previous_valid_until_us", KeyModel.previous_valid_until_us),
+    )
+
+
 # STEPS[n] upgrades version n + 1 to n + 2.
-STEPS: list[Callable[[pw_migrate.SchemaMigrator], None]] = [_v2_last_used]
+STEPS: list[Callable[[pw_migrate.SchemaMigrator], None]] = [_v2_last_used, _v3_lifecycle]
 VERSION = len(STEPS) + 1
 MIGRATION_LOCK = 0x6B657967  # "keyg": the advisory lock key of schema migrations on PostgreSQL
 

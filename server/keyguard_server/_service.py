@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+from datetime import datetime
 
 from keyguard import (
     AccountSettings,
@@ -45,6 +46,8 @@ log = logging.getLogger("keyguard.service")
 DEFAULT_AUDIT_PAGE = 50
 MAX_AUDIT_PAGE = 500
 MAX_ID = 2**63 - 1  # row ids are signed 64-bit in SQLite and PostgreSQL
+DEFAULT_ROTATION_GRACE = 24 * 3600
+MAX_ROTATION_GRACE = 30 * 24 * 3600
 
 
 class KeyManager:
@@ -56,7 +59,13 @@ class KeyManager:
         self._config = config
 
     async def create_key(
-        self, caller: str, account_id: str, name: str, permission: int, allowed_ips: list[str]
+        self,
+        caller: str,
+        account_id: str,
+        name: str,
+        permission: int,
+        allowed_ips: list[str],
+        expires_at: datetime | None = None,
     ) -> CreatedKey:
         """The key and its private key, which nothing else ever sees again."""
         v = Violations()
@@ -64,8 +73,8 @@ class KeyManager:
         v.key_name(name)
         level = v.permission(permission)
         ips = v.allowed_ips(allowed_ips, max_count=self._config.max_allowed_ips)
-        if level is Permission.WITHDRAW and not allowed_ips and self._config.withdraw_requires_ip_allowlist:
-            v.add("allowed_ips", "a WITHDRAW key must be restricted to at least one IP address or network")
+        expires_us = self._future(v, expires_at)
+        self._withdraw_policy(v, level, ips)
         v.raise_if_any()
         private_key = new_private_key()
         secret_hash = await self._hasher.hash(private_key)
@@ -78,6 +87,7 @@ class KeyManager:
             allowed_ips=ips,
             secret_hash=secret_hash,
             max_keys=self._config.max_keys_per_account,
+            expires_at_us=expires_us,
         )
         log.info(
             "key created account_id=%s access_key=%s permission=%s ips=%d",
@@ -87,6 +97,82 @@ class KeyManager:
             len(ips),
         )
         return CreatedKey(key, private_key)
+
+    def update_key(
+        self,
+        caller: str,
+        account_id: str,
+        access_key: str,
+        *,
+        name: str | None = None,
+        permission: int | None = None,
+        allowed_ips: list[str] | None = None,
+        expires_at: datetime | None = None,
+        clear_expires_at: bool = False,
+        enabled: bool | None = None,
+    ) -> ApiKey:
+        """Changes what is given, under the same rules as creation."""
+        v = Violations()
+        v.account_id(account_id)
+        v.access_key(access_key)
+        changes: dict[str, object] = {}
+        if name is not None:
+            changes["name"] = v.key_name(name)
+        if permission is not None:
+            changes["permission"] = int(v.permission(permission))
+        if allowed_ips is not None:
+            changes["allowed_ips"] = " ".join(v.allowed_ips(allowed_ips, max_count=self._config.max_allowed_ips))
+        if expires_at is not None and clear_expires_at:
+            v.add("clear_expires_at", "cannot be set together with expires_at")
+        elif expires_at is not None:
+            changes["expires_at_us"] = self._future(v, expires_at)
+        elif clear_expires_at:
+            changes["expires_at_us"] = None
+        if enabled is not None:
+            changes["enabled"] = enabled
+        v.raise_if_any()
+
+        def check(result: ApiKey) -> None:
+            after = Violations()
+            self._withdraw_policy(after, result.permission, list(result.allowed_ips))
+            after.raise_if_any()
+
+        key = self._store.update_key(
+            caller=caller, account_id=account_id, access_key=access_key, changes=changes, check=check
+        )
+        log.info("key updated account_id=%s access_key=%s fields=%s", account_id, access_key, ",".join(changes))
+        return key
+
+    async def rotate_key(self, caller: str, account_id: str, access_key: str, grace_seconds: int | None) -> CreatedKey:
+        """A new private key for the same access key; the old one works for the grace period."""
+        v = Violations()
+        v.account_id(account_id)
+        v.access_key(access_key)
+        grace = DEFAULT_ROTATION_GRACE if grace_seconds is None else grace_seconds
+        if not 0 <= grace <= MAX_ROTATION_GRACE:
+            v.add("grace_seconds", f"must be between 0 and {MAX_ROTATION_GRACE}")
+        v.raise_if_any()
+        self._store.get_key(account_id, access_key)  # NOT_FOUND before spending argon2
+        private_key = new_private_key()
+        secret_hash = await self._hasher.hash(private_key)
+        key = self._store.rotate_key(
+            caller=caller, account_id=account_id, access_key=access_key, secret_hash=secret_hash, grace_us=grace * 10**6
+        )
+        log.info("key rotated account_id=%s access_key=%s grace=%ds", account_id, access_key, grace)
+        return CreatedKey(key, private_key)
+
+    def _withdraw_policy(self, v: Violations, level: Permission, ips: list[str]) -> None:
+        if level is Permission.WITHDRAW and not ips and self._config.withdraw_requires_ip_allowlist:
+            v.add("allowed_ips", "a WITHDRAW key must be restricted to at least one IP address or network")
+
+    @staticmethod
+    def _future(v: Violations, moment: datetime | None, field: str = "expires_at") -> int | None:
+        if moment is None:
+            return None
+        at_us = int(moment.timestamp() * 1e6)
+        if at_us <= now_us():
+            v.add(field, "must be in the future")
+        return at_us
 
     def list_keys(self, account_id: str) -> list[ApiKey]:
         v = Violations()
@@ -270,9 +356,13 @@ class Authorizer:
         row = self._store.auth_lookup(access_key)
         if row is None:
             return _deny(Decision.UNKNOWN_KEY)
-        if not _ip_allowed(ip, row.allowed_ips):
-            return _deny(Decision.IP_NOT_ALLOWED)
-        if self.cache.hit(row.secret_hash, private_key):
+        now = now_us()
+        if (refusal := _state_refusal(row, ip, now)) is not None:
+            return refusal
+        in_grace = row.previous_valid_until_us is not None and now < row.previous_valid_until_us
+        if self.cache.hit(row.secret_hash, private_key) or (
+            in_grace and self.cache.hit(row.previous_secret_hash, private_key)
+        ):
             # Verified before against this very hash: no argon2, no await, and
             # no failure limit (a flood against a public access key must not
             # lock out the bot that holds the secret).
@@ -283,26 +373,31 @@ class Authorizer:
         network = client_network(ip)
         if self._failures.exhausted(access_key) or self._failures.exhausted(network):
             return _deny(Decision.RATE_LIMITED)
+        candidates = [row.secret_hash] + ([row.previous_secret_hash] if in_grace else [])
+        matched = ""
         try:
-            verified = is_well_formed_private_key(private_key) and await self._hasher.verify(
-                row.secret_hash, private_key
-            )
+            if is_well_formed_private_key(private_key):
+                for candidate in candidates:
+                    if await self._hasher.verify(candidate, private_key):
+                        matched = candidate
+                        break
         except HasherBusy:
             return _deny(Decision.RATE_LIMITED)
-        if not verified:
+        if not matched:
             self._failures.failed(access_key)
             self._failures.failed(network)
             return _deny(Decision.BAD_SECRET)
-        self.cache.remember(row.secret_hash, private_key)
-        # argon2 ran off the loop: the key may have been deleted, re-keyed or
-        # restricted meanwhile. Decide on the state as it is now.
+        self.cache.remember(matched, private_key)
+        # argon2 ran off the loop: the key may have been deleted, re-keyed,
+        # disabled or restricted meanwhile. Decide on the state as it is now.
         current = self._store.auth_lookup(access_key)
         if current is None:
             return _deny(Decision.UNKNOWN_KEY)
-        if current.secret_hash != row.secret_hash:
+        now = now_us()
+        if (refusal := _state_refusal(current, ip, now)) is not None:
+            return refusal
+        if not current.accepts_hash(matched, now):
             return _deny(Decision.BAD_SECRET)
-        if not _ip_allowed(ip, current.allowed_ips):
-            return _deny(Decision.IP_NOT_ALLOWED)
         return self._after_secret(access_key, current, ip, level, destination)
 
     def _after_secret(
@@ -330,6 +425,17 @@ class Authorizer:
 
 def _deny(decision: Decision) -> AuthorizeResult:
     return AuthorizeResult(False, decision)
+
+
+def _state_refusal(row: AuthRow, ip: IPAddress, now: int) -> AuthorizeResult | None:
+    """Steps 3-4 of DESIGN.md §4: disabled, expired, client IP."""
+    if not row.enabled:
+        return _deny(Decision.KEY_DISABLED)
+    if row.expires_at_us is not None and now >= row.expires_at_us:
+        return _deny(Decision.KEY_EXPIRED)
+    if not _ip_allowed(ip, row.allowed_ips):
+        return _deny(Decision.IP_NOT_ALLOWED)
+    return None
 
 
 def _ip_allowed(ip: IPAddress, allowed_ips: str) -> bool:

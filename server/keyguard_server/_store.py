@@ -56,6 +56,21 @@ class AuthRow:
     allowed_ips: str
     secret_hash: str
     address_management: bool
+    enabled: bool
+    expires_at_us: int | None
+    # The rotated-out hash and until when it is still accepted ("" / None: none).
+    previous_secret_hash: str
+    previous_valid_until_us: int | None
+
+    def accepts_hash(self, secret_hash: str, now: int) -> bool:
+        """Whether a secret verified against ``secret_hash`` is valid for this key now."""
+        if secret_hash == self.secret_hash:
+            return True
+        return (
+            secret_hash == self.previous_secret_hash
+            and self.previous_valid_until_us is not None
+            and now < self.previous_valid_until_us
+        )
 
 
 def now_us() -> int:
@@ -114,6 +129,10 @@ class Store:
                     KeyModel.allowed_ips,
                     KeyModel.secret_hash,
                     pw.fn.COALESCE(AccountModel.address_management, pw.SQL("FALSE")),
+                    KeyModel.enabled,
+                    KeyModel.expires_at_us,
+                    KeyModel.previous_secret_hash,
+                    KeyModel.previous_valid_until_us,
                 )
                 .join(AccountModel, pw.JOIN.LEFT_OUTER, on=AccountModel.account_id == KeyModel.account_id)
                 .where(KeyModel.access_key == "")
@@ -160,8 +179,19 @@ class Store:
         row = self._execute(self._auth_sql, (access_key,)).fetchone()
         if row is None:
             return None
-        account_id, name, permission, allowed_ips, secret_hash, address_management = row
-        return AuthRow(account_id, name, Permission(permission), allowed_ips, secret_hash, bool(address_management))
+        account_id, name, permission, allowed_ips, secret_hash, address_management, enabled, expires, prev, until = row
+        return AuthRow(
+            account_id,
+            name,
+            Permission(permission),
+            allowed_ips,
+            secret_hash,
+            bool(address_management),
+            bool(enabled),
+            expires,
+            prev,
+            until,
+        )
 
     def is_whitelisted(self, account_id: str, asset: str, address: str, memo: str) -> bool:
         params = (account_id, asset, address, memo)
@@ -209,6 +239,7 @@ class Store:
         allowed_ips: list[str],
         secret_hash: str,
         max_keys: int,
+        expires_at_us: int | None = None,
     ) -> ApiKey:
         """Insert a key unless the account is full or the name taken, atomically."""
         with self._transaction():
@@ -226,6 +257,7 @@ class Store:
                 allowed_ips=" ".join(allowed_ips),
                 secret_hash=secret_hash,
                 created_at_us=created,
+                expires_at_us=expires_at_us,
             ).execute()
             self._audit(
                 caller,
@@ -235,8 +267,17 @@ class Store:
                 name=name,
                 permission=permission.name,
                 allowed_ips=" ".join(allowed_ips),
+                **({"expires_at_us": expires_at_us} if expires_at_us else {}),
             )
-        return ApiKey(account_id, access_key, name, permission, tuple(allowed_ips), to_datetime(created))
+        return ApiKey(
+            account_id,
+            access_key,
+            name,
+            permission,
+            tuple(allowed_ips),
+            to_datetime(created),
+            expires_at=to_datetime(expires_at_us) if expires_at_us else None,
+        )
 
     def list_keys(self, account_id: str) -> list[ApiKey]:
         with self._bound():
@@ -249,6 +290,49 @@ class Store:
         if key is None:
             raise NotFound(f"account {account_id!r} has no key {access_key!r}")
         return _key_row(key)
+
+    def update_key(
+        self,
+        *,
+        caller: str,
+        account_id: str,
+        access_key: str,
+        changes: dict[str, Any],
+        check: Callable[[ApiKey], None],
+    ) -> ApiKey:
+        """Applies ``changes`` (column -> value) if ``check`` accepts the resulting key, atomically."""
+        with self._transaction():
+            self._lock_account(account_id)
+            row = KeyModel.get_or_none((KeyModel.account_id == account_id) & (KeyModel.access_key == access_key))
+            if row is None:
+                raise NotFound(f"account {account_id!r} has no key {access_key!r}")
+            if "name" in changes and changes["name"] != row.name:
+                taken = KeyModel.select().where(
+                    (KeyModel.account_id == account_id) & (KeyModel.name == changes["name"])
+                )
+                if taken.exists():
+                    raise AlreadyExists(f"account {account_id!r} already has a key named {changes['name']!r}")
+            for column, value in changes.items():
+                setattr(row, column, value)
+            updated = _key_row(row)
+            check(updated)
+            if changes:
+                row.save()
+                self._audit(caller, AuditAction.KEY_UPDATED, account_id, access_key, **changes)
+        return updated
+
+    def rotate_key(self, *, caller: str, account_id: str, access_key: str, secret_hash: str, grace_us: int) -> ApiKey:
+        """New hash; the old one stays valid for ``grace_us`` (0: not at all)."""
+        with self._transaction():
+            row = KeyModel.get_or_none((KeyModel.account_id == account_id) & (KeyModel.access_key == access_key))
+            if row is None:
+                raise NotFound(f"account {account_id!r} has no key {access_key!r}")
+            row.previous_secret_hash = row.secret_hash if grace_us else ""
+            row.previous_valid_until_us = now_us() + grace_us if grace_us else None
+            row.secret_hash = secret_hash
+            row.save()
+            self._audit(caller, AuditAction.KEY_ROTATED, account_id, access_key, grace_seconds=grace_us // 10**6)
+            return _key_row(row)
 
     def delete_key(self, *, caller: str, account_id: str, access_key: str) -> None:
         with self._transaction():
@@ -370,4 +454,7 @@ def _key_row(key: Any) -> ApiKey:
         to_datetime(key.created_at_us),
         to_datetime(key.last_used_at_us) if key.last_used_at_us is not None else None,
         key.last_used_ip,
+        to_datetime(key.expires_at_us) if key.expires_at_us is not None else None,
+        bool(key.enabled),
+        to_datetime(key.previous_valid_until_us) if key.previous_valid_until_us is not None else None,
     )

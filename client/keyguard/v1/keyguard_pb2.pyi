@@ -73,6 +73,8 @@ class _AuditActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditActi
     AUDIT_ACTION_ADDRESS_REMOVED: _AuditAction.ValueType  # 5
     AUDIT_ACTION_ADDRESS_MANAGEMENT_ENABLED: _AuditAction.ValueType  # 6
     AUDIT_ACTION_ADDRESS_MANAGEMENT_DISABLED: _AuditAction.ValueType  # 7
+    AUDIT_ACTION_KEY_UPDATED: _AuditAction.ValueType  # 8
+    AUDIT_ACTION_KEY_ROTATED: _AuditAction.ValueType  # 9
 
 class AuditAction(_AuditAction, metaclass=_AuditActionEnumTypeWrapper):
     """What an audit event records."""
@@ -85,6 +87,8 @@ AUDIT_ACTION_ADDRESS_ADDED: AuditAction.ValueType  # 4
 AUDIT_ACTION_ADDRESS_REMOVED: AuditAction.ValueType  # 5
 AUDIT_ACTION_ADDRESS_MANAGEMENT_ENABLED: AuditAction.ValueType  # 6
 AUDIT_ACTION_ADDRESS_MANAGEMENT_DISABLED: AuditAction.ValueType  # 7
+AUDIT_ACTION_KEY_UPDATED: AuditAction.ValueType  # 8
+AUDIT_ACTION_KEY_ROTATED: AuditAction.ValueType  # 9
 Global___AuditAction: _TypeAlias = AuditAction  # noqa: Y015
 
 class _Decision:
@@ -110,12 +114,17 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     too many secrets waiting for verification: refused without checking the
     secret. A secret already verified by this server is still accepted.
     """
+    DECISION_KEY_DISABLED: _Decision.ValueType  # 8
+    """The key is disabled."""
+    DECISION_KEY_EXPIRED: _Decision.ValueType  # 9
+    """The key's expires_at has passed."""
 
 class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper):
     """Why Authorize allowed or refused a request. Checks run in this order, after
     request validation; the first that fails decides: UNKNOWN_KEY,
     IP_NOT_ALLOWED, RATE_LIMITED (skipped for a secret this server already
-    verified), BAD_SECRET, PERMISSION_DENIED, ADDRESS_NOT_WHITELISTED.
+    verified), BAD_SECRET, PERMISSION_DENIED, ADDRESS_NOT_WHITELISTED; with
+    KEY_DISABLED and KEY_EXPIRED right after UNKNOWN_KEY.
     """
 
 DECISION_UNSPECIFIED: Decision.ValueType  # 0
@@ -135,6 +144,10 @@ DECISION_RATE_LIMITED: Decision.ValueType  # 7
 too many secrets waiting for verification: refused without checking the
 secret. A secret already verified by this server is still accepted.
 """
+DECISION_KEY_DISABLED: Decision.ValueType  # 8
+"""The key is disabled."""
+DECISION_KEY_EXPIRED: Decision.ValueType  # 9
+"""The key's expires_at has passed."""
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
 
 @_typing.final
@@ -151,6 +164,9 @@ class ApiKey(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     LAST_USED_AT_FIELD_NUMBER: _builtins.int
     LAST_USED_IP_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    ENABLED_FIELD_NUMBER: _builtins.int
+    PREVIOUS_KEY_VALID_UNTIL_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     access_key: _builtins.str
     """Public identifier, "kg_" followed by 24 base62 characters."""
@@ -158,6 +174,8 @@ class ApiKey(_message.Message):
     """1-64 printable characters, unique within the account."""
     permission: Global___Permission.ValueType
     last_used_ip: _builtins.str
+    enabled: _builtins.bool
+    """A disabled key is refused (KEY_DISABLED) but kept, and can be enabled again."""
     @_builtins.property
     def allowed_ips(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Normalised IPv4/IPv6 addresses and CIDR networks. Empty means any IP."""
@@ -168,6 +186,16 @@ class ApiKey(_message.Message):
     def last_used_at(self) -> _timestamp_pb2.Timestamp:
         """The last allowed Authorize: when, and from which client IP. Unset if the
         key was never used. Recorded in batches, so it may lag a few seconds.
+        """
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """After this moment Authorize answers KEY_EXPIRED. Unset: never expires."""
+
+    @_builtins.property
+    def previous_key_valid_until(self) -> _timestamp_pb2.Timestamp:
+        """Set after RotateKey with a grace period: until then the previous private
+        key is still accepted.
         """
 
     def __init__(
@@ -181,10 +209,13 @@ class ApiKey(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         last_used_at: _timestamp_pb2.Timestamp | None = ...,
         last_used_ip: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        enabled: _builtins.bool = ...,
+        previous_key_valid_until: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_used_at", b"last_used_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "last_used_at", b"last_used_at", "previous_key_valid_until", b"previous_key_valid_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key", "account_id", b"account_id", "allowed_ips", b"allowed_ips", "created_at", b"created_at", "last_used_at", b"last_used_at", "last_used_ip", b"last_used_ip", "name", b"name", "permission", b"permission"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key", "account_id", b"account_id", "allowed_ips", b"allowed_ips", "created_at", b"created_at", "enabled", b"enabled", "expires_at", b"expires_at", "last_used_at", b"last_used_at", "last_used_ip", b"last_used_ip", "name", b"name", "permission", b"permission", "previous_key_valid_until", b"previous_key_valid_until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -272,6 +303,7 @@ class CreateKeyRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     PERMISSION_FIELD_NUMBER: _builtins.int
     ALLOWED_IPS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     name: _builtins.str
     permission: Global___Permission.ValueType
@@ -282,6 +314,10 @@ class CreateKeyRequest(_message.Message):
         unrestricted withdraw keys.
         """
 
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Optional; must be in the future."""
+
     def __init__(
         self,
         *,
@@ -289,10 +325,11 @@ class CreateKeyRequest(_message.Message):
         name: _builtins.str = ...,
         permission: Global___Permission.ValueType = ...,
         allowed_ips: _abc.Iterable[_builtins.str] | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "allowed_ips", b"allowed_ips", "name", b"name", "permission", b"permission"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "allowed_ips", b"allowed_ips", "expires_at", b"expires_at", "name", b"name", "permission", b"permission"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -441,6 +478,160 @@ class DeleteKeyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteKeyResponse: _TypeAlias = DeleteKeyResponse  # noqa: Y015
+
+@_typing.final
+class IpList(_message.Message):
+    """A replacement IP allowlist; empty entries mean any IP."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IpList: _TypeAlias = IpList  # noqa: Y015
+
+@_typing.final
+class UpdateKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    ACCESS_KEY_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PERMISSION_FIELD_NUMBER: _builtins.int
+    ALLOWED_IPS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    CLEAR_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    ENABLED_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    access_key: _builtins.str
+    name: _builtins.str
+    permission: Global___Permission.ValueType
+    clear_expires_at: _builtins.bool
+    """... or this to remove it."""
+    enabled: _builtins.bool
+    @_builtins.property
+    def allowed_ips(self) -> Global___IpList:
+        """Set to replace the allowlist."""
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Set to change the expiry (must be in the future) ..."""
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        access_key: _builtins.str = ...,
+        name: _builtins.str | None = ...,
+        permission: Global___Permission.ValueType | None = ...,
+        allowed_ips: Global___IpList | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        clear_expires_at: _builtins.bool = ...,
+        enabled: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_name", b"_name", "_permission", b"_permission", "allowed_ips", b"allowed_ips", "enabled", b"enabled", "expires_at", b"expires_at", "name", b"name", "permission", b"permission"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_name", b"_name", "_permission", b"_permission", "access_key", b"access_key", "account_id", b"account_id", "allowed_ips", b"allowed_ips", "clear_expires_at", b"clear_expires_at", "enabled", b"enabled", "expires_at", b"expires_at", "name", b"name", "permission", b"permission"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__enabled: _TypeAlias = _typing.Literal["enabled"]  # noqa: Y015
+    _WhichOneofArgType__enabled: _TypeAlias = _typing.Literal["_enabled", b"_enabled"]  # noqa: Y015
+    _WhichOneofReturnType__name: _TypeAlias = _typing.Literal["name"]  # noqa: Y015
+    _WhichOneofArgType__name: _TypeAlias = _typing.Literal["_name", b"_name"]  # noqa: Y015
+    _WhichOneofReturnType__permission: _TypeAlias = _typing.Literal["permission"]  # noqa: Y015
+    _WhichOneofArgType__permission: _TypeAlias = _typing.Literal["_permission", b"_permission"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__enabled) -> _WhichOneofReturnType__enabled | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__name) -> _WhichOneofReturnType__name | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__permission) -> _WhichOneofReturnType__permission | None: ...
+
+Global___UpdateKeyRequest: _TypeAlias = UpdateKeyRequest  # noqa: Y015
+
+@_typing.final
+class UpdateKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key(self) -> Global___ApiKey: ...
+    def __init__(
+        self,
+        *,
+        key: Global___ApiKey | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateKeyResponse: _TypeAlias = UpdateKeyResponse  # noqa: Y015
+
+@_typing.final
+class RotateKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    ACCESS_KEY_FIELD_NUMBER: _builtins.int
+    GRACE_SECONDS_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    access_key: _builtins.str
+    grace_seconds: _builtins.int
+    """How long the previous private key keeps working: default 86400 (24 h),
+    0 = not at all, at most 2592000 (30 days).
+    """
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        access_key: _builtins.str = ...,
+        grace_seconds: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_grace_seconds", b"_grace_seconds", "grace_seconds", b"grace_seconds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_grace_seconds", b"_grace_seconds", "access_key", b"access_key", "account_id", b"account_id", "grace_seconds", b"grace_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__grace_seconds: _TypeAlias = _typing.Literal["grace_seconds"]  # noqa: Y015
+    _WhichOneofArgType__grace_seconds: _TypeAlias = _typing.Literal["_grace_seconds", b"_grace_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__grace_seconds) -> _WhichOneofReturnType__grace_seconds | None: ...
+
+Global___RotateKeyRequest: _TypeAlias = RotateKeyRequest  # noqa: Y015
+
+@_typing.final
+class RotateKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    PRIVATE_KEY_FIELD_NUMBER: _builtins.int
+    private_key: _builtins.str
+    """The new private key, shown once."""
+    @_builtins.property
+    def key(self) -> Global___ApiKey: ...
+    def __init__(
+        self,
+        *,
+        key: Global___ApiKey | None = ...,
+        private_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "private_key", b"private_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateKeyResponse: _TypeAlias = RotateKeyResponse  # noqa: Y015
 
 @_typing.final
 class DeleteAllKeysRequest(_message.Message):

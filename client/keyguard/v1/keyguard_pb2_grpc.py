@@ -59,6 +59,16 @@ class KeyManagementStub:
                 request_serializer=keyguard_dot_v1_dot_keyguard__pb2.DeleteAllKeysRequest.SerializeToString,
                 response_deserializer=keyguard_dot_v1_dot_keyguard__pb2.DeleteAllKeysResponse.FromString,
                 _registered_method=True)
+        self.UpdateKey = channel.unary_unary(
+                '/keyguard.v1.KeyManagement/UpdateKey',
+                request_serializer=keyguard_dot_v1_dot_keyguard__pb2.UpdateKeyRequest.SerializeToString,
+                response_deserializer=keyguard_dot_v1_dot_keyguard__pb2.UpdateKeyResponse.FromString,
+                _registered_method=True)
+        self.RotateKey = channel.unary_unary(
+                '/keyguard.v1.KeyManagement/RotateKey',
+                request_serializer=keyguard_dot_v1_dot_keyguard__pb2.RotateKeyRequest.SerializeToString,
+                response_deserializer=keyguard_dot_v1_dot_keyguard__pb2.RotateKeyResponse.FromString,
+                _registered_method=True)
         self.GetAccountSettings = channel.unary_unary(
                 '/keyguard.v1.KeyManagement/GetAccountSettings',
                 request_serializer=keyguard_dot_v1_dot_keyguard__pb2.GetAccountSettingsRequest.SerializeToString,
@@ -131,6 +141,22 @@ class KeyManagementServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateKey(self, request, context):
+        """Changes name, permission, IP list, expiry or enabled, with the same rules
+        as CreateKey. Fields left unset keep their value.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateKey(self, request, context):
+        """Issues a new private key for the same access key. The previous one keeps
+        working for the grace period (default 24 h, 0 = stops at once).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetAccountSettings(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -198,6 +224,16 @@ def add_KeyManagementServicer_to_server(servicer, server):
                     servicer.DeleteAllKeys,
                     request_deserializer=keyguard_dot_v1_dot_keyguard__pb2.DeleteAllKeysRequest.FromString,
                     response_serializer=keyguard_dot_v1_dot_keyguard__pb2.DeleteAllKeysResponse.SerializeToString,
+            ),
+            'UpdateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateKey,
+                    request_deserializer=keyguard_dot_v1_dot_keyguard__pb2.UpdateKeyRequest.FromString,
+                    response_serializer=keyguard_dot_v1_dot_keyguard__pb2.UpdateKeyResponse.SerializeToString,
+            ),
+            'RotateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateKey,
+                    request_deserializer=keyguard_dot_v1_dot_keyguard__pb2.RotateKeyRequest.FromString,
+                    response_serializer=keyguard_dot_v1_dot_keyguard__pb2.RotateKeyResponse.SerializeToString,
             ),
             'GetAccountSettings': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAccountSettings,
@@ -365,6 +401,60 @@ class KeyManagement:
             '/keyguard.v1.KeyManagement/DeleteAllKeys',
             keyguard_dot_v1_dot_keyguard__pb2.DeleteAllKeysRequest.SerializeToString,
             keyguard_dot_v1_dot_keyguard__pb2.DeleteAllKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyguard.v1.KeyManagement/UpdateKey',
+            keyguard_dot_v1_dot_keyguard__pb2.UpdateKeyRequest.SerializeToString,
+            keyguard_dot_v1_dot_keyguard__pb2.UpdateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyguard.v1.KeyManagement/RotateKey',
+            keyguard_dot_v1_dot_keyguard__pb2.RotateKeyRequest.SerializeToString,
+            keyguard_dot_v1_dot_keyguard__pb2.RotateKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

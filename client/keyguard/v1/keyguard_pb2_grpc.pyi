@@ -55,6 +55,14 @@ class KeyManagementStub:
     """NOT_FOUND unless the access key exists in that account."""
     DeleteAllKeys: _grpc.UnaryUnaryMultiCallable[_keyguard_pb2.DeleteAllKeysRequest, _keyguard_pb2.DeleteAllKeysResponse]
     """Deletes every key of the account in one transaction."""
+    UpdateKey: _grpc.UnaryUnaryMultiCallable[_keyguard_pb2.UpdateKeyRequest, _keyguard_pb2.UpdateKeyResponse]
+    """Changes name, permission, IP list, expiry or enabled, with the same rules
+    as CreateKey. Fields left unset keep their value.
+    """
+    RotateKey: _grpc.UnaryUnaryMultiCallable[_keyguard_pb2.RotateKeyRequest, _keyguard_pb2.RotateKeyResponse]
+    """Issues a new private key for the same access key. The previous one keeps
+    working for the grace period (default 24 h, 0 = stops at once).
+    """
     GetAccountSettings: _grpc.UnaryUnaryMultiCallable[_keyguard_pb2.GetAccountSettingsRequest, _keyguard_pb2.GetAccountSettingsResponse]
     SetAddressManagement: _grpc.UnaryUnaryMultiCallable[_keyguard_pb2.SetAddressManagementRequest, _keyguard_pb2.SetAddressManagementResponse]
     AddWithdrawalAddress: _grpc.UnaryUnaryMultiCallable[_keyguard_pb2.AddWithdrawalAddressRequest, _keyguard_pb2.AddWithdrawalAddressResponse]
@@ -83,6 +91,14 @@ class KeyManagementAsyncStub(KeyManagementStub):
     """NOT_FOUND unless the access key exists in that account."""
     DeleteAllKeys: _aio.UnaryUnaryMultiCallable[_keyguard_pb2.DeleteAllKeysRequest, _keyguard_pb2.DeleteAllKeysResponse]  # type: ignore[assignment]
     """Deletes every key of the account in one transaction."""
+    UpdateKey: _aio.UnaryUnaryMultiCallable[_keyguard_pb2.UpdateKeyRequest, _keyguard_pb2.UpdateKeyResponse]  # type: ignore[assignment]
+    """Changes name, permission, IP list, expiry or enabled, with the same rules
+    as CreateKey. Fields left unset keep their value.
+    """
+    RotateKey: _aio.UnaryUnaryMultiCallable[_keyguard_pb2.RotateKeyRequest, _keyguard_pb2.RotateKeyResponse]  # type: ignore[assignment]
+    """Issues a new private key for the same access key. The previous one keeps
+    working for the grace period (default 24 h, 0 = stops at once).
+    """
     GetAccountSettings: _aio.UnaryUnaryMultiCallable[_keyguard_pb2.GetAccountSettingsRequest, _keyguard_pb2.GetAccountSettingsResponse]  # type: ignore[assignment]
     SetAddressManagement: _aio.UnaryUnaryMultiCallable[_keyguard_pb2.SetAddressManagementRequest, _keyguard_pb2.SetAddressManagementResponse]  # type: ignore[assignment]
     AddWithdrawalAddress: _aio.UnaryUnaryMultiCallable[_keyguard_pb2.AddWithdrawalAddressRequest, _keyguard_pb2.AddWithdrawalAddressResponse]  # type: ignore[assignment]
@@ -138,6 +154,26 @@ class KeyManagementServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_keyguard_pb2.DeleteAllKeysResponse, _abc.Awaitable[_keyguard_pb2.DeleteAllKeysResponse]]:
         """Deletes every key of the account in one transaction."""
+
+    @_abc_1.abstractmethod
+    def UpdateKey(
+        self,
+        request: _keyguard_pb2.UpdateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyguard_pb2.UpdateKeyResponse, _abc.Awaitable[_keyguard_pb2.UpdateKeyResponse]]:
+        """Changes name, permission, IP list, expiry or enabled, with the same rules
+        as CreateKey. Fields left unset keep their value.
+        """
+
+    @_abc_1.abstractmethod
+    def RotateKey(
+        self,
+        request: _keyguard_pb2.RotateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyguard_pb2.RotateKeyResponse, _abc.Awaitable[_keyguard_pb2.RotateKeyResponse]]:
+        """Issues a new private key for the same access key. The previous one keeps
+        working for the grace period (default 24 h, 0 = stops at once).
+        """
 
     @_abc_1.abstractmethod
     def GetAccountSettings(
