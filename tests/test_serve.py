@@ -149,3 +149,30 @@ def test_second_server_on_the_same_port_fails_loudly(serve: ServeProcess, tmp_pa
         timeout=30,
     )
     assert out.returncode == 1 and "cannot listen" in out.stderr
+
+
+def test_cli_lifecycle(serve: ServeProcess) -> None:
+    """The README's lifecycle commands: update, disable/enable, rotate with grace."""
+    created = json.loads(
+        serve.cli("keys", "create", "acct-44", "--name", "bot", "--permission", "trade", "--ip", "192.0.2.1",
+                  "--expires-in", "90d", "--json").stdout
+    )  # fmt: skip
+    ak, old = created["access_key"], created["private_key"]
+    assert created["expires_at"] is not None
+
+    def authorize(secret: str) -> str:
+        return serve.cli("authorize", "--access-key", ak, "--private-key", secret, "--ip", "192.0.2.1",
+                         "--permission", "trade").stdout.strip()  # fmt: skip
+
+    assert "Enabled:     no" in serve.cli("keys", "disable", "acct-44", ak).stdout
+    assert authorize(old) == "DENY: KEY_DISABLED"
+    assert serve.cli("keys", "enable", "acct-44", ak).returncode == 0
+    updated = serve.cli("keys", "update", "acct-44", ak, "--name", "renamed", "--no-expiry")
+    assert "Name:        renamed" in updated.stdout and "Expires:     never" in updated.stdout
+    rotated = serve.cli("keys", "rotate", "acct-44", ak, "--grace", "1h")
+    new = re.search(r"New private key for kg_\w+: (kgsk_\w+)", rotated.stdout)[1]  # type: ignore[index]
+    assert "The previous private key works until" in rotated.stdout
+    assert authorize(new).startswith("ALLOW") and authorize(old).startswith("ALLOW")
+    serve.cli("keys", "rotate", "acct-44", ak, "--grace", "0")
+    assert authorize(new) == "DENY: BAD_SECRET"
+    assert "KEY_ROTATED" in serve.cli("audit", "acct-44").stdout

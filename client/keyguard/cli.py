@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from keyguard._client import DEFAULT_TARGET, Client
@@ -96,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="IP[,IP...]",
         help="allowed IP address or CIDR network; repeat or separate with commas (none = any IP)",
     )
+    create.add_argument("--expires-in", type=_duration, metavar="DURATION", help="e.g. 90d, 12h, 30m")
     create.set_defaults(run=_keys_create)
     listing = keys.add_parser("list", parents=[out], help="list an account's keys")
     listing.add_argument("account_id")
@@ -108,6 +109,35 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("account_id")
     delete.add_argument("access_key")
     delete.set_defaults(run=_keys_delete)
+    update = keys.add_parser("update", parents=[out], help="change a key's name, permission, IPs or expiry")
+    update.add_argument("account_id")
+    update.add_argument("access_key")
+    update.add_argument("--name")
+    update.add_argument("--permission", choices=["read", "trade", "withdraw"])
+    ips = update.add_mutually_exclusive_group()
+    ips.add_argument("--ip", action="append", metavar="IP[,IP...]", help="replace the allowlist")
+    ips.add_argument("--any-ip", action="store_true", help="clear the allowlist (not for WITHDRAW keys)")
+    expiry = update.add_mutually_exclusive_group()
+    expiry.add_argument("--expires-in", type=_duration, metavar="DURATION", help="e.g. 90d, 12h, 30m")
+    expiry.add_argument("--no-expiry", action="store_true", help="never expire")
+    update.set_defaults(run=_keys_update)
+    for action, enabled in (("enable", True), ("disable", False)):
+        toggle = keys.add_parser(
+            action, parents=[out], help=f"{action} a key (kept, {'accepted' if enabled else 'refused'})"
+        )
+        toggle.add_argument("account_id")
+        toggle.add_argument("access_key")
+        toggle.set_defaults(run=_keys_update, enabled=enabled)
+    rotate = keys.add_parser("rotate", parents=[out], help="a new private key for the same access key")
+    rotate.add_argument("account_id")
+    rotate.add_argument("access_key")
+    rotate.add_argument(
+        "--grace",
+        type=_duration,
+        metavar="DURATION",
+        help="how long the old private key keeps working (default 24h; 0 = no)",
+    )
+    rotate.set_defaults(run=_keys_rotate)
     delete_all = keys.add_parser("delete-all", help="delete every key of an account")
     delete_all.add_argument("account_id")
     delete_all.add_argument("--yes", action="store_true", help="do not ask for confirmation")
@@ -215,8 +245,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _keys_create(client: Client, args: argparse.Namespace) -> int:
-    ips = [ip.strip() for arg in args.ip for ip in arg.split(",") if ip.strip()]
-    created = client.create_key(args.account_id, args.name, args.permission, ips)
+    expires_at = datetime.now(UTC) + args.expires_in if args.expires_in else None
+    created = client.create_key(args.account_id, args.name, args.permission, _ips(args.ip), expires_at=expires_at)
     if args.json:
         _print_json({**_jsonable(created.key), "private_key": created.private_key})
         return 0
@@ -267,6 +297,60 @@ def _keys_delete(client: Client, args: argparse.Namespace) -> int:
     client.delete_key(args.account_id, args.access_key)
     print(f"Deleted key {args.access_key}.")
     return 0
+
+
+def _keys_update(client: Client, args: argparse.Namespace) -> int:
+    ip_args = getattr(args, "ip", None)
+    ips = [] if getattr(args, "any_ip", False) else _ips(ip_args) if ip_args else None
+    expires_in = getattr(args, "expires_in", None)
+    key = client.update_key(
+        args.account_id,
+        args.access_key,
+        name=getattr(args, "name", None),
+        permission=getattr(args, "permission", None),
+        allowed_ips=ips,
+        expires_at=datetime.now(UTC) + expires_in if expires_in else None,
+        clear_expires_at=getattr(args, "no_expiry", False),
+        enabled=getattr(args, "enabled", None),
+    )
+    if args.json:
+        _print_json(_jsonable(key))
+    else:
+        _print_key(key)
+    return 0
+
+
+def _keys_rotate(client: Client, args: argparse.Namespace) -> int:
+    grace = None if args.grace is None else int(args.grace.total_seconds())
+    rotated = client.rotate_key(args.account_id, args.access_key, grace_seconds=grace)
+    if args.json:
+        _print_json({**_jsonable(rotated.key), "private_key": rotated.private_key})
+        return 0
+    print(f"New private key for {rotated.key.access_key}: {rotated.private_key}")
+    until = rotated.key.previous_key_valid_until
+    print(
+        f"The previous private key works until {_time(until)}."
+        if until
+        else "The previous private key no longer works."
+    )
+    print()
+    print(PRIVATE_KEY_WARNING)
+    return 0
+
+
+def _duration(text: str) -> timedelta:
+    """90d, 12h, 30m, 45s or plain seconds."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    try:
+        if text[-1:] in units:
+            return timedelta(seconds=float(text[:-1]) * units[text[-1]])
+        return timedelta(seconds=float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90d, 12h, 30m)") from None
+
+
+def _ips(args: list[str]) -> list[str]:
+    return [ip.strip() for arg in args for ip in arg.split(",") if ip.strip()]
 
 
 def _keys_delete_all(client: Client, args: argparse.Namespace) -> int:
@@ -373,7 +457,11 @@ def _print_key(key: ApiKey) -> None:
     print(f"Permission:  {key.permission.name}")
     print(f"Allowed IPs: {', '.join(key.allowed_ips) or 'any'}")
     print(f"Created:     {_time(key.created_at)}")
+    print(f"Expires:     {_time(key.expires_at) if key.expires_at else 'never'}")
+    print(f"Enabled:     {'yes' if key.enabled else 'no (refused until enabled)'}")
     print(f"Last used:   {_last_used(key)}")
+    if key.previous_key_valid_until:
+        print(f"Previous private key works until {_time(key.previous_key_valid_until)}")
 
 
 def _address_row(entry: WithdrawalAddress) -> list[str]:
