@@ -221,8 +221,11 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
             "enabled",
             "previous_secret_hash",
             "previous_valid_until_us",
+            "key_type",
+            "public_key",
         ):
             db.execute(f"ALTER TABLE key_model DROP COLUMN {column}")
+        db.execute("DROP TABLE nonce_model")
         db.execute(
             "INSERT INTO key_model (account_id, access_key, name, permission, allowed_ips, secret_hash, created_at_us)"
             " VALUES ('acct', 'kg_aaaaaaaaaaaaaaaaaaaaaaaa', 'old', 1, '', ?, 1)",

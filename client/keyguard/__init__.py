@@ -25,10 +25,13 @@ from keyguard._models import (
     AuthorizeResult,
     CreatedKey,
     Decision,
+    KeyType,
     Permission,
+    SignedRequest,
     WithdrawalAddress,
     WithdrawalDestination,
 )
+from keyguard._signing import sign_request
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -43,14 +46,17 @@ __all__ = [
     "Decision",
     "FieldViolation",
     "InvalidArgument",
+    "KeyType",
     "KeyguardError",
     "LimitExceeded",
     "NotFound",
     "Permission",
     "PermissionDenied",
     "ServerError",
+    "SignedRequest",
     "Unauthenticated",
     "Unavailable",
     "WithdrawalAddress",
     "WithdrawalDestination",
+    "sign_request",
 ]

@@ -21,7 +21,9 @@ from keyguard._models import (
     AuthorizeResult,
     CreatedKey,
     Decision,
+    KeyType,
     Permission,
+    SignedRequest,
     WithdrawalAddress,
     WithdrawalDestination,
 )
@@ -89,13 +91,21 @@ class Client:
         allowed_ips: Iterable[str] = (),
         *,
         expires_at: datetime | None = None,
+        key_type: KeyType = KeyType.SECRET,
+        public_key: str = "",
     ) -> CreatedKey:
-        """Returns the new key and its private key, which is never available again."""
+        """Returns the new key and its private key, which is never available again.
+
+        ED25519 keys: pass your own ``public_key`` (PEM), or get a generated
+        pair's private key (PEM) in the result.
+        """
         request = pb.CreateKeyRequest(
             account_id=account_id,
             name=name,
             permission=pb.Permission.ValueType(Permission.parse(permission)),
             allowed_ips=list(allowed_ips),
+            key_type=pb.KeyType.ValueType(key_type),
+            public_key=public_key,
         )
         if expires_at is not None:
             request.expires_at.FromDatetime(expires_at)
@@ -205,6 +215,7 @@ class Client:
         client_ip: str,
         required_permission: Permission | str | int,
         destination: WithdrawalDestination | None = None,
+        signed: SignedRequest | None = None,
     ) -> AuthorizeResult:
         """A refusal is a result with ``allowed=False``, not an exception."""
         request = pb.AuthorizeRequest(
@@ -216,6 +227,15 @@ class Client:
         if destination is not None:
             request.destination.CopyFrom(
                 pb.WithdrawalDestination(asset=destination.asset, address=destination.address, memo=destination.memo)
+            )
+        if signed is not None:
+            request.signed.CopyFrom(
+                pb.SignedRequest(
+                    payload=signed.payload,
+                    timestamp_ms=signed.timestamp_ms,
+                    nonce=signed.nonce,
+                    signature=signed.signature,
+                )
             )
         response = self._call(self._auth.Authorize, request)
         return AuthorizeResult(
@@ -268,6 +288,8 @@ def _key(key: pb.ApiKey) -> ApiKey:
         previous_key_valid_until=(
             _time(key.previous_key_valid_until) if key.HasField("previous_key_valid_until") else None
         ),
+        key_type=KeyType(key.key_type or KeyType.SECRET),
+        public_key=key.public_key,
     )
 
 

@@ -40,6 +40,14 @@ class Decision(enum.IntEnum):
     RATE_LIMITED = 7
     KEY_DISABLED = 8
     KEY_EXPIRED = 9
+    BAD_SIGNATURE = 10
+    STALE_REQUEST = 11
+    REPLAYED_REQUEST = 12
+
+
+class KeyType(enum.IntEnum):
+    SECRET = 1
+    ED25519 = 2
 
 
 class AuditAction(enum.IntEnum):
@@ -67,6 +75,8 @@ class ApiKey:
     expires_at: datetime | None = None
     enabled: bool = True
     previous_key_valid_until: datetime | None = None
+    key_type: KeyType = KeyType.SECRET
+    public_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,16 @@ class WithdrawalDestination:
     asset: str
     address: str
     memo: str = ""
+
+
+@dataclass(frozen=True)
+class SignedRequest:
+    """A request signed with an ED25519 key; see :func:`keyguard.sign_request`."""
+
+    payload: str
+    timestamp_ms: int
+    nonce: str
+    signature: str
 
 
 @dataclass(frozen=True)

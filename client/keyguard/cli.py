@@ -18,7 +18,7 @@ from typing import Any
 
 from keyguard._client import DEFAULT_TARGET, Client
 from keyguard._errors import InvalidArgument, KeyguardError, Unavailable
-from keyguard._models import ApiKey, AuditEvent, WithdrawalAddress, WithdrawalDestination
+from keyguard._models import ApiKey, AuditEvent, KeyType, WithdrawalAddress, WithdrawalDestination
 
 DEFAULT_TOKEN_FILE = os.path.join(os.environ.get("KEYGUARD_DATA_DIR", "data"), "admin.token")
 EXIT_ERROR = 1
@@ -97,6 +97,10 @@ def _parser() -> argparse.ArgumentParser:
         help="allowed IP address or CIDR network; repeat or separate with commas (none = any IP)",
     )
     create.add_argument("--expires-in", type=_duration, metavar="DURATION", help="e.g. 90d, 12h, 30m")
+    create.add_argument(
+        "--type", choices=["secret", "ed25519"], default="secret", help="ed25519: the bot signs requests"
+    )
+    create.add_argument("--public-key", metavar="PEM_FILE", help="ed25519: your own public key (else one is generated)")
     create.set_defaults(run=_keys_create)
     listing = keys.add_parser("list", parents=[out], help="list an account's keys")
     listing.add_argument("account_id")
@@ -246,15 +250,35 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _keys_create(client: Client, args: argparse.Namespace) -> int:
     expires_at = datetime.now(UTC) + args.expires_in if args.expires_in else None
-    created = client.create_key(args.account_id, args.name, args.permission, _ips(args.ip), expires_at=expires_at)
+    public_key = ""
+    if args.public_key:
+        with open(args.public_key) as f:
+            public_key = f.read()
+    created = client.create_key(
+        args.account_id,
+        args.name,
+        args.permission,
+        _ips(args.ip),
+        expires_at=expires_at,
+        key_type=KeyType[args.type.upper()],
+        public_key=public_key,
+    )
     if args.json:
         _print_json({**_jsonable(created.key), "private_key": created.private_key})
         return 0
     key = created.key
-    print(f"Created {key.permission.name} key {key.name!r} for account {key.account_id}.")
+    kind = " ED25519" if key.key_type is KeyType.ED25519 else ""
+    print(f"Created {key.permission.name}{kind} key {key.name!r} for account {key.account_id}.")
     print(f"  Access key:  {key.access_key}")
-    print(f"  Private key: {created.private_key}")
     print(f"  Allowed IPs: {', '.join(key.allowed_ips) or 'any'}")
+    if key.key_type is KeyType.ED25519:
+        print(f"  Public key:\n{key.public_key}")
+        if not created.private_key:
+            print("Sign requests with your own private key; keyguard never had it.")
+            return 0
+        print(f"  Private key (sign requests with it):\n{created.private_key}")
+    else:
+        print(f"  Private key: {created.private_key}")
     print()
     print(PRIVATE_KEY_WARNING)
     return 0

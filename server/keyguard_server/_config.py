@@ -93,6 +93,8 @@ class Config:
     # (IPv6: per /64) in a burst, and refilled per second after it.
     failure_burst: int = 10
     failure_refill_per_second: float = 1.0
+    # ED25519 signed requests: how far a request's timestamp may be from now.
+    signature_window_ms: int = 5000
     # How often last-used times and IPs are written (one transaction each time).
     last_used_flush_seconds: float = 5.0
     # Processes serving the same port (SO_REUSEPORT), to use every core.

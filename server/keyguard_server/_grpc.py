@@ -26,6 +26,7 @@ from keyguard import (
     FieldViolation,
     InvalidArgument,
     KeyguardError,
+    SignedRequest,
     WithdrawalAddress,
     WithdrawalDestination,
 )
@@ -104,6 +105,8 @@ def _key(key: ApiKey) -> pb.ApiKey:
         expires_at=_timestamp(key.expires_at) if key.expires_at else None,
         enabled=key.enabled,
         previous_key_valid_until=_timestamp(key.previous_key_valid_until) if key.previous_key_valid_until else None,
+        key_type=pb.KeyType.ValueType(key.key_type),
+        public_key=key.public_key,
     )
 
 
@@ -157,6 +160,8 @@ class KeyManagementServicer(pb_grpc.KeyManagementServicer):
             request.permission,
             list(request.allowed_ips),
             _moment(request, "expires_at"),
+            request.key_type,
+            request.public_key,
         )
         return pb.CreateKeyResponse(key=_key(created.key), private_key=created.private_key)
 
@@ -283,8 +288,12 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
         if request.HasField("destination"):
             d = request.destination
             destination = WithdrawalDestination(d.asset, d.address, d.memo)
+        signed = None
+        if request.HasField("signed"):
+            r = request.signed
+            signed = SignedRequest(r.payload, r.timestamp_ms, r.nonce, r.signature)
         result = await self._authorizer.authorize(
-            request.access_key, request.private_key, request.client_ip, request.required_permission, destination
+            request.access_key, request.private_key, request.client_ip, request.required_permission, destination, signed
         )
         return pb.AuthorizeResponse(
             allowed=result.allowed,

@@ -51,6 +51,9 @@ class KeyModel(_Model):
     enabled = pw.BooleanField(default=True)
     previous_secret_hash = pw.TextField(default="")
     previous_valid_until_us = pw.BigIntegerField(null=True)
+    # Since version 4: 1 = SECRET (argon2id hash above), 2 = ED25519 (public key PEM here, no hash).
+    key_type = pw.SmallIntegerField(default=1)
+    public_key = pw.TextField(default="")
 
     class Meta:
         indexes = ((("account_id", "name"), True),)
@@ -85,7 +88,18 @@ class AuditModel(_Model):
         indexes = ((("account_id", "id"), False),)
 
 
-MODELS: list[type[pw.Model]] = [SchemaVersion, AccountModel, KeyModel, AddressModel, AuditModel]
+class NonceModel(_Model):
+    """Nonces of signed requests seen within the receive window: a replay fails the unique index."""
+
+    access_key = pw.CharField(max_length=32)
+    nonce = pw.CharField(max_length=64)
+    seen_at_us = pw.BigIntegerField(index=True)
+
+    class Meta:
+        indexes = ((("access_key", "nonce"), True),)
+
+
+MODELS: list[type[pw.Model]] = [SchemaVersion, AccountModel, KeyModel, AddressModel, AuditModel, NonceModel]
 
 
 def _v2_last_used(migrator: pw_migrate.SchemaMigrator) -> None:
@@ -104,8 +118,16 @@ def _v3_lifecycle(migrator: pw_migrate.SchemaMigrator) -> None:
     )
 
 
+def _v4_signed_requests(migrator: pw_migrate.SchemaMigrator) -> None:
+    pw_migrate.migrate(
+        migrator.add_column("key_model", "key_type", KeyModel.key_type),
+        migrator.add_column("key_model", "public_key", KeyModel.public_key),
+    )
+    migrator.database.create_tables([NonceModel])
+
+
 # STEPS[n] upgrades version n + 1 to n + 2.
-STEPS: list[Callable[[pw_migrate.SchemaMigrator], None]] = [_v2_last_used, _v3_lifecycle]
+STEPS: list[Callable[[pw_migrate.SchemaMigrator], None]] = [_v2_last_used, _v3_lifecycle, _v4_signed_requests]
 VERSION = len(STEPS) + 1
 MIGRATION_LOCK = 0x6B657967  # "keyg": the advisory lock key of schema migrations on PostgreSQL
 

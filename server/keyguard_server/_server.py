@@ -126,10 +126,11 @@ class KeyguardServer:
         log.info("keyguard stopped")
 
     def flush_usage(self) -> None:
-        """Writes the last-used times recorded since the last flush."""
+        """Writes the last-used times recorded since the last flush; forgets stale nonces."""
         assert self.authorizer is not None
         try:
             self.authorizer.usage.flush()
+            self.authorizer.forget_old_nonces()
         except Exception:  # a failed flush must not stop the server; the next one retries later uses
             log.exception("could not record last-used times")
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import time
 from datetime import datetime
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from keyguard import (
     AccountSettings,
@@ -18,10 +21,15 @@ from keyguard import (
     AuthorizeResult,
     CreatedKey,
     Decision,
+    FieldViolation,
+    InvalidArgument,
+    KeyType,
     Permission,
+    SignedRequest,
     WithdrawalAddress,
     WithdrawalDestination,
 )
+from keyguard import _signing as signing
 from keyguard_server._config import Config
 from keyguard_server._metrics import CACHE_HITS, DECISIONS
 from keyguard_server._secrets import (
@@ -66,8 +74,14 @@ class KeyManager:
         permission: int,
         allowed_ips: list[str],
         expires_at: datetime | None = None,
+        key_type: int = 0,
+        public_key: str = "",
     ) -> CreatedKey:
-        """The key and its private key, which nothing else ever sees again."""
+        """The key and its private key, which nothing else ever sees again.
+
+        ED25519 keys store only the public key: the owner's, or that of a pair
+        generated here whose private key is returned and forgotten.
+        """
         v = Violations()
         v.account_id(account_id)
         v.key_name(name)
@@ -75,9 +89,22 @@ class KeyManager:
         ips = v.allowed_ips(allowed_ips, max_count=self._config.max_allowed_ips)
         expires_us = self._future(v, expires_at)
         self._withdraw_policy(v, level, ips)
+        kind = KeyType.SECRET if key_type == 0 else v.key_type(key_type)
+        if public_key and kind is not KeyType.ED25519:
+            v.add("public_key", "is only for ED25519 keys")
+        elif public_key:
+            try:
+                public_key = signing.public_pem(signing.load_public_key(public_key))
+            except ValueError as exc:
+                v.add("public_key", str(exc))
         v.raise_if_any()
-        private_key = new_private_key()
-        secret_hash = await self._hasher.hash(private_key)
+        if kind is KeyType.ED25519:
+            private_key, secret_hash = "", ""
+            if not public_key:
+                private_key, public_key = signing.new_key_pair()
+        else:
+            private_key = new_private_key()
+            secret_hash = await self._hasher.hash(private_key)
         key = self._store.insert_key(
             caller=caller,
             account_id=account_id,
@@ -88,6 +115,8 @@ class KeyManager:
             secret_hash=secret_hash,
             max_keys=self._config.max_keys_per_account,
             expires_at_us=expires_us,
+            key_type=kind,
+            public_key=public_key,
         )
         log.info(
             "key created account_id=%s access_key=%s permission=%s ips=%d",
@@ -152,7 +181,10 @@ class KeyManager:
         if not 0 <= grace <= MAX_ROTATION_GRACE:
             v.add("grace_seconds", f"must be between 0 and {MAX_ROTATION_GRACE}")
         v.raise_if_any()
-        self._store.get_key(account_id, access_key)  # NOT_FOUND before spending argon2
+        if self._store.get_key(account_id, access_key).key_type is not KeyType.SECRET:
+            raise InvalidArgument(
+                [FieldViolation("access_key", "only SECRET keys rotate; create a new ED25519 key instead")]
+            )
         private_key = new_private_key()
         secret_hash = await self._hasher.hash(private_key)
         key = self._store.rotate_key(
@@ -308,6 +340,7 @@ class Authorizer:
         self._failures = FailureLimiter(config.failure_burst, config.failure_refill_per_second)
         self.usage = UsageRecorder(store)
         self.cache_hits = 0
+        self._window_ms = config.signature_window_ms
 
     @property
     def argon2_verifications(self) -> int:
@@ -320,8 +353,9 @@ class Authorizer:
         client_ip: str,
         required: int,
         destination: WithdrawalDestination | None,
+        signed: SignedRequest | None = None,
     ) -> AuthorizeResult:
-        result = await self._decide(access_key, private_key, client_ip, required, destination)
+        result = await self._decide(access_key, private_key, client_ip, required, destination, signed)
         DECISIONS.labels(result.decision.name).inc()
         return result
 
@@ -332,6 +366,7 @@ class Authorizer:
         client_ip: str,
         required: int,
         destination: WithdrawalDestination | None,
+        signed: SignedRequest | None,
     ) -> AuthorizeResult:
         v = Violations()
         if not access_key:
@@ -348,6 +383,8 @@ class Authorizer:
                 v.address(destination.address, "destination.address"),
                 v.memo(destination.memo, "destination.memo"),
             )
+        if signed is not None:
+            v.signed_request(signed)
         v.raise_if_any()
         assert ip is not None
 
@@ -359,6 +396,8 @@ class Authorizer:
         now = now_us()
         if (refusal := _state_refusal(row, ip, now)) is not None:
             return refusal
+        if row.key_type is KeyType.ED25519:
+            return self._check_signature(access_key, row, ip, level, destination, signed)
         in_grace = row.previous_valid_until_us is not None and now < row.previous_valid_until_us
         if self.cache.hit(row.secret_hash, private_key) or (
             in_grace and self.cache.hit(row.previous_secret_hash, private_key)
@@ -399,6 +438,36 @@ class Authorizer:
         if not current.accepts_hash(matched, now):
             return _deny(Decision.BAD_SECRET)
         return self._after_secret(access_key, current, ip, level, destination)
+
+    def _check_signature(
+        self,
+        access_key: str,
+        row: AuthRow,
+        ip: IPAddress,
+        required: Permission,
+        destination: WithdrawalDestination | None,
+        signed: SignedRequest | None,
+    ) -> AuthorizeResult:
+        """ED25519: fresh timestamp, valid signature, unused nonce (recorded in the database,
+        so a replay is refused by every replica). No await: the row read above is current."""
+        network = client_network(ip)
+        if self._failures.exhausted(access_key) or self._failures.exhausted(network):
+            return _deny(Decision.RATE_LIMITED)
+        if signed is None:
+            return _deny(Decision.BAD_SIGNATURE)
+        if abs(time.time_ns() // 1_000_000 - signed.timestamp_ms) > self._window_ms:
+            return _deny(Decision.STALE_REQUEST)
+        if not signing.verify(_public_key(row.public_key), access_key, signed):
+            self._failures.failed(access_key)
+            self._failures.failed(network)
+            return _deny(Decision.BAD_SIGNATURE)
+        if not self._store.use_nonce(access_key, signed.nonce):
+            return _deny(Decision.REPLAYED_REQUEST)
+        return self._after_secret(access_key, row, ip, required, destination)
+
+    def forget_old_nonces(self) -> int:
+        """Nonces older than twice the window can go: their timestamps are stale anyway."""
+        return self._store.prune_nonces(now_us() - 2 * self._window_ms * 1000)
 
     def _after_secret(
         self,
@@ -442,6 +511,12 @@ def _ip_allowed(ip: IPAddress, allowed_ips: str) -> bool:
     if not allowed_ips:
         return True
     return any(ip in net for net in _networks(allowed_ips))
+
+
+@functools.lru_cache(maxsize=4096)
+def _public_key(pem: str) -> Ed25519PublicKey:
+    """Parsed public keys, cached by their stored PEM."""
+    return signing.load_public_key(pem)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -38,12 +38,13 @@ from keyguard import (
     ApiKey,
     AuditAction,
     AuditEvent,
+    KeyType,
     LimitExceeded,
     NotFound,
     Permission,
     WithdrawalAddress,
 )
-from keyguard_server._schema import MODELS, AccountModel, AddressModel, AuditModel, KeyModel, migrate
+from keyguard_server._schema import MODELS, AccountModel, AddressModel, AuditModel, KeyModel, NonceModel, migrate
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class AuthRow:
     # The rotated-out hash and until when it is still accepted ("" / None: none).
     previous_secret_hash: str
     previous_valid_until_us: int | None
+    key_type: KeyType
+    public_key: str
 
     def accepts_hash(self, secret_hash: str, now: int) -> bool:
         """Whether a secret verified against ``secret_hash`` is valid for this key now."""
@@ -133,6 +136,8 @@ class Store:
                     KeyModel.expires_at_us,
                     KeyModel.previous_secret_hash,
                     KeyModel.previous_valid_until_us,
+                    KeyModel.key_type,
+                    KeyModel.public_key,
                 )
                 .join(AccountModel, pw.JOIN.LEFT_OUTER, on=AccountModel.account_id == KeyModel.account_id)
                 .where(KeyModel.access_key == "")
@@ -179,7 +184,8 @@ class Store:
         row = self._execute(self._auth_sql, (access_key,)).fetchone()
         if row is None:
             return None
-        account_id, name, permission, allowed_ips, secret_hash, address_management, enabled, expires, prev, until = row
+        (account_id, name, permission, allowed_ips, secret_hash, address_management, enabled, expires, prev, until,
+         key_type, public_key) = row  # fmt: skip
         return AuthRow(
             account_id,
             name,
@@ -191,7 +197,23 @@ class Store:
             expires,
             prev,
             until,
+            KeyType(key_type),
+            public_key,
         )
+
+    def use_nonce(self, access_key: str, nonce: str) -> bool:
+        """Records a signed request's nonce; False if this key already used it (a replay)."""
+        try:
+            with self._transaction():
+                NonceModel.insert(access_key=access_key, nonce=nonce, seen_at_us=now_us()).execute()
+        except pw.IntegrityError:
+            return False
+        return True
+
+    def prune_nonces(self, before_us: int) -> int:
+        """Forgets nonces older than the receive window: their requests are stale anyway."""
+        with self._transaction():
+            return int(NonceModel.delete().where(NonceModel.seen_at_us < before_us).execute())
 
     def is_whitelisted(self, account_id: str, asset: str, address: str, memo: str) -> bool:
         params = (account_id, asset, address, memo)
@@ -240,6 +262,8 @@ class Store:
         secret_hash: str,
         max_keys: int,
         expires_at_us: int | None = None,
+        key_type: KeyType = KeyType.SECRET,
+        public_key: str = "",
     ) -> ApiKey:
         """Insert a key unless the account is full or the name taken, atomically."""
         with self._transaction():
@@ -258,6 +282,8 @@ class Store:
                 secret_hash=secret_hash,
                 created_at_us=created,
                 expires_at_us=expires_at_us,
+                key_type=int(key_type),
+                public_key=public_key,
             ).execute()
             self._audit(
                 caller,
@@ -268,6 +294,7 @@ class Store:
                 permission=permission.name,
                 allowed_ips=" ".join(allowed_ips),
                 **({"expires_at_us": expires_at_us} if expires_at_us else {}),
+                **({"key_type": key_type.name} if key_type is not KeyType.SECRET else {}),
             )
         return ApiKey(
             account_id,
@@ -277,6 +304,8 @@ class Store:
             tuple(allowed_ips),
             to_datetime(created),
             expires_at=to_datetime(expires_at_us) if expires_at_us else None,
+            key_type=key_type,
+            public_key=public_key,
         )
 
     def list_keys(self, account_id: str) -> list[ApiKey]:
@@ -457,4 +486,6 @@ def _key_row(key: Any) -> ApiKey:
         to_datetime(key.expires_at_us) if key.expires_at_us is not None else None,
         bool(key.enabled),
         to_datetime(key.previous_valid_until_us) if key.previous_valid_until_us is not None else None,
+        KeyType(key.key_type),
+        key.public_key,
     )

@@ -12,13 +12,14 @@ import ipaddress
 import re
 from collections.abc import Iterable
 
-from keyguard import FieldViolation, InvalidArgument, Permission
+from keyguard import FieldViolation, InvalidArgument, KeyType, Permission, SignedRequest
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 ACCESS_KEY_RE = re.compile(r"kg_[0-9A-Za-z]{24}")
 _ASSET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
+_NONCE_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
 class Violations:
@@ -85,6 +86,22 @@ class Violations:
         except ValueError:
             self.add(field, "must be READ, TRADE or WITHDRAW")
             return Permission.READ
+
+    def key_type(self, value: int, field: str = "key_type") -> KeyType:
+        try:
+            return KeyType(value)
+        except ValueError:
+            self.add(field, "must be SECRET or ED25519")
+            return KeyType.SECRET
+
+    def signed_request(self, signed: SignedRequest, field: str = "signed") -> None:
+        self.text(f"{field}.payload", signed.payload, max_len=8192, required=False)
+        if not _NONCE_RE.fullmatch(signed.nonce):
+            self.add(f"{field}.nonce", "must be 8-64 letters, digits, '_' or '-'")
+        if not signed.signature or len(signed.signature) > 200:
+            self.add(f"{field}.signature", "must be the base64 of an Ed25519 signature")
+        if signed.timestamp_ms <= 0:
+            self.add(f"{field}.timestamp_ms", "must be milliseconds since the Unix epoch")
 
     def asset(self, value: str, field: str = "asset") -> str:
         if not value:

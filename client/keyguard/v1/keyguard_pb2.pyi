@@ -59,6 +59,29 @@ PERMISSION_WITHDRAW: Permission.ValueType  # 3
 """Move funds out, plus TRADE and READ."""
 Global___Permission: _TypeAlias = Permission  # noqa: Y015
 
+class _KeyType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _KeyTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KeyType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    KEY_TYPE_UNSPECIFIED: _KeyType.ValueType  # 0
+    """Treated as SECRET."""
+    KEY_TYPE_SECRET: _KeyType.ValueType  # 1
+    KEY_TYPE_ED25519: _KeyType.ValueType  # 2
+
+class KeyType(_KeyType, metaclass=_KeyTypeEnumTypeWrapper):
+    """How a key proves itself. SECRET: the bot sends the private key keyguard
+    generated (HMAC-style, as most exchanges). ED25519: the bot signs each
+    request; keyguard stores only the public key and never holds a usable secret.
+    """
+
+KEY_TYPE_UNSPECIFIED: KeyType.ValueType  # 0
+"""Treated as SECRET."""
+KEY_TYPE_SECRET: KeyType.ValueType  # 1
+KEY_TYPE_ED25519: KeyType.ValueType  # 2
+Global___KeyType: _TypeAlias = KeyType  # noqa: Y015
+
 class _AuditAction:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -118,6 +141,12 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     """The key is disabled."""
     DECISION_KEY_EXPIRED: _Decision.ValueType  # 9
     """The key's expires_at has passed."""
+    DECISION_BAD_SIGNATURE: _Decision.ValueType  # 10
+    """ED25519: no signed request, or its signature does not verify."""
+    DECISION_STALE_REQUEST: _Decision.ValueType  # 11
+    """ED25519: timestamp_ms is outside the receive window."""
+    DECISION_REPLAYED_REQUEST: _Decision.ValueType  # 12
+    """ED25519: this nonce was already used with this key."""
 
 class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper):
     """Why Authorize allowed or refused a request. Checks run in this order, after
@@ -148,6 +177,12 @@ DECISION_KEY_DISABLED: Decision.ValueType  # 8
 """The key is disabled."""
 DECISION_KEY_EXPIRED: Decision.ValueType  # 9
 """The key's expires_at has passed."""
+DECISION_BAD_SIGNATURE: Decision.ValueType  # 10
+"""ED25519: no signed request, or its signature does not verify."""
+DECISION_STALE_REQUEST: Decision.ValueType  # 11
+"""ED25519: timestamp_ms is outside the receive window."""
+DECISION_REPLAYED_REQUEST: Decision.ValueType  # 12
+"""ED25519: this nonce was already used with this key."""
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
 
 @_typing.final
@@ -167,6 +202,8 @@ class ApiKey(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     ENABLED_FIELD_NUMBER: _builtins.int
     PREVIOUS_KEY_VALID_UNTIL_FIELD_NUMBER: _builtins.int
+    KEY_TYPE_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     access_key: _builtins.str
     """Public identifier, "kg_" followed by 24 base62 characters."""
@@ -176,6 +213,9 @@ class ApiKey(_message.Message):
     last_used_ip: _builtins.str
     enabled: _builtins.bool
     """A disabled key is refused (KEY_DISABLED) but kept, and can be enabled again."""
+    key_type: Global___KeyType.ValueType
+    public_key: _builtins.str
+    """ED25519 keys: the public key (PEM, SubjectPublicKeyInfo)."""
     @_builtins.property
     def allowed_ips(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Normalised IPv4/IPv6 addresses and CIDR networks. Empty means any IP."""
@@ -212,10 +252,12 @@ class ApiKey(_message.Message):
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         enabled: _builtins.bool = ...,
         previous_key_valid_until: _timestamp_pb2.Timestamp | None = ...,
+        key_type: Global___KeyType.ValueType = ...,
+        public_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "last_used_at", b"last_used_at", "previous_key_valid_until", b"previous_key_valid_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key", "account_id", b"account_id", "allowed_ips", b"allowed_ips", "created_at", b"created_at", "enabled", b"enabled", "expires_at", b"expires_at", "last_used_at", b"last_used_at", "last_used_ip", b"last_used_ip", "name", b"name", "permission", b"permission", "previous_key_valid_until", b"previous_key_valid_until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key", "account_id", b"account_id", "allowed_ips", b"allowed_ips", "created_at", b"created_at", "enabled", b"enabled", "expires_at", b"expires_at", "key_type", b"key_type", "last_used_at", b"last_used_at", "last_used_ip", b"last_used_ip", "name", b"name", "permission", b"permission", "previous_key_valid_until", b"previous_key_valid_until", "public_key", b"public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -304,9 +346,16 @@ class CreateKeyRequest(_message.Message):
     PERMISSION_FIELD_NUMBER: _builtins.int
     ALLOWED_IPS_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    KEY_TYPE_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     name: _builtins.str
     permission: Global___Permission.ValueType
+    key_type: Global___KeyType.ValueType
+    public_key: _builtins.str
+    """ED25519 only, optional: the owner's own public key (PEM). Without it
+    keyguard generates a key pair and returns its private key once.
+    """
     @_builtins.property
     def allowed_ips(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """At most 30 IPv4/IPv6 addresses or CIDR networks (host bits must be zero).
@@ -326,10 +375,12 @@ class CreateKeyRequest(_message.Message):
         permission: Global___Permission.ValueType = ...,
         allowed_ips: _abc.Iterable[_builtins.str] | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        key_type: Global___KeyType.ValueType = ...,
+        public_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "allowed_ips", b"allowed_ips", "expires_at", b"expires_at", "name", b"name", "permission", b"permission"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "allowed_ips", b"allowed_ips", "expires_at", b"expires_at", "key_type", b"key_type", "name", b"name", "permission", b"permission", "public_key", b"public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -342,8 +393,10 @@ class CreateKeyResponse(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     PRIVATE_KEY_FIELD_NUMBER: _builtins.int
     private_key: _builtins.str
-    """"kgsk_<43 base62>_<6 base62 checksum>". Shown once: keyguard keeps only
-    an argon2id hash and can never return it again.
+    """SECRET keys: "kgsk_<43 base62>_<6 base62 checksum>". Shown once:
+    keyguard keeps only an argon2id hash and can never return it again.
+    ED25519 keys with a generated pair: the private key (PEM, PKCS#8), shown
+    once and not kept at all. Empty when the owner supplied a public key.
     """
     @_builtins.property
     def key(self) -> Global___ApiKey: ...
@@ -1034,6 +1087,7 @@ class AuthorizeRequest(_message.Message):
     CLIENT_IP_FIELD_NUMBER: _builtins.int
     REQUIRED_PERMISSION_FIELD_NUMBER: _builtins.int
     DESTINATION_FIELD_NUMBER: _builtins.int
+    SIGNED_FIELD_NUMBER: _builtins.int
     access_key: _builtins.str
     private_key: _builtins.str
     """As presented by the bot; the gateway forwards it unchanged."""
@@ -1045,6 +1099,10 @@ class AuthorizeRequest(_message.Message):
     def destination(self) -> Global___WithdrawalDestination:
         """Required when required_permission is WITHDRAW, refused otherwise."""
 
+    @_builtins.property
+    def signed(self) -> Global___SignedRequest:
+        """ED25519 keys: the signed request (private_key stays empty)."""
+
     def __init__(
         self,
         *,
@@ -1053,14 +1111,55 @@ class AuthorizeRequest(_message.Message):
         client_ip: _builtins.str = ...,
         required_permission: Global___Permission.ValueType = ...,
         destination: Global___WithdrawalDestination | None = ...,
+        signed: Global___SignedRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "signed", b"signed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key", "client_ip", b"client_ip", "destination", b"destination", "private_key", b"private_key", "required_permission", b"required_permission"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key", "client_ip", b"client_ip", "destination", b"destination", "private_key", b"private_key", "required_permission", b"required_permission", "signed", b"signed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AuthorizeRequest: _TypeAlias = AuthorizeRequest  # noqa: Y015
+
+@_typing.final
+class SignedRequest(_message.Message):
+    """A request signed with an ED25519 key. The signature covers the UTF-8 bytes
+    of access_key + "\\n" + timestamp_ms + "\\n" + nonce + "\\n" + payload, where
+    payload is the gateway's canonical form of the bot's request (for example
+    "POST /api/v3/order symbol=BTCUSDT&side=BUY&quantity=1").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_MS_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    payload: _builtins.str
+    """At most 8192 characters."""
+    timestamp_ms: _builtins.int
+    """Milliseconds since the Unix epoch; must be within the server's receive
+    window (default 5 s) of its clock.
+    """
+    nonce: _builtins.str
+    """8-64 characters of [A-Za-z0-9_-], never reused within the window."""
+    signature: _builtins.str
+    """Base64 of the 64-byte Ed25519 signature."""
+    def __init__(
+        self,
+        *,
+        payload: _builtins.str = ...,
+        timestamp_ms: _builtins.int = ...,
+        nonce: _builtins.str = ...,
+        signature: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nonce", b"nonce", "payload", b"payload", "signature", b"signature", "timestamp_ms", b"timestamp_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignedRequest: _TypeAlias = SignedRequest  # noqa: Y015
 
 @_typing.final
 class AuthorizeResponse(_message.Message):

@@ -1,0 +1,78 @@
+"""Signed requests with ED25519 keys: the one definition of what is signed.
+
+Exchanges let bots sign each request with an asymmetric key so the exchange
+never holds a usable secret. keyguard stores only the public key; the bot signs
+``access_key \\n timestamp_ms \\n nonce \\n payload`` (UTF-8) with its private key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import secrets
+import time
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from keyguard._models import SignedRequest
+
+
+def canonical(access_key: str, timestamp_ms: int, nonce: str, payload: str) -> bytes:
+    return f"{access_key}\n{timestamp_ms}\n{nonce}\n{payload}".encode()
+
+
+def sign_request(
+    private_key_pem: str | bytes,
+    access_key: str,
+    payload: str,
+    *,
+    nonce: str | None = None,
+    timestamp_ms: int | None = None,
+) -> SignedRequest:
+    """What a bot does for every request: sign it with its ED25519 private key (PEM)."""
+    pem = private_key_pem.encode() if isinstance(private_key_pem, str) else private_key_pem
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError("not an Ed25519 private key")
+    nonce = nonce or secrets.token_urlsafe(16)
+    timestamp_ms = time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
+    signature = key.sign(canonical(access_key, timestamp_ms, nonce, payload))
+    return SignedRequest(payload, timestamp_ms, nonce, base64.b64encode(signature).decode())
+
+
+def new_key_pair() -> tuple[str, str]:
+    """(private key PEM, public key PEM) of a fresh Ed25519 key."""
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return private.decode(), public_pem(key.public_key())
+
+
+def public_pem(key: Ed25519PublicKey) -> str:
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def load_public_key(text: str) -> Ed25519PublicKey:
+    """A PEM public key, or the base64 of its 32 raw bytes; ValueError otherwise."""
+    try:
+        if "BEGIN" in text:
+            key = serialization.load_pem_public_key(text.encode())
+        else:
+            key = Ed25519PublicKey.from_public_bytes(base64.b64decode(text, validate=True))
+    except (ValueError, binascii.Error, TypeError):
+        raise ValueError("not an Ed25519 public key (PEM or base64 of 32 bytes)") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError("not an Ed25519 public key")
+    return key
+
+
+def verify(public_key: Ed25519PublicKey, access_key: str, signed: SignedRequest) -> bool:
+    try:
+        signature = base64.b64decode(signed.signature, validate=True)
+        public_key.verify(signature, canonical(access_key, signed.timestamp_ms, signed.nonce, signed.payload))
+    except (InvalidSignature, ValueError, binascii.Error):
+        return False
+    return True
