@@ -10,7 +10,9 @@ import functools
 import ipaddress
 import logging
 import time
+from collections.abc import Callable, Coroutine
 from datetime import datetime
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -325,6 +327,20 @@ class UsageRecorder:
         return len(batch)
 
 
+def _counted(
+    decide: Callable[..., Coroutine[Any, Any, AuthorizeResult]],
+) -> Callable[..., Coroutine[Any, Any, AuthorizeResult]]:
+    """Counts every decision (gRPC Authorize and Envoy Check alike) for the metrics."""
+
+    @functools.wraps(decide)
+    async def counted(*args: Any, **kwargs: Any) -> AuthorizeResult:
+        result = await decide(*args, **kwargs)
+        DECISIONS.labels(result.decision.name).inc()
+        return result
+
+    return counted
+
+
 class Authorizer:
     """Authorization: may this key do this, from this IP, now? (DESIGN.md §4).
 
@@ -346,6 +362,7 @@ class Authorizer:
     def argon2_verifications(self) -> int:
         return self._hasher.verifications
 
+    @_counted
     async def authorize(
         self,
         access_key: str,
@@ -354,19 +371,6 @@ class Authorizer:
         required: int,
         destination: WithdrawalDestination | None,
         signed: SignedRequest | None = None,
-    ) -> AuthorizeResult:
-        result = await self._decide(access_key, private_key, client_ip, required, destination, signed)
-        DECISIONS.labels(result.decision.name).inc()
-        return result
-
-    async def _decide(
-        self,
-        access_key: str,
-        private_key: str,
-        client_ip: str,
-        required: int,
-        destination: WithdrawalDestination | None,
-        signed: SignedRequest | None,
     ) -> AuthorizeResult:
         v = Violations()
         if not access_key:
