@@ -92,7 +92,7 @@ class Config:
     # Failed Authorize attempts allowed per access key and per client IP
     # (IPv6: per /64) in a burst, and refilled per second after it.
     failure_burst: int = 10
-    failure_refill_per_second: float = 1.0
+    failure_refill_per_second: float = 0.2
     # ED25519 signed requests: how far a request's timestamp may be from now.
     signature_window_ms: int = 5000
     # How often last-used times and IPs are written (one transaction each time).
