@@ -152,8 +152,13 @@ def start_server(
 
 @pytest.fixture(scope="session")
 def server(start_server: StartServer) -> RunningServer:
-    """The shared server with default limits; tests isolate by account id."""
-    return start_server()
+    """The shared server with default limits; tests isolate by account id.
+
+    Its failure limits are wide: they are per client IP, and unrelated tests
+    sharing one IP must not rate-limit each other (the limits have tests of
+    their own, on servers of their own).
+    """
+    return start_server(failure_burst=100_000)
 
 
 @pytest.fixture
