@@ -52,6 +52,11 @@ class Postgres:
         self._created.append(name)
         return urlunsplit(urlsplit(self.admin_url)._replace(path=f"/{name}"))
 
+    def drop(self, url: str) -> None:
+        """Drops one database now, even with servers connected to it."""
+        close_connections()
+        self._admin(f'DROP DATABASE IF EXISTS "{urlsplit(url).path.lstrip("/")}" WITH (FORCE)')
+
     def drop_all(self) -> None:
         close_connections()
         for name in self._created:

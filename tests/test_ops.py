@@ -11,12 +11,15 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from keyguard import Decision
 from tests.conftest import StartServer
+from tests.databases import Postgres
 from tests.processes import FAST_ARGON2_ENV, KEYGUARD, ServeProcess
 
 
@@ -127,3 +130,21 @@ def test_sigterm_lets_in_flight_calls_finish(tmp_path: Path) -> None:
     assert server.wait(20) == 0
     log = server.log.read_text()
     assert log.index("shutting down") < log.index("keyguard stopped")
+
+
+def test_health_follows_the_database(start_server: StartServer, postgres: Postgres) -> None:
+    """SERVING while the database answers; NOT_SERVING once it is gone (here: dropped under it)."""
+    database = postgres.create()
+    server = start_server(database=database, health_check_seconds=0.05)
+
+    def status() -> int:
+        with grpc.insecure_channel(server.target) as channel:
+            health: Any = health_pb2_grpc.HealthStub(channel)
+            return int(health.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
+
+    assert status() == health_pb2.HealthCheckResponse.SERVING
+    postgres.drop(database)
+    deadline = time.monotonic() + 10
+    while status() != health_pb2.HealthCheckResponse.NOT_SERVING:
+        assert time.monotonic() < deadline, "health never noticed the database was gone"
+        time.sleep(0.05)

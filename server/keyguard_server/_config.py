@@ -100,6 +100,8 @@ class Config:
     # Processes serving the same port (SO_REUSEPORT), to use every core.
     workers: int = 1
     log_level: str = "INFO"
+    # How often health checking asks the database whether it answers.
+    health_check_seconds: float = 5.0
     # Seconds in-flight calls get to finish on SIGTERM/SIGINT.
     shutdown_grace: float = 5.0
     # TLS: server certificate and key (PEM files); with a client CA, callers

@@ -36,8 +36,6 @@ log = logging.getLogger("keyguard.server")
 SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
 ENVOY_SERVICE = ext.DESCRIPTOR.services_by_name["Authorization"].full_name
 
-HEALTH_INTERVAL_SECONDS = 5.0
-
 # The largest valid request (30 allowlist entries) is a few KiB.
 MAX_MESSAGE_BYTES = 64 * 1024
 
@@ -150,7 +148,7 @@ class KeyguardServer:
         assert self._store is not None
         serving = True
         while True:
-            await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
+            await asyncio.sleep(self.config.health_check_seconds)
             now = self._store.ping()
             if now != serving:
                 log.warning("database %s", "reachable again" if now else "unreachable: health is NOT_SERVING")

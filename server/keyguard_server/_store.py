@@ -32,6 +32,7 @@ from typing import Any
 
 import peewee as pw
 from playhouse import db_url
+from playhouse.pool import PooledDatabase
 
 from keyguard import (
     AlreadyExists,
@@ -156,7 +157,14 @@ class Store:
         return cls(open_database(url))
 
     def close(self) -> None:
-        self.db.close()
+        """Closes every connection; a database that is already gone is not an error here."""
+        try:
+            if isinstance(self.db, PooledDatabase):
+                self.db.close_all()
+            else:
+                self.db.close()
+        except pw.DatabaseError:
+            pass
 
     def ping(self) -> bool:
         """Whether the database answers a trivial query now."""
