@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from keyguard import CreatedKey, Permission
+from keyguard import CreatedKey, KeyType, Permission, SignedRequest, sign_request
 from keyguard_server._config import EnvoyRoute
 from tests.conftest import RunningServer, StartServer
 
@@ -237,6 +237,28 @@ def test_withdrawal_destination_comes_from_headers(envoy: str, keyguard: Running
     assert (status, body["error"]) == (403, "ADDRESS_NOT_WHITELISTED")
     status, body = call(url, withdrawer, method="POST")
     assert (status, body["error"]) == (400, "BAD_REQUEST")
+
+
+def test_ed25519_key_signs_through_envoy(envoy: str, keyguard: RunningServer, account: str) -> None:
+    with keyguard.client() as client:
+        signer = client.create_key(account, "signer", "trade", ["127.0.0.1"], key_type=KeyType.ED25519)
+
+    def signed_call(path: str, request: SignedRequest | None = None, method: str = "POST") -> Any:
+        request = request or sign_request(signer.private_key, signer.key.access_key, f"{method} {path}")
+        return call(
+            f"{envoy}{path}", None, method=method, x_api_key=signer.key.access_key,
+            x_api_timestamp=str(request.timestamp_ms), x_api_nonce=request.nonce, x_api_signature=request.signature,
+        )  # fmt: skip
+
+    status, seen = signed_call("/api/v3/order?symbol=BTCUSDT&side=BUY")
+    assert (status, seen["x-keyguard-key-name"]) == (200, "signer")
+    once = sign_request(signer.private_key, signer.key.access_key, "POST /api/v3/order?symbol=BTCUSDT")
+    assert signed_call("/api/v3/order?symbol=BTCUSDT", once)[0] == 200
+    status, body = signed_call("/api/v3/order?symbol=BTCUSDT", once)
+    assert (status, body["error"]) == (401, "REPLAYED_REQUEST")
+    tampered = sign_request(signer.private_key, signer.key.access_key, "POST /api/v3/order?symbol=BTCUSDT")
+    status, body = signed_call("/api/v3/order?symbol=ETHUSDT", tampered)  # signed for another query
+    assert (status, body["error"]) == (401, "BAD_SIGNATURE")
 
 
 def test_keyguard_down_means_envoy_denies(envoy: str, keyguard: RunningServer, trade_key: CreatedKey) -> None:

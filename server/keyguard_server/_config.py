@@ -125,6 +125,10 @@ class Config:
     envoy_access_key_header: str = "x-api-key"
     envoy_private_key_header: str = "x-api-secret"
     envoy_client_ip_header: str = ""
+    # ED25519 keys: the signed request's parts.
+    envoy_timestamp_header: str = "x-api-timestamp"
+    envoy_nonce_header: str = "x-api-nonce"
+    envoy_signature_header: str = "x-api-signature"
     envoy_withdraw_asset_header: str = "x-withdraw-asset"
     envoy_withdraw_address_header: str = "x-withdraw-address"
     envoy_withdraw_memo_header: str = "x-withdraw-memo"

@@ -4,14 +4,17 @@ A stock Envoy in front of the exchange API calls ``Check`` for every bot
 request. The bot's HTTP request is mapped to an Authorize decision: access
 key and private key from configurable headers, client IP from the peer address
 Envoy reports (or a header a trusted proxy sets), required permission from the
-longest matching (method, path prefix) route. A request no route covers is
-refused: keyguard fails closed, and so does Envoy when keyguard is unreachable
-(``failure_mode_allow: false``).
+longest matching (method, path prefix) route. ED25519 keys sign instead:
+signature, timestamp and nonce come from headers, and the signed payload is
+"METHOD PATH?QUERY" (plus a newline and the body when Envoy forwards it). A
+request no route covers is refused: keyguard fails closed, and so does Envoy
+when keyguard is unreachable (``failure_mode_allow: false``).
 
 On ALLOW the upstream gets x-keyguard-account-id, x-keyguard-key-name
 (percent-encoded UTF-8) and x-keyguard-permission, overwriting anything the
 bot sent under those names, and never sees the private-key header. A refusal
-is 401 (unknown key or bad secret), 429 (rate limited) or 403, with a small
+is 401 (unknown, disabled or expired key, bad secret or signature, stale or
+replayed request), 429 (rate limited), 400 (malformed) or 403, with a small
 JSON body naming the decision.
 """
 
@@ -23,7 +26,7 @@ from urllib.parse import quote
 import grpc
 from google.rpc import code_pb2, status_pb2
 
-from keyguard import AuthorizeResult, Decision, InvalidArgument, Permission, WithdrawalDestination
+from keyguard import AuthorizeResult, Decision, InvalidArgument, Permission, SignedRequest, WithdrawalDestination
 from keyguard.envoy.config.core.v3 import base_pb2 as core
 from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
@@ -36,6 +39,11 @@ _OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _REFUSALS: dict[str, tuple[http_status.StatusCode.ValueType, int]] = {
     Decision.UNKNOWN_KEY.name: (http_status.Unauthorized, code_pb2.UNAUTHENTICATED),
     Decision.BAD_SECRET.name: (http_status.Unauthorized, code_pb2.UNAUTHENTICATED),
+    Decision.BAD_SIGNATURE.name: (http_status.Unauthorized, code_pb2.UNAUTHENTICATED),
+    Decision.STALE_REQUEST.name: (http_status.Unauthorized, code_pb2.UNAUTHENTICATED),
+    Decision.REPLAYED_REQUEST.name: (http_status.Unauthorized, code_pb2.UNAUTHENTICATED),
+    Decision.KEY_DISABLED.name: (http_status.Unauthorized, code_pb2.UNAUTHENTICATED),
+    Decision.KEY_EXPIRED.name: (http_status.Unauthorized, code_pb2.UNAUTHENTICATED),
     "MISSING_CREDENTIALS": (http_status.Unauthorized, code_pb2.UNAUTHENTICATED),
     Decision.RATE_LIMITED.name: (http_status.TooManyRequests, code_pb2.RESOURCE_EXHAUSTED),
     "BAD_REQUEST": (http_status.BadRequest, code_pb2.INVALID_ARGUMENT),
@@ -61,12 +69,21 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
             return _deny("ROUTE_NOT_MAPPED", f"no permission is configured for {http.method} {http.path}")
         access_key = headers.get(config.envoy_access_key_header, "")
         private_key = headers.get(config.envoy_private_key_header, "")
-        if not access_key or not private_key:
+        signature = headers.get(config.envoy_signature_header, "")
+        if not access_key or not (private_key or signature):
             return _deny(
                 "MISSING_CREDENTIALS",
-                f"send the access key in {config.envoy_access_key_header} "
-                f"and the private key in {config.envoy_private_key_header}",
+                f"send the access key in {config.envoy_access_key_header} and either the private key in "
+                f"{config.envoy_private_key_header} or a signature in {config.envoy_signature_header}",
             )
+        signed = None
+        if signature:
+            try:
+                timestamp_ms = int(headers.get(config.envoy_timestamp_header, ""))
+            except ValueError:
+                return _deny("BAD_REQUEST", f"{config.envoy_timestamp_header} must be milliseconds since the epoch")
+            payload = f"{http.method} {http.path}" + (f"\n{http.body}" if http.body else "")
+            signed = SignedRequest(payload, timestamp_ms, headers.get(config.envoy_nonce_header, ""), signature)
         if config.envoy_client_ip_header:
             client_ip = headers.get(config.envoy_client_ip_header, "").rsplit(",", 1)[-1].strip()
         else:
@@ -79,7 +96,9 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
                 headers.get(config.envoy_withdraw_memo_header, ""),
             )
         try:
-            result = await self._authorizer.authorize(access_key, private_key, client_ip, route.permission, destination)
+            result = await self._authorizer.authorize(
+                access_key, private_key, client_ip, route.permission, destination, signed
+            )
         except InvalidArgument as exc:
             return _deny("BAD_REQUEST", exc.message)
         if not result.allowed:
