@@ -165,6 +165,7 @@ def test_cli_lifecycle(serve: ServeProcess) -> None:
                          "--permission", "trade").stdout.strip()  # fmt: skip
 
     assert "Enabled:     no" in serve.cli("keys", "disable", "acct-44", ak).stdout
+    assert "disabled" in serve.cli("keys", "list", "acct-44").stdout
     assert authorize(old) == "DENY: KEY_DISABLED"
     assert serve.cli("keys", "enable", "acct-44", ak).returncode == 0
     updated = serve.cli("keys", "update", "acct-44", ak, "--name", "renamed", "--no-expiry")

@@ -292,12 +292,13 @@ def _keys_list(client: Client, args: argparse.Namespace) -> int:
         print(f"Account {args.account_id} has no API keys.")
     else:
         _print_table(
-            ["ACCESS KEY", "NAME", "PERMISSION", "ALLOWED IPS", "CREATED", "LAST USED"],
+            ["ACCESS KEY", "NAME", "PERMISSION", "STATUS", "ALLOWED IPS", "CREATED", "LAST USED"],
             [
                 [
                     k.access_key,
                     k.name,
                     k.permission.name,
+                    _status(k),
                     ",".join(k.allowed_ips) or "any",
                     _time(k.created_at),
                     _last_used(k),
@@ -496,6 +497,14 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
     for row in (header, *rows):
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _status(key: ApiKey) -> str:
+    if not key.enabled:
+        return "disabled"
+    if key.expires_at is not None:
+        return "expired" if key.expires_at <= datetime.now(UTC) else f"until {key.expires_at:%Y-%m-%d}"
+    return "active"
 
 
 def _last_used(key: ApiKey) -> str:
