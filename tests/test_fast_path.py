@@ -231,6 +231,7 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path, loop_thread: 
             "previous_valid_until_us",
             "key_type",
             "public_key",
+            "previous_public_key",
         ):
             db.execute(f"ALTER TABLE key_model DROP COLUMN {column}")
         db.execute("DROP TABLE nonce_model")

@@ -142,7 +142,7 @@ def test_malformed_signed_requests_are_invalid(
     assert err.value.fields == (field,)
 
 
-def test_bad_public_keys_and_rotation_are_refused(client: Client, account: str, ed_key: CreatedKey) -> None:
+def test_bad_public_keys_are_refused(client: Client, account: str, ed_key: CreatedKey) -> None:
     with pytest.raises(InvalidArgument) as err:
         client.create_key(account, "bad", "read", key_type=KeyType.ED25519, public_key="not a key")
     assert err.value.fields == ("public_key",)
@@ -150,5 +150,38 @@ def test_bad_public_keys_and_rotation_are_refused(client: Client, account: str, 
         client.create_key(account, "bad", "read", public_key=ed_key.key.public_key)  # a SECRET key
     assert err.value.fields == ("public_key",)
     with pytest.raises(InvalidArgument) as err:
-        client.rotate_key(account, ed_key.key.access_key)
-    assert err.value.fields == ("access_key",)
+        client.rotate_key(account, ed_key.key.access_key, public_key="not a key")
+    assert err.value.fields == ("public_key",)
+    secret_key = client.create_key(account, "secret", "read")
+    with pytest.raises(InvalidArgument) as err:
+        client.rotate_key(account, secret_key.key.access_key, public_key=ed_key.key.public_key)
+    assert err.value.fields == ("public_key",)
+
+
+def test_rotating_an_ed25519_key(server: RunningServer, client: Client, ed_key: CreatedKey) -> None:
+    ak, account = ed_key.key.access_key, ed_key.key.account_id
+
+    def with_key(private_pem: str) -> Decision:
+        return authorize(client, ed_key, sign_request(private_pem, ak, ORDER))
+
+    rotated = client.rotate_key(account, ak, grace_seconds=3600)
+    assert rotated.private_key.startswith("-----BEGIN PRIVATE KEY-----")
+    assert rotated.key.public_key != ed_key.key.public_key
+    assert with_key(rotated.private_key) is Decision.ALLOW
+    assert with_key(ed_key.private_key) is Decision.ALLOW  # during the grace period
+    server.sql("UPDATE key_model SET previous_valid_until_us = ? WHERE access_key = ?", (1, ak))
+    assert with_key(ed_key.private_key) is Decision.BAD_SIGNATURE  # after it
+    # The owner's own new key, effective at once.
+    own = Ed25519PrivateKey.generate()
+    own_pem = own.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    public_pem = (
+        own.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    mine = client.rotate_key(account, ak, grace_seconds=0, public_key=public_pem)
+    assert (mine.private_key, mine.key.public_key) == ("", public_pem)
+    assert with_key(own_pem) is Decision.ALLOW
+    assert with_key(rotated.private_key) is Decision.BAD_SIGNATURE

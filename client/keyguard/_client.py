@@ -138,9 +138,14 @@ class Client:
             request.enabled = enabled
         return _key(self._call(self._keys.UpdateKey, request).key)
 
-    def rotate_key(self, account_id: str, access_key: str, *, grace_seconds: int | None = None) -> CreatedKey:
-        """A new private key for the same access key; the old one works ``grace_seconds`` more (default 24 h)."""
-        request = pb.RotateKeyRequest(account_id=account_id, access_key=access_key)
+    def rotate_key(
+        self, account_id: str, access_key: str, *, grace_seconds: int | None = None, public_key: str = ""
+    ) -> CreatedKey:
+        """A new private key for the same access key; the old one works ``grace_seconds`` more (default 24 h).
+
+        ED25519 keys: a new pair is generated unless ``public_key`` (PEM) is given.
+        """
+        request = pb.RotateKeyRequest(account_id=account_id, access_key=access_key, public_key=public_key)
         if grace_seconds is not None:
             request.grace_seconds = grace_seconds
         response = self._call(self._keys.RotateKey, request)

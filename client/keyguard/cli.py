@@ -141,6 +141,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="how long the old private key keeps working (default 24h; 0 = no)",
     )
+    rotate.add_argument(
+        "--public-key", metavar="PEM_FILE", help="ed25519: your new public key (else a pair is generated)"
+    )
     rotate.set_defaults(run=_keys_rotate)
     delete_all = keys.add_parser("delete-all", help="delete every key of an account")
     delete_all.add_argument("account_id")
@@ -347,11 +350,20 @@ def _keys_update(client: Client, args: argparse.Namespace) -> int:
 
 def _keys_rotate(client: Client, args: argparse.Namespace) -> int:
     grace = None if args.grace is None else int(args.grace.total_seconds())
-    rotated = client.rotate_key(args.account_id, args.access_key, grace_seconds=grace)
+    public_key = ""
+    if args.public_key:
+        with open(args.public_key) as f:
+            public_key = f.read()
+    rotated = client.rotate_key(args.account_id, args.access_key, grace_seconds=grace, public_key=public_key)
     if args.json:
         _print_json({**_jsonable(rotated.key), "private_key": rotated.private_key})
         return 0
-    print(f"New private key for {rotated.key.access_key}: {rotated.private_key}")
+    if rotated.key.key_type is KeyType.ED25519:
+        print(f"New public key for {rotated.key.access_key}:\n{rotated.key.public_key}")
+        if rotated.private_key:
+            print(f"New private key (sign requests with it):\n{rotated.private_key}")
+    else:
+        print(f"New private key for {rotated.key.access_key}: {rotated.private_key}")
     until = rotated.key.previous_key_valid_until
     print(
         f"The previous private key works until {_time(until)}."

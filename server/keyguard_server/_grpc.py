@@ -206,7 +206,9 @@ class KeyManagementServicer(pb_grpc.KeyManagementServicer):
         self, request: pb.RotateKeyRequest, context: Context[pb.RotateKeyRequest, pb.RotateKeyResponse]
     ) -> pb.RotateKeyResponse:
         grace = request.grace_seconds if request.HasField("grace_seconds") else None
-        created = await self._manager.rotate_key(current_caller(), request.account_id, request.access_key, grace)
+        created = await self._manager.rotate_key(
+            current_caller(), request.account_id, request.access_key, grace, request.public_key
+        )
         return pb.RotateKeyResponse(key=_key(created.key), private_key=created.private_key)
 
     @_maps_errors

@@ -54,6 +54,8 @@ class KeyModel(_Model):
     # Since version 4: 1 = SECRET (argon2id hash above), 2 = ED25519 (public key PEM here, no hash).
     key_type = pw.SmallIntegerField(default=1)
     public_key = pw.TextField(default="")
+    # Since version 5: an ED25519 key's rotated-out public key (valid until previous_valid_until_us).
+    previous_public_key = pw.TextField(default="")
 
     class Meta:
         indexes = ((("account_id", "name"), True),)
@@ -126,8 +128,17 @@ def _v4_signed_requests(migrator: pw_migrate.SchemaMigrator) -> None:
     migrator.database.create_tables([NonceModel])
 
 
+def _v5_ed25519_rotation(migrator: pw_migrate.SchemaMigrator) -> None:
+    pw_migrate.migrate(migrator.add_column("key_model", "previous_public_key", KeyModel.previous_public_key))
+
+
 # STEPS[n] upgrades version n + 1 to n + 2.
-STEPS: list[Callable[[pw_migrate.SchemaMigrator], None]] = [_v2_last_used, _v3_lifecycle, _v4_signed_requests]
+STEPS: list[Callable[[pw_migrate.SchemaMigrator], None]] = [
+    _v2_last_used,
+    _v3_lifecycle,
+    _v4_signed_requests,
+    _v5_ed25519_rotation,
+]
 VERSION = len(STEPS) + 1
 MIGRATION_LOCK = 0x6B657967  # "keyg": the advisory lock key of schema migrations on PostgreSQL
 

@@ -94,16 +94,10 @@ class KeyManager:
         kind = KeyType.SECRET if key_type == 0 else v.key_type(key_type)
         if public_key and kind is not KeyType.ED25519:
             v.add("public_key", "is only for ED25519 keys")
-        elif public_key:
-            try:
-                public_key = signing.public_pem(signing.load_public_key(public_key))
-            except ValueError as exc:
-                v.add("public_key", str(exc))
         v.raise_if_any()
         if kind is KeyType.ED25519:
-            private_key, secret_hash = "", ""
-            if not public_key:
-                private_key, public_key = signing.new_key_pair()
+            private_key, public_key = self._ed25519_pair(public_key)
+            secret_hash = ""
         else:
             private_key = new_private_key()
             secret_hash = await self._hasher.hash(private_key)
@@ -174,8 +168,11 @@ class KeyManager:
         log.info("key updated account_id=%s access_key=%s fields=%s", account_id, access_key, ",".join(changes))
         return key
 
-    async def rotate_key(self, caller: str, account_id: str, access_key: str, grace_seconds: int | None) -> CreatedKey:
-        """A new private key for the same access key; the old one works for the grace period."""
+    async def rotate_key(
+        self, caller: str, account_id: str, access_key: str, grace_seconds: int | None, public_key: str = ""
+    ) -> CreatedKey:
+        """A new private key (ED25519: a new pair, or the owner's new public key) for the
+        same access key; the old one works for the grace period."""
         v = Violations()
         v.account_id(account_id)
         v.access_key(access_key)
@@ -183,17 +180,35 @@ class KeyManager:
         if not 0 <= grace <= MAX_ROTATION_GRACE:
             v.add("grace_seconds", f"must be between 0 and {MAX_ROTATION_GRACE}")
         v.raise_if_any()
-        if self._store.get_key(account_id, access_key).key_type is not KeyType.SECRET:
-            raise InvalidArgument(
-                [FieldViolation("access_key", "only SECRET keys rotate; create a new ED25519 key instead")]
-            )
-        private_key = new_private_key()
-        secret_hash = await self._hasher.hash(private_key)
+        kind = self._store.get_key(account_id, access_key).key_type  # NOT_FOUND before any work
+        if kind is KeyType.ED25519:
+            private_key, public_key = self._ed25519_pair(public_key)
+            secret_hash = ""
+        elif public_key:
+            raise InvalidArgument([FieldViolation("public_key", "is only for ED25519 keys")])
+        else:
+            private_key = new_private_key()
+            secret_hash = await self._hasher.hash(private_key)
         key = self._store.rotate_key(
-            caller=caller, account_id=account_id, access_key=access_key, secret_hash=secret_hash, grace_us=grace * 10**6
+            caller=caller,
+            account_id=account_id,
+            access_key=access_key,
+            grace_us=grace * 10**6,
+            secret_hash=secret_hash,
+            public_key=public_key,
         )
         log.info("key rotated account_id=%s access_key=%s grace=%ds", account_id, access_key, grace)
         return CreatedKey(key, private_key)
+
+    @staticmethod
+    def _ed25519_pair(public_key: str) -> tuple[str, str]:
+        """(private key to show once or "", public key PEM): the owner's key, or a new pair."""
+        if not public_key:
+            return signing.new_key_pair()
+        try:
+            return "", signing.public_pem(signing.load_public_key(public_key))
+        except ValueError as exc:
+            raise InvalidArgument([FieldViolation("public_key", str(exc))]) from None
 
     def _withdraw_policy(self, v: Violations, level: Permission, ips: list[str]) -> None:
         if level is Permission.WITHDRAW and not ips and self._config.withdraw_requires_ip_allowlist:
@@ -402,7 +417,7 @@ class Authorizer:
             return refusal
         if row.key_type is KeyType.ED25519:
             return self._check_signature(access_key, row, ip, level, destination, signed)
-        in_grace = row.previous_valid_until_us is not None and now < row.previous_valid_until_us
+        in_grace = row.in_grace(now)
         if self.cache.hit(row.secret_hash, private_key) or (
             in_grace and self.cache.hit(row.previous_secret_hash, private_key)
         ):
@@ -461,7 +476,10 @@ class Authorizer:
             return _deny(Decision.BAD_SIGNATURE)
         if abs(time.time_ns() // 1_000_000 - signed.timestamp_ms) > self._window_ms:
             return _deny(Decision.STALE_REQUEST)
-        if not signing.verify(_public_key(row.public_key), access_key, signed):
+        keys = [row.public_key] + (
+            [row.previous_public_key] if row.previous_public_key and row.in_grace(now_us()) else []
+        )
+        if not any(signing.verify(_public_key(pem), access_key, signed) for pem in keys):
             self._failures.failed(access_key)
             self._failures.failed(network)
             return _deny(Decision.BAD_SIGNATURE)

@@ -65,6 +65,11 @@ class AuthRow:
     previous_valid_until_us: int | None
     key_type: KeyType
     public_key: str
+    previous_public_key: str
+
+    def in_grace(self, now: int) -> bool:
+        """Whether the rotated-out credential is still accepted."""
+        return self.previous_valid_until_us is not None and now < self.previous_valid_until_us
 
     def accepts_hash(self, secret_hash: str, now: int) -> bool:
         """Whether a secret verified against ``secret_hash`` is valid for this key now."""
@@ -139,6 +144,7 @@ class Store:
                     KeyModel.previous_valid_until_us,
                     KeyModel.key_type,
                     KeyModel.public_key,
+                    KeyModel.previous_public_key,
                 )
                 .join(AccountModel, pw.JOIN.LEFT_OUTER, on=AccountModel.account_id == KeyModel.account_id)
                 .where(KeyModel.access_key == "")
@@ -193,7 +199,7 @@ class Store:
         if row is None:
             return None
         (account_id, name, permission, allowed_ips, secret_hash, address_management, enabled, expires, prev, until,
-         key_type, public_key) = row  # fmt: skip
+         key_type, public_key, previous_public_key) = row  # fmt: skip
         return AuthRow(
             account_id,
             name,
@@ -207,6 +213,7 @@ class Store:
             until,
             KeyType(key_type),
             public_key,
+            previous_public_key,
         )
 
     def use_nonce(self, access_key: str, nonce: str) -> bool:
@@ -358,15 +365,27 @@ class Store:
                 self._audit(caller, AuditAction.KEY_UPDATED, account_id, access_key, **changes)
         return updated
 
-    def rotate_key(self, *, caller: str, account_id: str, access_key: str, secret_hash: str, grace_us: int) -> ApiKey:
-        """New hash; the old one stays valid for ``grace_us`` (0: not at all)."""
+    def rotate_key(
+        self,
+        *,
+        caller: str,
+        account_id: str,
+        access_key: str,
+        grace_us: int,
+        secret_hash: str = "",
+        public_key: str = "",
+    ) -> ApiKey:
+        """New credential (hash for SECRET keys, public key for ED25519); the old one
+        stays valid for ``grace_us`` (0: not at all)."""
         with self._transaction():
             row = KeyModel.get_or_none((KeyModel.account_id == account_id) & (KeyModel.access_key == access_key))
             if row is None:
                 raise NotFound(f"account {account_id!r} has no key {access_key!r}")
             row.previous_secret_hash = row.secret_hash if grace_us else ""
+            row.previous_public_key = row.public_key if grace_us else ""
             row.previous_valid_until_us = now_us() + grace_us if grace_us else None
             row.secret_hash = secret_hash
+            row.public_key = public_key
             row.save()
             self._audit(caller, AuditAction.KEY_ROTATED, account_id, access_key, grace_seconds=grace_us // 10**6)
             return _key_row(row)

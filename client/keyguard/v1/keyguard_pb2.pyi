@@ -639,22 +639,26 @@ class RotateKeyRequest(_message.Message):
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     ACCESS_KEY_FIELD_NUMBER: _builtins.int
     GRACE_SECONDS_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     access_key: _builtins.str
     grace_seconds: _builtins.int
     """How long the previous private key keeps working: default 86400 (24 h),
     0 = not at all, at most 2592000 (30 days).
     """
+    public_key: _builtins.str
+    """ED25519 keys: the new public key (PEM); empty to have a pair generated."""
     def __init__(
         self,
         *,
         account_id: _builtins.str = ...,
         access_key: _builtins.str = ...,
         grace_seconds: _builtins.int | None = ...,
+        public_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_grace_seconds", b"_grace_seconds", "grace_seconds", b"grace_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_grace_seconds", b"_grace_seconds", "access_key", b"access_key", "account_id", b"account_id", "grace_seconds", b"grace_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_grace_seconds", b"_grace_seconds", "access_key", b"access_key", "account_id", b"account_id", "grace_seconds", b"grace_seconds", "public_key", b"public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__grace_seconds: _TypeAlias = _typing.Literal["grace_seconds"]  # noqa: Y015
     _WhichOneofArgType__grace_seconds: _TypeAlias = _typing.Literal["_grace_seconds", b"_grace_seconds"]  # noqa: Y015
@@ -669,7 +673,7 @@ class RotateKeyResponse(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     PRIVATE_KEY_FIELD_NUMBER: _builtins.int
     private_key: _builtins.str
-    """The new private key, shown once."""
+    """The new private key, shown once (empty when an ED25519 public key was given)."""
     @_builtins.property
     def key(self) -> Global___ApiKey: ...
     def __init__(

@@ -150,8 +150,9 @@ class KeyManagementServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RotateKey(self, request, context):
-        """Issues a new private key for the same access key. The previous one keeps
-        working for the grace period (default 24 h, 0 = stops at once).
+        """Issues a new private key (ED25519: a new key pair or the given public key)
+        for the same access key. The previous one keeps working for the grace
+        period (default 24 h, 0 = stops at once).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

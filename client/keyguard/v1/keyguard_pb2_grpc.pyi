@@ -60,8 +60,9 @@ class KeyManagementStub:
     as CreateKey. Fields left unset keep their value.
     """
     RotateKey: _grpc.UnaryUnaryMultiCallable[_keyguard_pb2.RotateKeyRequest, _keyguard_pb2.RotateKeyResponse]
-    """Issues a new private key for the same access key. The previous one keeps
-    working for the grace period (default 24 h, 0 = stops at once).
+    """Issues a new private key (ED25519: a new key pair or the given public key)
+    for the same access key. The previous one keeps working for the grace
+    period (default 24 h, 0 = stops at once).
     """
     GetAccountSettings: _grpc.UnaryUnaryMultiCallable[_keyguard_pb2.GetAccountSettingsRequest, _keyguard_pb2.GetAccountSettingsResponse]
     SetAddressManagement: _grpc.UnaryUnaryMultiCallable[_keyguard_pb2.SetAddressManagementRequest, _keyguard_pb2.SetAddressManagementResponse]
@@ -96,8 +97,9 @@ class KeyManagementAsyncStub(KeyManagementStub):
     as CreateKey. Fields left unset keep their value.
     """
     RotateKey: _aio.UnaryUnaryMultiCallable[_keyguard_pb2.RotateKeyRequest, _keyguard_pb2.RotateKeyResponse]  # type: ignore[assignment]
-    """Issues a new private key for the same access key. The previous one keeps
-    working for the grace period (default 24 h, 0 = stops at once).
+    """Issues a new private key (ED25519: a new key pair or the given public key)
+    for the same access key. The previous one keeps working for the grace
+    period (default 24 h, 0 = stops at once).
     """
     GetAccountSettings: _aio.UnaryUnaryMultiCallable[_keyguard_pb2.GetAccountSettingsRequest, _keyguard_pb2.GetAccountSettingsResponse]  # type: ignore[assignment]
     SetAddressManagement: _aio.UnaryUnaryMultiCallable[_keyguard_pb2.SetAddressManagementRequest, _keyguard_pb2.SetAddressManagementResponse]  # type: ignore[assignment]
@@ -171,8 +173,9 @@ class KeyManagementServicer(metaclass=_abc_1.ABCMeta):
         request: _keyguard_pb2.RotateKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keyguard_pb2.RotateKeyResponse, _abc.Awaitable[_keyguard_pb2.RotateKeyResponse]]:
-        """Issues a new private key for the same access key. The previous one keeps
-        working for the grace period (default 24 h, 0 = stops at once).
+        """Issues a new private key (ED25519: a new key pair or the given public key)
+        for the same access key. The previous one keeps working for the grace
+        period (default 24 h, 0 = stops at once).
         """
 
     @_abc_1.abstractmethod
