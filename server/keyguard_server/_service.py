@@ -95,12 +95,7 @@ class KeyManager:
         if public_key and kind is not KeyType.ED25519:
             v.add("public_key", "is only for ED25519 keys")
         v.raise_if_any()
-        if kind is KeyType.ED25519:
-            private_key, public_key = self._ed25519_pair(public_key)
-            secret_hash = ""
-        else:
-            private_key = new_private_key()
-            secret_hash = await self._hasher.hash(private_key)
+        private_key, secret_hash, public_key = await self._credential(kind, public_key)
         key = self._store.insert_key(
             caller=caller,
             account_id=account_id,
@@ -181,14 +176,9 @@ class KeyManager:
             v.add("grace_seconds", f"must be between 0 and {MAX_ROTATION_GRACE}")
         v.raise_if_any()
         kind = self._store.get_key(account_id, access_key).key_type  # NOT_FOUND before any work
-        if kind is KeyType.ED25519:
-            private_key, public_key = self._ed25519_pair(public_key)
-            secret_hash = ""
-        elif public_key:
+        if public_key and kind is not KeyType.ED25519:
             raise InvalidArgument([FieldViolation("public_key", "is only for ED25519 keys")])
-        else:
-            private_key = new_private_key()
-            secret_hash = await self._hasher.hash(private_key)
+        private_key, secret_hash, public_key = await self._credential(kind, public_key)
         key = self._store.rotate_key(
             caller=caller,
             account_id=account_id,
@@ -200,13 +190,19 @@ class KeyManager:
         log.info("key rotated account_id=%s access_key=%s grace=%ds", account_id, access_key, grace)
         return CreatedKey(key, private_key)
 
-    @staticmethod
-    def _ed25519_pair(public_key: str) -> tuple[str, str]:
-        """(private key to show once or "", public key PEM): the owner's key, or a new pair."""
+    async def _credential(self, kind: KeyType, public_key: str) -> tuple[str, str, str]:
+        """(private key to show once or "", argon2id hash or "", public key PEM or "").
+
+        SECRET: a new private key and its hash. ED25519: the owner's public key, or a new pair.
+        """
+        if kind is KeyType.SECRET:
+            private_key = new_private_key()
+            return private_key, await self._hasher.hash(private_key), ""
         if not public_key:
-            return signing.new_key_pair()
+            private_pem, public_pem = signing.new_key_pair()
+            return private_pem, "", public_pem
         try:
-            return "", signing.public_pem(signing.load_public_key(public_key))
+            return "", "", signing.public_pem(signing.load_public_key(public_key))
         except ValueError as exc:
             raise InvalidArgument([FieldViolation("public_key", str(exc))]) from None
 
