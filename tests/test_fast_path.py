@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 import time
@@ -16,7 +17,7 @@ from keyguard_server import Config
 from keyguard_server._schema import VERSION
 from keyguard_server._store import Store
 from keyguard_server._verify import FailureLimiter
-from tests.conftest import LoopThread, RunningServer, StartServer, T
+from tests.conftest import RunningServer, StartServer
 from tests.processes import ServeProcess
 
 BOT_IP = "203.0.113.7"
@@ -207,18 +208,14 @@ def test_last_used_is_flushed_on_shutdown(start_server: StartServer, account: st
         assert client.get_key(account, key.key.access_key).last_used_ip == BOT_IP
 
 
-def on_store_thread(loop_thread: LoopThread, action: Callable[[], T]) -> T:
-    """Store calls belong on the servers' loop thread (model binding is process-wide)."""
-
-    async def run() -> T:
-        return action()
-
-    return loop_thread.run(run())
+async def open_and_close(config: Config) -> None:
+    store = await Store.open(config.database_settings)
+    await store.close()
 
 
-def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path, loop_thread: LoopThread) -> None:
+def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     config = Config(data_dir=str(tmp_path))
-    on_store_thread(loop_thread, lambda: Store.open(config.database_url).close())
+    asyncio.run(open_and_close(config))
     # Make it look like a database written before schema versioning.
     with sqlite3.connect(tmp_path / "keyguard.db") as db:
         db.execute("DROP TABLE schema_version")
@@ -241,26 +238,26 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path, loop_thread: 
             (argon2.PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash("x"),),
         )
 
-    def upgrade_and_list() -> list[ApiKey]:
-        store = Store.open(config.database_url)
+    async def upgrade_and_list() -> list[ApiKey]:
+        store = await Store.open(config.database_settings)
         try:
-            return store.list_keys("acct")
+            return await store.list_keys("acct")
         finally:
-            store.close()
+            await store.close()
 
-    (key,) = on_store_thread(loop_thread, upgrade_and_list)
+    (key,) = asyncio.run(upgrade_and_list())
     assert (key.name, key.last_used_at, key.last_used_ip, key.enabled, key.expires_at) == ("old", None, "", True, None)
     with sqlite3.connect(tmp_path / "keyguard.db") as db:
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(VERSION,)]
 
 
-def test_a_newer_database_is_refused(tmp_path: Path, loop_thread: LoopThread) -> None:
+def test_a_newer_database_is_refused(tmp_path: Path) -> None:
     config = Config(data_dir=str(tmp_path))
-    on_store_thread(loop_thread, lambda: Store.open(config.database_url).close())
+    asyncio.run(open_and_close(config))
     with sqlite3.connect(tmp_path / "keyguard.db") as db:
         db.execute("UPDATE schema_version SET version = version + 1")
     with pytest.raises(RuntimeError, match="newer than this keyguard"):
-        on_store_thread(loop_thread, lambda: Store.open(config.database_url))
+        asyncio.run(open_and_close(config))
 
 
 def test_workers_share_one_port(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ errors here are the vocabulary shared by client and server.
 
 from keyguard._client import DEFAULT_TARGET, Client
 from keyguard._errors import (
+    Aborted,
     AlreadyExists,
     FieldViolation,
     InvalidArgument,
@@ -35,6 +36,7 @@ from keyguard._signing import sign_request
 
 __all__ = [
     "DEFAULT_TARGET",
+    "Aborted",
     "AccountSettings",
     "AlreadyExists",
     "ApiKey",

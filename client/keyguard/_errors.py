@@ -74,9 +74,16 @@ class PermissionDenied(KeyguardError):
 
 
 class Unavailable(KeyguardError):
-    """The server cannot be reached or is shutting down; safe to retry."""
+    """The server, or its database, cannot answer now; nothing was changed, safe to retry."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class Aborted(KeyguardError):
+    """A change could not get its lock in time (another change to the same account holds it);
+    nothing was changed, safe to retry."""
+
+    code = grpc.StatusCode.ABORTED
 
 
 class ServerError(KeyguardError):
@@ -84,5 +91,6 @@ class ServerError(KeyguardError):
 
 
 ERRORS_BY_CODE: dict[grpc.StatusCode, type[KeyguardError]] = {
-    cls.code: cls for cls in (NotFound, AlreadyExists, LimitExceeded, Unauthenticated, PermissionDenied, Unavailable)
+    cls.code: cls
+    for cls in (NotFound, AlreadyExists, LimitExceeded, Unauthenticated, PermissionDenied, Unavailable, Aborted)
 }

@@ -19,6 +19,7 @@ from typing import Any
 
 from keyguard import Permission
 from keyguard_server._secrets import Argon2Params
+from keyguard_server._store import DatabaseSettings
 
 
 class Role(enum.StrEnum):
@@ -74,6 +75,19 @@ class Config:
     data_dir: str = "data"
     # A playhouse.db_url URL; empty means sqlite:///<data_dir>/keyguard.db.
     database: str = ""
+    # Every wait for the database is bounded (a call that runs out answers
+    # UNAVAILABLE, or ABORTED for a lock, and changes nothing): opening a
+    # connection; one statement (PostgreSQL statement_timeout; an Authorize
+    # waits at most this, or less when its caller's deadline is sooner);
+    # another transaction's lock (PostgreSQL lock_timeout, SQLite busy_timeout).
+    database_connect_timeout_seconds: float = 3.0
+    database_statement_timeout_seconds: float = 5.0
+    database_lock_timeout_seconds: float = 2.0
+    # PostgreSQL TCP keepalive idle time; a silent peer is dropped after ~3x it.
+    database_keepalive_seconds: float = 5.0
+    # Threads (each with its own connection) for reads and for changes.
+    database_read_threads: int = 8
+    database_write_threads: int = 4
     max_keys_per_account: int = 16
     max_allowed_ips: int = 30
     # Refuse WITHDRAW keys with an empty IP allowlist (what exchanges do).
@@ -87,6 +101,10 @@ class Config:
     # Verifications that may wait for (or run on) those threads; more are
     # refused at once (Authorize answers RATE_LIMITED).
     argon2_max_pending: int = 8
+    # Hashing new secrets (CreateKey, RotateKey) has a thread and a queue of its
+    # own, so key creation never delays verification; past this many waiting
+    # hashes a create answers UNAVAILABLE at once.
+    argon2_max_pending_hashes: int = 64
     # Secrets remembered (as HMAC digests) after argon2 accepted them.
     verify_cache_size: int = 100_000
     # Failed Authorize attempts allowed per access key and per client IP
@@ -100,8 +118,10 @@ class Config:
     # Processes serving the same port (SO_REUSEPORT), to use every core.
     workers: int = 1
     log_level: str = "INFO"
-    # How often health checking asks the database whether it answers.
+    # How often health checking asks the database whether it answers, and how
+    # long it waits for the answer before reporting NOT_SERVING.
     health_check_seconds: float = 5.0
+    health_check_timeout_seconds: float = 1.0
     # Seconds in-flight calls get to finish on SIGTERM/SIGINT.
     shutdown_grace: float = 5.0
     # TLS: server certificate and key (PEM files); with a client CA, callers
@@ -139,6 +159,18 @@ class Config:
         return self.database or f"sqlite:///{Path(self.data_dir) / 'keyguard.db'}"
 
     @property
+    def database_settings(self) -> DatabaseSettings:
+        return DatabaseSettings(
+            self.database_url,
+            connect_timeout=self.database_connect_timeout_seconds,
+            statement_timeout=self.database_statement_timeout_seconds,
+            lock_timeout=self.database_lock_timeout_seconds,
+            keepalive_seconds=self.database_keepalive_seconds,
+            read_threads=self.database_read_threads,
+            write_threads=self.database_write_threads,
+        )
+
+    @property
     def argon2(self) -> Argon2Params:
         return Argon2Params(self.argon2_time_cost, self.argon2_memory_kib, self.argon2_parallelism)
 
@@ -157,6 +189,9 @@ class Config:
             "max_withdrawal_addresses",
             "argon2_threads",
             "argon2_max_pending",
+            "argon2_max_pending_hashes",
+            "database_read_threads",
+            "database_write_threads",
             "verify_cache_size",
             "failure_burst",
             "workers",
@@ -164,6 +199,21 @@ class Config:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"config {name} must be at least 1")
+        timeouts = (
+            "database_connect_timeout_seconds",
+            "database_statement_timeout_seconds",
+            "database_lock_timeout_seconds",
+            "database_keepalive_seconds",
+            "health_check_seconds",
+            "health_check_timeout_seconds",
+        )
+        for name in timeouts:
+            if not 0 < getattr(self, name) <= 3600:
+                raise ValueError(f"config {name} must be more than 0 and at most 3600")
+        if self.database_lock_timeout_seconds >= self.database_statement_timeout_seconds:
+            raise ValueError(
+                "config database_lock_timeout_seconds must be less than database_statement_timeout_seconds"
+            )
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("config tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file and not self.tls_cert_file:

@@ -8,7 +8,9 @@ longest matching (method, path prefix) route. ED25519 keys sign instead:
 signature, timestamp and nonce come from headers, and the signed payload is
 "METHOD PATH?QUERY" (plus a newline and the body when Envoy forwards it). A
 request no route covers is refused: keyguard fails closed, and so does Envoy
-when keyguard is unreachable (``failure_mode_allow: false``).
+when keyguard is unreachable or answers an error status (``failure_mode_allow:
+false``), e.g. UNAVAILABLE when the key's row cannot be read in time; errors
+go through the same mapping as every other RPC, so no exception text leaks.
 
 On ALLOW the upstream gets x-keyguard-account-id, x-keyguard-key-name
 (percent-encoded UTF-8) and x-keyguard-permission, overwriting anything the
@@ -32,6 +34,7 @@ from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from keyguard.envoy.type.v3 import http_status_pb2 as http_status
 from keyguard_server._config import Config, EnvoyRoute
+from keyguard_server._grpc import maps_errors
 from keyguard_server._service import Authorizer
 
 _OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -58,6 +61,7 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
         # Most specific first: longest prefix, then a named method before "*".
         self._routes = sorted(config.envoy_routes, key=lambda r: (len(r.path_prefix), r.method != "*"), reverse=True)
 
+    @maps_errors
     async def Check(
         self, request: ext.CheckRequest, context: grpc.aio.ServicerContext[ext.CheckRequest, ext.CheckResponse]
     ) -> ext.CheckResponse:
@@ -97,7 +101,7 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
             )
         try:
             result = await self._authorizer.authorize(
-                access_key, private_key, client_ip, route.permission, destination, signed
+                access_key, private_key, client_ip, route.permission, destination, signed, context.time_remaining()
             )
         except InvalidArgument as exc:
             return _deny("BAD_REQUEST", exc.message)

@@ -1,7 +1,7 @@
 """The gRPC face of the domain: thin servicers and the one error mapping.
 
 Servicers unpack the request, call the domain, pack the answer. Domain errors
-become gRPC statuses in :func:`_maps_errors`, the only place that knows how;
+become gRPC statuses in :func:`maps_errors`, the only place that knows how;
 INVALID_ARGUMENT carries a ``google.rpc.BadRequest`` naming each field.
 """
 
@@ -59,7 +59,10 @@ def error_status(exc: KeyguardError) -> grpc.Status:
     return rpc_status.to_status(status_pb2.Status(code=code, message=exc.message, details=details))
 
 
-def _maps_errors(handler: Handler[S, Req, Resp]) -> Handler[S, Req, Resp]:
+def maps_errors(handler: Handler[S, Req, Resp]) -> Handler[S, Req, Resp]:
+    """Every servicer method's one error mapping: keyguard errors become their status, anything
+    else INTERNAL with the traceback in the log only (no exception text reaches a caller)."""
+
     @functools.wraps(handler)
     async def wrapper(self: S, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
         try:
@@ -149,7 +152,7 @@ class KeyManagementServicer(pb_grpc.KeyManagementServicer):
     def __init__(self, manager: KeyManager) -> None:
         self._manager = manager
 
-    @_maps_errors
+    @maps_errors
     async def CreateKey(
         self, request: pb.CreateKeyRequest, context: Context[pb.CreateKeyRequest, pb.CreateKeyResponse]
     ) -> pb.CreateKeyResponse:
@@ -165,30 +168,30 @@ class KeyManagementServicer(pb_grpc.KeyManagementServicer):
         )
         return pb.CreateKeyResponse(key=_key(created.key), private_key=created.private_key)
 
-    @_maps_errors
+    @maps_errors
     async def ListKeys(
         self, request: pb.ListKeysRequest, context: Context[pb.ListKeysRequest, pb.ListKeysResponse]
     ) -> pb.ListKeysResponse:
-        return pb.ListKeysResponse(keys=[_key(k) for k in self._manager.list_keys(request.account_id)])
+        return pb.ListKeysResponse(keys=[_key(k) for k in await self._manager.list_keys(request.account_id)])
 
-    @_maps_errors
+    @maps_errors
     async def GetKey(
         self, request: pb.GetKeyRequest, context: Context[pb.GetKeyRequest, pb.GetKeyResponse]
     ) -> pb.GetKeyResponse:
-        return pb.GetKeyResponse(key=_key(self._manager.get_key(request.account_id, request.access_key)))
+        return pb.GetKeyResponse(key=_key(await self._manager.get_key(request.account_id, request.access_key)))
 
-    @_maps_errors
+    @maps_errors
     async def DeleteKey(
         self, request: pb.DeleteKeyRequest, context: Context[pb.DeleteKeyRequest, pb.DeleteKeyResponse]
     ) -> pb.DeleteKeyResponse:
-        self._manager.delete_key(current_caller(), request.account_id, request.access_key)
+        await self._manager.delete_key(current_caller(), request.account_id, request.access_key)
         return pb.DeleteKeyResponse()
 
-    @_maps_errors
+    @maps_errors
     async def UpdateKey(
         self, request: pb.UpdateKeyRequest, context: Context[pb.UpdateKeyRequest, pb.UpdateKeyResponse]
     ) -> pb.UpdateKeyResponse:
-        key = self._manager.update_key(
+        key = await self._manager.update_key(
             current_caller(),
             request.account_id,
             request.access_key,
@@ -201,7 +204,7 @@ class KeyManagementServicer(pb_grpc.KeyManagementServicer):
         )
         return pb.UpdateKeyResponse(key=_key(key))
 
-    @_maps_errors
+    @maps_errors
     async def RotateKey(
         self, request: pb.RotateKeyRequest, context: Context[pb.RotateKeyRequest, pb.RotateKeyResponse]
     ) -> pb.RotateKeyResponse:
@@ -211,70 +214,70 @@ class KeyManagementServicer(pb_grpc.KeyManagementServicer):
         )
         return pb.RotateKeyResponse(key=_key(created.key), private_key=created.private_key)
 
-    @_maps_errors
+    @maps_errors
     async def DeleteAllKeys(
         self,
         request: pb.DeleteAllKeysRequest,
         context: Context[pb.DeleteAllKeysRequest, pb.DeleteAllKeysResponse],
     ) -> pb.DeleteAllKeysResponse:
         return pb.DeleteAllKeysResponse(
-            deleted_count=self._manager.delete_all_keys(current_caller(), request.account_id)
+            deleted_count=await self._manager.delete_all_keys(current_caller(), request.account_id)
         )
 
-    @_maps_errors
+    @maps_errors
     async def GetAccountSettings(
         self,
         request: pb.GetAccountSettingsRequest,
         context: Context[pb.GetAccountSettingsRequest, pb.GetAccountSettingsResponse],
     ) -> pb.GetAccountSettingsResponse:
-        settings = self._manager.account_settings(request.account_id)
+        settings = await self._manager.account_settings(request.account_id)
         return pb.GetAccountSettingsResponse(settings=_settings(settings))
 
-    @_maps_errors
+    @maps_errors
     async def SetAddressManagement(
         self,
         request: pb.SetAddressManagementRequest,
         context: Context[pb.SetAddressManagementRequest, pb.SetAddressManagementResponse],
     ) -> pb.SetAddressManagementResponse:
-        settings = self._manager.set_address_management(current_caller(), request.account_id, request.enabled)
+        settings = await self._manager.set_address_management(current_caller(), request.account_id, request.enabled)
         return pb.SetAddressManagementResponse(settings=_settings(settings))
 
-    @_maps_errors
+    @maps_errors
     async def AddWithdrawalAddress(
         self,
         request: pb.AddWithdrawalAddressRequest,
         context: Context[pb.AddWithdrawalAddressRequest, pb.AddWithdrawalAddressResponse],
     ) -> pb.AddWithdrawalAddressResponse:
-        entry = self._manager.add_address(
+        entry = await self._manager.add_address(
             current_caller(), request.account_id, request.asset, request.address, request.memo, request.label
         )
         return pb.AddWithdrawalAddressResponse(address=_address(entry))
 
-    @_maps_errors
+    @maps_errors
     async def ListWithdrawalAddresses(
         self,
         request: pb.ListWithdrawalAddressesRequest,
         context: Context[pb.ListWithdrawalAddressesRequest, pb.ListWithdrawalAddressesResponse],
     ) -> pb.ListWithdrawalAddressesResponse:
-        entries = self._manager.list_addresses(request.account_id)
+        entries = await self._manager.list_addresses(request.account_id)
         return pb.ListWithdrawalAddressesResponse(addresses=[_address(e) for e in entries])
 
-    @_maps_errors
+    @maps_errors
     async def RemoveWithdrawalAddress(
         self,
         request: pb.RemoveWithdrawalAddressRequest,
         context: Context[pb.RemoveWithdrawalAddressRequest, pb.RemoveWithdrawalAddressResponse],
     ) -> pb.RemoveWithdrawalAddressResponse:
-        self._manager.remove_address(current_caller(), request.account_id, request.address_id)
+        await self._manager.remove_address(current_caller(), request.account_id, request.address_id)
         return pb.RemoveWithdrawalAddressResponse()
 
-    @_maps_errors
+    @maps_errors
     async def ListAuditEvents(
         self,
         request: pb.ListAuditEventsRequest,
         context: Context[pb.ListAuditEventsRequest, pb.ListAuditEventsResponse],
     ) -> pb.ListAuditEventsResponse:
-        events, next_token = self._manager.audit_events(request.account_id, request.page_size, request.page_token)
+        events, next_token = await self._manager.audit_events(request.account_id, request.page_size, request.page_token)
         return pb.ListAuditEventsResponse(events=[_event(e) for e in events], next_page_token=next_token)
 
 
@@ -282,7 +285,7 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
     def __init__(self, authorizer: Authorizer) -> None:
         self._authorizer = authorizer
 
-    @_maps_errors
+    @maps_errors
     async def Authorize(
         self, request: pb.AuthorizeRequest, context: Context[pb.AuthorizeRequest, pb.AuthorizeResponse]
     ) -> pb.AuthorizeResponse:
@@ -295,7 +298,13 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
             r = request.signed
             signed = SignedRequest(r.payload, r.timestamp_ms, r.nonce, r.signature)
         result = await self._authorizer.authorize(
-            request.access_key, request.private_key, request.client_ip, request.required_permission, destination, signed
+            request.access_key,
+            request.private_key,
+            request.client_ip,
+            request.required_permission,
+            destination,
+            signed,
+            context.time_remaining(),
         )
         return pb.AuthorizeResponse(
             allowed=result.allowed,

@@ -14,11 +14,15 @@ from typing import Any, cast
 
 import peewee as pw
 from playhouse import migrate as pw_migrate
+from playhouse.shortcuts import ThreadSafeDatabaseMetadata
 
 
 class _Model(pw.Model):
     class Meta:
         legacy_table_names = False
+        # The store binds the models once per database thread (each thread its
+        # own connection), so stores on different databases can share a process.
+        model_metadata_class = ThreadSafeDatabaseMetadata
 
 
 class SchemaVersion(_Model):
@@ -144,10 +148,14 @@ MIGRATION_LOCK = 0x6B657967  # "keyg": the advisory lock key of schema migration
 
 
 def migrate(db: pw.Database) -> int:
-    """Creates or upgrades the schema; returns the version it found."""
-    with db.bind_ctx(MODELS), db.atomic():
+    """Creates or upgrades the schema; returns the version it found. Call it on a thread whose
+    models are bound to ``db``."""
+    with db.atomic():
         if isinstance(db, pw.PostgresqlDatabase):
-            # Replicas starting together: one migrates, the others wait, then find it done.
+            # Replicas starting together: one migrates, the others wait, then find it done. A
+            # migration may take longer than the statement and lock timeouts of ordinary calls.
+            cast(Any, db).execute_sql("SET LOCAL statement_timeout = 0")
+            cast(Any, db).execute_sql("SET LOCAL lock_timeout = '60s'")
             cast(Any, db).execute_sql("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         tables = set(db.get_tables())
         if "schema_version" not in tables:

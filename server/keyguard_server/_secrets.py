@@ -74,11 +74,12 @@ class SecretHasher:
     so running it on a small pool keeps the event loop answering other calls.
     Verifications (driven by untrusted bots) may queue at most ``max_pending``
     deep; past that :meth:`verify` raises :class:`HasherBusy` at once, so a
-    flood of wrong secrets cannot build an unbounded backlog. Hashing new keys
-    (trusted managers, rare) is never refused.
+    flood of wrong secrets cannot build an unbounded backlog. Hashing new
+    secrets has its own thread and queue (at most ``max_pending_hashes``), so
+    a burst of key creations or rotations never delays a verification.
     """
 
-    def __init__(self, params: Argon2Params, threads: int, max_pending: int) -> None:
+    def __init__(self, params: Argon2Params, threads: int, max_pending: int, max_pending_hashes: int = 64) -> None:
         self._hasher = argon2.PasswordHasher(
             time_cost=params.time_cost,
             memory_cost=params.memory_kib,
@@ -86,12 +87,22 @@ class SecretHasher:
             type=argon2.Type.ID,
         )
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="argon2")
+        self._hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="argon2-hash")
         self._max_pending = max_pending
+        self._max_pending_hashes = max_pending_hashes
         self.pending = 0
+        self.pending_hashes = 0
         self.verifications = 0
 
     async def hash(self, secret: str) -> str:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._hasher.hash, secret)
+        """The argon2id hash of a new secret; :class:`HasherBusy` if too many are queued."""
+        if self.pending_hashes >= self._max_pending_hashes:
+            raise HasherBusy
+        self.pending_hashes += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._hash_pool, self._hasher.hash, secret)
+        finally:
+            self.pending_hashes -= 1
 
     async def verify(self, stored_hash: str, secret: str) -> bool:
         if self.pending >= self._max_pending:
@@ -114,3 +125,4 @@ class SecretHasher:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._hash_pool.shutdown(wait=True, cancel_futures=True)

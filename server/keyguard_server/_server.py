@@ -19,6 +19,7 @@ import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from keyguard import KeyguardError
 from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from keyguard.v1 import keyguard_pb2 as pb
@@ -54,12 +55,15 @@ class KeyguardServer:
         self._metrics_server: Any = None
         self.metrics_port = 0
         self.authorizer: Authorizer | None = None
+        self._stopped = False
 
     async def start(self) -> int:
         """Opens the database, binds and starts serving; returns the bound port."""
         config = self.config
-        self._store = Store.open(config.database_url)
-        self._hasher = SecretHasher(config.argon2, config.argon2_threads, config.argon2_max_pending)
+        self._store = await Store.open(config.database_settings)
+        self._hasher = SecretHasher(
+            config.argon2, config.argon2_threads, config.argon2_max_pending, config.argon2_max_pending_hashes
+        )
         self.authorizer = Authorizer(self._store, self._hasher, config)
         callers = config.callers or (ensure_admin_token(config),)
         server = grpc.aio.server(
@@ -90,7 +94,7 @@ class KeyguardServer:
         self._server = server
         if config.metrics_listen:
             self._start_metrics(config.metrics_listen)
-        await self._set_health(self._store.ping())
+        await self._set_health(await self._store.ping(config.health_check_timeout_seconds))
         self._background = [
             asyncio.create_task(self._flush_usage_periodically()),
             asyncio.create_task(self._watch_database()),
@@ -106,30 +110,37 @@ class KeyguardServer:
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stops accepting calls, lets in-flight ones finish within ``grace``, closes the DB."""
+        """Stops accepting calls, lets in-flight ones finish within ``grace``, closes the DB.
+        Stopping a stopped server does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         await self._health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
         for task in self._background:
             task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         if self.authorizer is not None:
-            self.flush_usage()
+            await self.flush_usage()
         if self._hasher is not None:
             self._hasher.close()
         if self._store is not None:
-            self._store.close()
+            await self._store.close()
         log.info("keyguard stopped")
 
-    def flush_usage(self) -> None:
+    async def flush_usage(self) -> None:
         """Writes the last-used times recorded since the last flush; forgets stale nonces."""
         assert self.authorizer is not None
         try:
-            self.authorizer.usage.flush()
-            self.authorizer.forget_old_nonces()
-        except Exception:  # a failed flush must not stop the server; the next one retries later uses
+            await self.authorizer.usage.flush()
+            await self.authorizer.forget_old_nonces()
+        except KeyguardError as exc:  # the database is away: the next flush retries
+            log.warning("could not record last-used times: %s", exc.message)
+        except Exception:  # a failed flush must not stop the server; the next one retries
             log.exception("could not record last-used times")
 
     def _start_metrics(self, listen: str) -> None:
@@ -144,12 +155,13 @@ class KeyguardServer:
             await self._health.set(name, status)
 
     async def _watch_database(self) -> None:
-        """SERVING only while the database answers, so load balancers route around a broken one."""
+        """SERVING only while the database answers in time (a silent partition counts, not only a
+        refusal), so load balancers route around a broken one; SERVING again when it is back."""
         assert self._store is not None
         serving = True
         while True:
             await asyncio.sleep(self.config.health_check_seconds)
-            now = self._store.ping()
+            now = await self._store.ping(self.config.health_check_timeout_seconds)
             if now != serving:
                 log.warning("database %s", "reachable again" if now else "unreachable: health is NOT_SERVING")
                 await self._set_health(now)
@@ -158,7 +170,7 @@ class KeyguardServer:
     async def _flush_usage_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.config.last_used_flush_seconds)
-            self.flush_usage()
+            await self.flush_usage()
 
 
 class JsonFormatter(logging.Formatter):

@@ -28,6 +28,7 @@ from keyguard import (
     KeyType,
     Permission,
     SignedRequest,
+    Unavailable,
     WithdrawalAddress,
     WithdrawalDestination,
 )
@@ -95,8 +96,10 @@ class KeyManager:
         if public_key and kind is not KeyType.ED25519:
             v.add("public_key", "is only for ED25519 keys")
         v.raise_if_any()
+        # A full account or a taken name is refused before argon2 spends anything on it.
+        await self._store.check_key_room(account_id, name, self._config.max_keys_per_account)
         private_key, secret_hash, public_key = await self._credential(kind, public_key)
-        key = self._store.insert_key(
+        key = await self._store.insert_key(
             caller=caller,
             account_id=account_id,
             access_key=new_access_key(),
@@ -118,7 +121,7 @@ class KeyManager:
         )
         return CreatedKey(key, private_key)
 
-    def update_key(
+    async def update_key(
         self,
         caller: str,
         account_id: str,
@@ -157,7 +160,7 @@ class KeyManager:
             self._withdraw_policy(after, result.permission, list(result.allowed_ips))
             after.raise_if_any()
 
-        key = self._store.update_key(
+        key = await self._store.update_key(
             caller=caller, account_id=account_id, access_key=access_key, changes=changes, check=check
         )
         log.info("key updated account_id=%s access_key=%s fields=%s", account_id, access_key, ",".join(changes))
@@ -175,11 +178,11 @@ class KeyManager:
         if not 0 <= grace <= MAX_ROTATION_GRACE:
             v.add("grace_seconds", f"must be between 0 and {MAX_ROTATION_GRACE}")
         v.raise_if_any()
-        kind = self._store.get_key(account_id, access_key).key_type  # NOT_FOUND before any work
+        kind = (await self._store.get_key(account_id, access_key)).key_type  # NOT_FOUND before any work
         if public_key and kind is not KeyType.ED25519:
             raise InvalidArgument([FieldViolation("public_key", "is only for ED25519 keys")])
         private_key, secret_hash, public_key = await self._credential(kind, public_key)
-        key = self._store.rotate_key(
+        key = await self._store.rotate_key(
             caller=caller,
             account_id=account_id,
             access_key=access_key,
@@ -197,7 +200,10 @@ class KeyManager:
         """
         if kind is KeyType.SECRET:
             private_key = new_private_key()
-            return private_key, await self._hasher.hash(private_key), ""
+            try:
+                return private_key, await self._hasher.hash(private_key), ""
+            except HasherBusy:
+                raise Unavailable("too many keys are being created or rotated right now; retry shortly") from None
         if not public_key:
             private_pem, public_pem = signing.new_key_pair()
             return private_pem, "", public_pem
@@ -219,45 +225,45 @@ class KeyManager:
             v.add(field, "must be in the future")
         return at_us
 
-    def list_keys(self, account_id: str) -> list[ApiKey]:
+    async def list_keys(self, account_id: str) -> list[ApiKey]:
         v = Violations()
         v.account_id(account_id)
         v.raise_if_any()
-        return self._store.list_keys(account_id)
+        return await self._store.list_keys(account_id)
 
-    def get_key(self, account_id: str, access_key: str) -> ApiKey:
+    async def get_key(self, account_id: str, access_key: str) -> ApiKey:
         self._check_key_ref(account_id, access_key)
-        return self._store.get_key(account_id, access_key)
+        return await self._store.get_key(account_id, access_key)
 
-    def delete_key(self, caller: str, account_id: str, access_key: str) -> None:
+    async def delete_key(self, caller: str, account_id: str, access_key: str) -> None:
         self._check_key_ref(account_id, access_key)
-        self._store.delete_key(caller=caller, account_id=account_id, access_key=access_key)
+        await self._store.delete_key(caller=caller, account_id=account_id, access_key=access_key)
         log.info("key deleted account_id=%s access_key=%s", account_id, access_key)
 
-    def delete_all_keys(self, caller: str, account_id: str) -> int:
+    async def delete_all_keys(self, caller: str, account_id: str) -> int:
         v = Violations()
         v.account_id(account_id)
         v.raise_if_any()
-        count = self._store.delete_all_keys(caller=caller, account_id=account_id)
+        count = await self._store.delete_all_keys(caller=caller, account_id=account_id)
         log.info("all keys deleted account_id=%s count=%d", account_id, count)
         return count
 
-    def account_settings(self, account_id: str) -> AccountSettings:
+    async def account_settings(self, account_id: str) -> AccountSettings:
         v = Violations()
         v.account_id(account_id)
         v.raise_if_any()
-        enabled, count = self._store.account_settings(account_id)
+        enabled, count = await self._store.account_settings(account_id)
         return AccountSettings(account_id, enabled, count, self._config.max_keys_per_account)
 
-    def set_address_management(self, caller: str, account_id: str, enabled: bool) -> AccountSettings:
+    async def set_address_management(self, caller: str, account_id: str, enabled: bool) -> AccountSettings:
         v = Violations()
         v.account_id(account_id)
         v.raise_if_any()
-        self._store.set_address_management(caller=caller, account_id=account_id, enabled=enabled)
+        await self._store.set_address_management(caller=caller, account_id=account_id, enabled=enabled)
         log.info("address management %s account_id=%s", "on" if enabled else "off", account_id)
-        return self.account_settings(account_id)
+        return await self.account_settings(account_id)
 
-    def add_address(
+    async def add_address(
         self, caller: str, account_id: str, asset: str, address: str, memo: str, label: str
     ) -> WithdrawalAddress:
         v = Violations()
@@ -267,7 +273,7 @@ class KeyManager:
         v.memo(memo)
         v.label(label)
         v.raise_if_any()
-        row = self._store.add_address(
+        row = await self._store.add_address(
             caller=caller,
             account_id=account_id,
             asset=asset,
@@ -279,13 +285,13 @@ class KeyManager:
         log.info("withdrawal address added account_id=%s id=%d asset=%s", account_id, row.id, asset)
         return row
 
-    def list_addresses(self, account_id: str) -> list[WithdrawalAddress]:
+    async def list_addresses(self, account_id: str) -> list[WithdrawalAddress]:
         v = Violations()
         v.account_id(account_id)
         v.raise_if_any()
-        return self._store.list_addresses(account_id)
+        return await self._store.list_addresses(account_id)
 
-    def remove_address(self, caller: str, account_id: str, address_id: int) -> None:
+    async def remove_address(self, caller: str, account_id: str, address_id: int) -> None:
         v = Violations()
         v.account_id(account_id)
         if address_id <= 0:
@@ -293,10 +299,10 @@ class KeyManager:
         elif address_id > MAX_ID:
             v.add("address_id", "is not an id this server issued")
         v.raise_if_any()
-        self._store.remove_address(caller=caller, account_id=account_id, address_id=address_id)
+        await self._store.remove_address(caller=caller, account_id=account_id, address_id=address_id)
         log.info("withdrawal address removed account_id=%s id=%d", account_id, address_id)
 
-    def audit_events(self, account_id: str, page_size: int, page_token: str) -> tuple[list[AuditEvent], str]:
+    async def audit_events(self, account_id: str, page_size: int, page_token: str) -> tuple[list[AuditEvent], str]:
         """A page of events, newest first, and the token for the next page ("" at the end)."""
         v = Violations()
         if account_id:
@@ -307,7 +313,8 @@ class KeyManager:
             v.add("page_token", "is not a token this server returned")
         v.raise_if_any()
         limit = page_size or DEFAULT_AUDIT_PAGE
-        events = self._store.audit_events(account_id, before_id=int(page_token) if page_token else None, limit=limit)
+        before_id = int(page_token) if page_token else None
+        events = await self._store.audit_events(account_id, before_id=before_id, limit=limit)
         next_token = str(events[-1].id) if len(events) == limit else ""
         return events, next_token
 
@@ -329,12 +336,18 @@ class UsageRecorder:
     def record(self, access_key: str, ip: IPAddress) -> None:
         self._pending[access_key] = (now_us(), str(ip))
 
-    def flush(self) -> int:
-        """Writes what was recorded since the last flush, in one transaction."""
+    async def flush(self) -> int:
+        """Writes what was recorded since the last flush, in one transaction (off the loop)."""
         if not self._pending:
             return 0
         batch, self._pending = self._pending, {}
-        self._store.record_last_used(batch)
+        try:
+            await self._store.record_last_used(batch)
+        except BaseException:
+            # Not lost: merged back (newer uses win) for the next flush to retry.
+            for access_key, used in batch.items():
+                self._pending.setdefault(access_key, used)
+            raise
         return len(batch)
 
 
@@ -368,6 +381,7 @@ class Authorizer:
         self.usage = UsageRecorder(store)
         self.cache_hits = 0
         self._window_ms = config.signature_window_ms
+        self._read_timeout = config.database_statement_timeout_seconds
 
     @property
     def argon2_verifications(self) -> int:
@@ -382,7 +396,14 @@ class Authorizer:
         required: int,
         destination: WithdrawalDestination | None,
         signed: SignedRequest | None = None,
+        time_left: float | None = None,
     ) -> AuthorizeResult:
+        """The decision; ``time_left`` is the caller's deadline in seconds from now (None: none).
+
+        Raises :class:`InvalidArgument` for a malformed request and
+        :class:`keyguard.Unavailable` when the key's row cannot be read in time
+        (the gateway then fails closed); the read gives up before the deadline.
+        """
         v = Violations()
         if not access_key:
             v.add("access_key", "is required")
@@ -405,14 +426,16 @@ class Authorizer:
 
         if not ACCESS_KEY_RE.fullmatch(access_key):
             return _deny(Decision.UNKNOWN_KEY)
-        row = self._store.auth_lookup(access_key)
+        started = time.monotonic()
+        timeout = self._read_timeout if time_left is None else min(self._read_timeout, max(0.001, 0.9 * time_left))
+        row = await self._store.auth_lookup(access_key, timeout)
         if row is None:
             return _deny(Decision.UNKNOWN_KEY)
         now = now_us()
         if (refusal := _state_refusal(row, ip, now)) is not None:
             return refusal
         if row.key_type is KeyType.ED25519:
-            return self._check_signature(access_key, row, ip, level, destination, signed)
+            return await self._check_signature(access_key, row, ip, level, destination, signed, timeout)
         in_grace = row.in_grace(now)
         if self.cache.hit(row.secret_hash, private_key) or (
             in_grace and self.cache.hit(row.previous_secret_hash, private_key)
@@ -422,7 +445,7 @@ class Authorizer:
             # lock out the bot that holds the secret).
             self.cache_hits += 1
             CACHE_HITS.inc()
-            return self._after_secret(access_key, row, ip, level, destination)
+            return await self._after_secret(access_key, row, ip, level, destination, timeout)
 
         network = client_network(ip)
         if self._failures.exhausted(access_key) or self._failures.exhausted(network):
@@ -444,7 +467,10 @@ class Authorizer:
         self.cache.remember(matched, private_key)
         # argon2 ran off the loop: the key may have been deleted, re-keyed,
         # disabled or restricted meanwhile. Decide on the state as it is now.
-        current = self._store.auth_lookup(access_key)
+        # The read's budget: whatever argon2 left of the caller's deadline.
+        if time_left is not None:
+            timeout = min(timeout, max(0.001, 0.9 * time_left - (time.monotonic() - started)))
+        current = await self._store.auth_lookup(access_key, timeout)
         if current is None:
             return _deny(Decision.UNKNOWN_KEY)
         now = now_us()
@@ -452,9 +478,9 @@ class Authorizer:
             return refusal
         if not current.accepts_hash(matched, now):
             return _deny(Decision.BAD_SECRET)
-        return self._after_secret(access_key, current, ip, level, destination)
+        return await self._after_secret(access_key, current, ip, level, destination, timeout)
 
-    def _check_signature(
+    async def _check_signature(
         self,
         access_key: str,
         row: AuthRow,
@@ -462,9 +488,10 @@ class Authorizer:
         required: Permission,
         destination: WithdrawalDestination | None,
         signed: SignedRequest | None,
+        within: float,
     ) -> AuthorizeResult:
         """ED25519: fresh timestamp, valid signature, unused nonce (recorded in the database,
-        so a replay is refused by every replica). No await: the row read above is current."""
+        so a replay is refused by every replica)."""
         network = client_network(ip)
         if self._failures.exhausted(access_key) or self._failures.exhausted(network):
             return _deny(Decision.RATE_LIMITED)
@@ -479,21 +506,22 @@ class Authorizer:
             self._failures.failed(access_key)
             self._failures.failed(network)
             return _deny(Decision.BAD_SIGNATURE)
-        if not self._store.use_nonce(access_key, signed.nonce):
+        if not await self._store.use_nonce(access_key, signed.nonce, within):
             return _deny(Decision.REPLAYED_REQUEST)
-        return self._after_secret(access_key, row, ip, required, destination)
+        return await self._after_secret(access_key, row, ip, required, destination, within)
 
-    def forget_old_nonces(self) -> int:
+    async def forget_old_nonces(self) -> int:
         """Nonces older than twice the window can go: their timestamps are stale anyway."""
-        return self._store.prune_nonces(now_us() - 2 * self._window_ms * 1000)
+        return await self._store.prune_nonces(now_us() - 2 * self._window_ms * 1000)
 
-    def _after_secret(
+    async def _after_secret(
         self,
         access_key: str,
         row: AuthRow,
         ip: IPAddress,
         required: Permission,
         destination: WithdrawalDestination | None,
+        within: float,
     ) -> AuthorizeResult:
         def answer(decision: Decision) -> AuthorizeResult:
             return AuthorizeResult(decision is Decision.ALLOW, decision, row.account_id, row.name, row.permission)
@@ -503,7 +531,9 @@ class Authorizer:
         if (
             destination is not None
             and row.address_management
-            and not self._store.is_whitelisted(row.account_id, destination.asset, destination.address, destination.memo)
+            and not await self._store.is_whitelisted(
+                row.account_id, destination.asset, destination.address, destination.memo, within
+            )
         ):
             return answer(Decision.ADDRESS_NOT_WHITELISTED)
         self.usage.record(access_key, ip)

@@ -1,40 +1,69 @@
 """Storage: every query keyguard makes (the models are in ``_schema``).
 
-Concurrency contract: all store calls run synchronously on the server's event
-loop thread and never span an ``await``, so a transaction is never interleaved
-with another call of the same process. Across processes the per-account limits
-(count, then insert) are serialised per account:
+Concurrency contract: the event loop never waits on the database. Every store
+method is a coroutine; its work runs on a small pool of database threads, each
+with its own connection and the models bound to it once, and every wait is
+bounded (a timeout ends in :class:`keyguard.Unavailable` or
+:class:`keyguard.Aborted`, never in a hung call):
+
+- *reads*: the Authorize point lookups, management reads and the health ping.
+  On SQLite the Authorize lookups first run inline on the loop, on a
+  read-only connection with no busy wait: a WAL-mode read never waits for a
+  writer, and in the rare case it would (recovery after a crash), it falls
+  back to the read threads instead of waiting. That saves the thread hop on
+  the hot path (see docs/architecture.md for the numbers).
+- *writes*: every change, in one transaction with its audit row, and the
+  batched last-used times.
+- *nonces*: signed requests' replay nonces, on a connection of their own with
+  cheaper durability (SQLite ``synchronous=NORMAL``, PostgreSQL
+  ``synchronous_commit=off``): a nonce only has to outlive its request's
+  receive window, and a crash that loses the last moments of commits is
+  followed by a restart longer than that window. Other sessions see the
+  nonce at commit either way, so a replay on another replica is refused.
+
+Across processes the per-account limits (count, then insert) are serialised
+per account:
 
 - SQLite: every transaction starts with ``BEGIN IMMEDIATE``, taking the file's
-  write lock first.
+  write lock first; ``busy_timeout`` bounds the wait.
 - PostgreSQL: the transaction locks the account's row (``SELECT ... FOR
-  UPDATE``, after an ``INSERT ... ON CONFLICT DO NOTHING`` so the row exists).
-  Creates for one account queue on that lock, other accounts are unaffected,
-  and nothing ever fails spuriously. SERIALIZABLE would also prevent the race
-  but aborts one of two conflicting transactions, which every caller would
-  then have to retry.
+  UPDATE``, after an ``INSERT ... ON CONFLICT DO NOTHING`` so the row exists);
+  ``lock_timeout`` bounds the wait. Creates for one account queue on that
+  lock, other accounts are unaffected. SERIALIZABLE would also prevent the
+  race but aborts one of two conflicting transactions, which every caller
+  would then have to retry.
+
+A connection the server dropped (restart, failover, ``pg_terminate_backend``)
+is replaced on the next call, which is retried once when that is safe: always
+for reads, and for a transaction unless the connection died during COMMIT
+(then the outcome is unknown and the caller is told so).
 
 The query builder is used on cold paths for clarity; the per-Authorize lookup
-is built once into SQL text and run with ``execute_sql`` (DESIGN.md §9: ~110 µs
-vs ~7 µs per call).
+is built once into SQL text and run with ``execute_sql`` (~7 µs instead of
+~110 µs per call).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import json
+import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import peewee as pw
 from playhouse import db_url
-from playhouse.pool import PooledDatabase
 
 from keyguard import (
+    Aborted,
     AlreadyExists,
     ApiKey,
     AuditAction,
@@ -43,9 +72,21 @@ from keyguard import (
     LimitExceeded,
     NotFound,
     Permission,
+    Unavailable,
     WithdrawalAddress,
 )
 from keyguard_server._schema import MODELS, AccountModel, AddressModel, AuditModel, KeyModel, NonceModel, migrate
+
+log = logging.getLogger("keyguard.store")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# Replicas starting together wait for the one that migrates.
+MIGRATION_TIMEOUT = 120.0
+# PostgreSQL SQLSTATEs: lock_timeout and statement_timeout expired.
+_LOCK_NOT_AVAILABLE = "55P03"
+_QUERY_CANCELED = "57014"
 
 
 @dataclass(frozen=True)
@@ -90,160 +131,255 @@ def to_datetime(microseconds: int) -> datetime:
     return datetime.fromtimestamp(microseconds / 1e6, tz=UTC)
 
 
-def open_database(url: str) -> pw.Database:
-    """A Database from a URL; SQLite gets WAL, FULL sync and the write-lock-first rule.
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """Where the database is, and how long any wait for it may last."""
+
+    url: str
+    # Opening a connection (PostgreSQL: TCP connect and authentication).
+    connect_timeout: float = 3.0
+    # One statement (PostgreSQL statement_timeout); also bounds every store call.
+    statement_timeout: float = 5.0
+    # Waiting for another transaction's lock (PostgreSQL lock_timeout, SQLite busy_timeout).
+    lock_timeout: float = 2.0
+    # PostgreSQL TCP keepalives: a silent peer is declared dead after about 3x this.
+    keepalive_seconds: float = 5.0
+    read_threads: int = 8
+    write_threads: int = 4
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.startswith("sqlite")
+
+    @property
+    def call_timeout(self) -> float:
+        """The longest a store call may take, queueing, connecting and running included."""
+        return self.connect_timeout + self.statement_timeout + 0.5
+
+
+def open_database(settings: DatabaseSettings, *, role: str = "main") -> pw.Database:
+    """A Database from a URL, with its timeouts; SQLite gets WAL, FULL sync and the write-lock-first rule.
 
     ``synchronous=FULL``: a delete acknowledged to the caller must survive a
-    power cut, or a revoked key could come back. ``postgresql://`` URLs get
-    peewee's connection pool (psycopg2): stale connections are replaced, and a
-    server restart costs a reconnect, not a crash.
+    power cut, or a revoked key could come back. ``role`` "inline" is the
+    loop's read-only SQLite connection that never waits for a lock; "nonces"
+    trades durability for speed as the module docstring argues.
     """
+    url = settings.url
     scheme = url.split("://", 1)[0]
     if scheme in ("postgres", "postgresql"):
+        options = {
+            "statement_timeout": int(settings.statement_timeout * 1000),
+            "lock_timeout": int(settings.lock_timeout * 1000),
+            # A transaction left open by a stalled client must not hold its locks for ever.
+            "idle_in_transaction_session_timeout": int(settings.call_timeout * 1000) + 1000,
+        }
+        if role == "nonces":
+            options["synchronous_commit"] = "off"  # type: ignore[assignment]
+        keepalive = max(1, int(settings.keepalive_seconds))
         database: pw.Database = db_url.connect(
-            "postgresql+pool://" + url.split("://", 1)[1], max_connections=8, stale_timeout=300
+            "postgresql://" + url.split("://", 1)[1],
+            connect_timeout=max(1, round(settings.connect_timeout)),
+            keepalives=1,
+            keepalives_idle=keepalive,
+            keepalives_interval=keepalive,
+            keepalives_count=3,
+            # Unacknowledged data (a dead peer) fails the call instead of hanging it.
+            tcp_user_timeout=int((settings.statement_timeout + settings.connect_timeout) * 1000),
+            application_name=f"keyguard-{role}",
+            options=" ".join(f"-c {name}={value}" for name, value in options.items()),
         )
         return database
-    if url.startswith("sqlite"):
+    if settings.is_sqlite:
         path = url.split(":///", 1)[-1].split("?", 1)[0]
-        if path and path != ":memory:":
+        if path and path != ":memory:" and role == "main":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+        busy_ms = 0 if role == "inline" else int(settings.lock_timeout * 1000)
+        pragmas: dict[str, object] = {"busy_timeout": busy_ms, "foreign_keys": 1}
+        if role == "main":
+            pragmas.update(journal_mode="wal", synchronous="full")
+        elif role == "nonces":
+            pragmas["synchronous"] = "normal"
+        else:
+            pragmas["query_only"] = 1
         database = db_url.connect(
             url,
             lock_type="IMMEDIATE",
-            pragmas={
-                "journal_mode": "wal",
-                "synchronous": "full",
-                "busy_timeout": 5000,
-                "foreign_keys": 1,
-            },
+            timeout=busy_ms / 1000,
+            pragmas=pragmas,
+            check_same_thread=False,  # each connection has one thread; only close() comes from another
         )
         return database
     database = db_url.connect(url)
     return database
 
 
-class Store:
-    def __init__(self, database: pw.Database) -> None:
-        self.db = database
-        self._row_locks = isinstance(database, pw.PostgresqlDatabase)
-        self._execute: Callable[[str, tuple[object, ...]], Any] = database.execute_sql
-        migrate(self.db)
-        with self._bound():
-            auth = (
-                KeyModel.select(
-                    KeyModel.account_id,
-                    KeyModel.name,
-                    KeyModel.permission,
-                    KeyModel.allowed_ips,
-                    KeyModel.secret_hash,
-                    pw.fn.COALESCE(AccountModel.address_management, pw.SQL("FALSE")),
-                    KeyModel.enabled,
-                    KeyModel.expires_at_us,
-                    KeyModel.previous_secret_hash,
-                    KeyModel.previous_valid_until_us,
-                    KeyModel.key_type,
-                    KeyModel.public_key,
-                    KeyModel.previous_public_key,
-                )
-                .join(AccountModel, pw.JOIN.LEFT_OUTER, on=AccountModel.account_id == KeyModel.account_id)
-                .where(KeyModel.access_key == "")
-            )
-            self._auth_sql: str = auth.sql()[0]
-            whitelisted = AddressModel.select(pw.SQL("1")).where(
-                (AddressModel.account_id == "")
-                & (AddressModel.asset == "")
-                & (AddressModel.address == "")
-                & (AddressModel.memo == "")
-            )
-            self._whitelisted_sql: str = whitelisted.sql()[0]
+class _DatabaseThreads:
+    """A bounded pool of threads, each with its own connection to ``db`` and the models bound to it.
 
-    @classmethod
-    def open(cls, url: str) -> Store:
-        return cls(open_database(url))
+    :meth:`call` runs a function there and waits at most ``timeout``; a call
+    that is still queued then is cancelled (so it changes nothing), one that
+    is running is abandoned to finish (or fail) on its own.
+    """
+
+    def __init__(self, db: pw.Database, name: str, threads: int) -> None:
+        self.db = db
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix=name, initializer=db.bind, initargs=(MODELS,))
+        self._connections: set[Any] = set()  # every thread's connection, to close them all at the end
+
+    async def call(self, within: float, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        future = self._pool.submit(functools.partial(self._reconnecting, fn, *args, **kwargs))
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), within)
+        except TimeoutError:
+            if future.cancel():
+                raise Unavailable(f"the database did not answer within {within:g} s; nothing was changed") from None
+            raise Unavailable(
+                f"the database did not answer within {within:g} s; a change may or may not have been applied"
+            ) from None
+
+    def _reconnecting(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn``, retried once on a fresh connection if the old one turned out to be dead."""
+        _thread.committing = False
+        try:
+            result = _mapped(fn, *args, **kwargs)
+            self._connections.add(_connection(self.db))
+            return result
+        except _ConnectionLost as lost:
+            self._discard_connection()
+            if _thread.committing:
+                raise Unavailable(
+                    "the database connection was lost while committing; the change may or may not have been applied"
+                ) from lost.__cause__
+        try:
+            return _mapped(fn, *args, **kwargs)
+        except _ConnectionLost as lost:
+            self._discard_connection()
+            raise Unavailable("the database is unreachable; nothing was changed") from lost.__cause__
+
+    def _discard_connection(self) -> None:
+        with contextlib.suppress(Exception):
+            self.db.close()
+        self.db.dispose()  # whatever close() managed, this thread's next call reconnects
 
     def close(self) -> None:
-        """Closes every connection; a database that is already gone is not an error here."""
-        try:
-            if isinstance(self.db, PooledDatabase):
-                self.db.close_all()
-            else:
-                self.db.close()
-        except pw.DatabaseError:
-            pass
+        """Cancels queued calls and closes every connection (a thread still running a statement
+        gets an error, which nobody waits for any more)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for connection in self._connections:
+            with contextlib.suppress(Exception):
+                connection.close()
 
-    def ping(self) -> bool:
-        """Whether the database answers a trivial query now."""
-        try:
-            self._execute("SELECT 1", ()).fetchone()
-        except pw.DatabaseError:
-            return False
-        return True
 
-    @contextlib.contextmanager
-    def _bound(self) -> Iterator[None]:
-        # Models are bound per call, not globally, so several stores (tests,
-        # replicas in one process) can live side by side on one thread.
-        with self.db.bind_ctx(MODELS):
-            yield
+def _execute(db: Any, sql: str, params: tuple[object, ...] = ()) -> Any:
+    """``db.execute_sql`` (peewee's stubs leave it untyped): the cursor."""
+    return db.execute_sql(sql, params)
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        with self._bound(), self.db.atomic():
-            yield
 
-    # -- hot path -------------------------------------------------------------
+def _connection(db: Any) -> Any:
+    """This thread's open connection to ``db``."""
+    return db.connection()
 
-    def auth_lookup(self, access_key: str) -> AuthRow | None:
-        row = self._execute(self._auth_sql, (access_key,)).fetchone()
-        if row is None:
-            return None
-        (account_id, name, permission, allowed_ips, secret_hash, address_management, enabled, expires, prev, until,
-         key_type, public_key, previous_public_key) = row  # fmt: skip
-        return AuthRow(
-            account_id,
-            name,
-            Permission(permission),
-            allowed_ips,
-            secret_hash,
-            bool(address_management),
-            bool(enabled),
-            expires,
-            prev,
-            until,
-            KeyType(key_type),
-            public_key,
-            previous_public_key,
+
+_thread = threading.local()  # per database thread: whether its transaction is committing
+
+
+@contextlib.contextmanager
+def _transaction(db: pw.Database) -> Iterator[None]:
+    """One transaction on this thread's connection, marked while it commits (see ``_reconnecting``)."""
+    with db.atomic():
+        yield
+        _thread.committing = True
+
+
+class _ConnectionLost(Exception):
+    """The connection is dead (its cause says why); a new one may work."""
+
+
+def _mapped(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Database failures as what they mean to a caller; keyguard errors pass through."""
+    try:
+        return fn(*args, **kwargs)
+    except (pw.OperationalError, pw.InterfaceError) as exc:
+        original = getattr(exc, "orig", exc)
+        code = getattr(original, "pgcode", None)
+        text = str(exc)
+        if code == _LOCK_NOT_AVAILABLE or "database is locked" in text or "database table is locked" in text:
+            raise Aborted(
+                "another change holds the database lock this change needs (lock timeout); nothing was changed"
+            ) from exc
+        if code == _QUERY_CANCELED:
+            raise Unavailable("the database did not answer in time (statement timeout); nothing was changed") from exc
+        if code is None:  # no SQLSTATE: the connection failed, not the statement
+            raise _ConnectionLost from exc
+        raise
+
+    # -- keys -----------------------------------------------------------------
+
+
+class _Queries:
+    """The store's SQL, run on database threads (never on the event loop); see the module docstring."""
+
+    def __init__(self, db: pw.Database) -> None:
+        self.db = db
+        self._row_locks = isinstance(db, pw.PostgresqlDatabase)
+        self.auth_sql = self.whitelisted_sql = self.nonce_sql = ""
+
+    def build(self) -> None:
+        """Builds the hot path's SQL once (on a thread whose models are bound)."""
+        auth = (
+            KeyModel.select(
+                KeyModel.account_id,
+                KeyModel.name,
+                KeyModel.permission,
+                KeyModel.allowed_ips,
+                KeyModel.secret_hash,
+                pw.fn.COALESCE(AccountModel.address_management, pw.SQL("FALSE")),
+                KeyModel.enabled,
+                KeyModel.expires_at_us,
+                KeyModel.previous_secret_hash,
+                KeyModel.previous_valid_until_us,
+                KeyModel.key_type,
+                KeyModel.public_key,
+                KeyModel.previous_public_key,
+            )
+            .join(AccountModel, pw.JOIN.LEFT_OUTER, on=AccountModel.account_id == KeyModel.account_id)
+            .where(KeyModel.access_key == "")
         )
+        self.auth_sql = auth.sql()[0]
+        whitelisted = AddressModel.select(pw.SQL("1")).where(
+            (AddressModel.account_id == "")
+            & (AddressModel.asset == "")
+            & (AddressModel.address == "")
+            & (AddressModel.memo == "")
+        )
+        self.whitelisted_sql = whitelisted.sql()[0]
+        self.nonce_sql = NonceModel.insert(access_key="", nonce="", seen_at_us=0).sql()[0]
 
-    def use_nonce(self, access_key: str, nonce: str) -> bool:
-        """Records a signed request's nonce; False if this key already used it (a replay)."""
-        try:
-            with self._transaction():
-                NonceModel.insert(access_key=access_key, nonce=nonce, seen_at_us=now_us()).execute()
-        except pw.IntegrityError:
-            return False
-        return True
+    def ping(self) -> None:
+        _execute(self.db, "SELECT 1").fetchone()
+
+    def fetch_one(self, sql: str, params: tuple[object, ...]) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = _execute(self.db, sql, params).fetchone()
+        return row
+
+    def whitelisted(self, account_id: str, asset: str, address: str, memo: str) -> bool:
+        params = (account_id, asset, address, memo)
+        return _execute(self.db, self.whitelisted_sql, params).fetchone() is not None
 
     def prune_nonces(self, before_us: int) -> int:
         """Forgets nonces older than the receive window: their requests are stale anyway."""
-        with self._transaction():
+        with _transaction(self.db):
             return int(NonceModel.delete().where(NonceModel.seen_at_us < before_us).execute())
-
-    def is_whitelisted(self, account_id: str, asset: str, address: str, memo: str) -> bool:
-        params = (account_id, asset, address, memo)
-        return self._execute(self._whitelisted_sql, params).fetchone() is not None
 
     def record_last_used(self, usage: dict[str, tuple[int, str]]) -> None:
         """Batch of access key -> (time, ip); never moves a last-used time backwards."""
-        with self._transaction():
+        with _transaction(self.db):
             for access_key, (at_us, ip) in usage.items():
                 KeyModel.update(last_used_at_us=at_us, last_used_ip=ip).where(
                     (KeyModel.access_key == access_key)
                     & (KeyModel.last_used_at_us.is_null() | (KeyModel.last_used_at_us < at_us))
                 ).execute()
-
-    # -- keys -----------------------------------------------------------------
 
     def _lock_account(self, account_id: str) -> None:
         """Inside a transaction: serialise this account's limited changes across processes."""
@@ -281,12 +417,9 @@ class Store:
         public_key: str = "",
     ) -> ApiKey:
         """Insert a key unless the account is full or the name taken, atomically."""
-        with self._transaction():
+        with _transaction(self.db):
             self._lock_account(account_id)
-            if KeyModel.select().where((KeyModel.account_id == account_id) & (KeyModel.name == name)).exists():
-                raise AlreadyExists(f"account {account_id!r} already has a key named {name!r}")
-            if KeyModel.select().where(KeyModel.account_id == account_id).count() >= max_keys:
-                raise LimitExceeded(f"account {account_id!r} already has the maximum of {max_keys} keys")
+            self.check_key_room(account_id, name, max_keys)
             created = now_us()
             KeyModel.insert(
                 account_id=account_id,
@@ -323,14 +456,18 @@ class Store:
             public_key=public_key,
         )
 
+    def check_key_room(self, account_id: str, name: str, max_keys: int) -> None:
+        if KeyModel.select().where((KeyModel.account_id == account_id) & (KeyModel.name == name)).exists():
+            raise AlreadyExists(f"account {account_id!r} already has a key named {name!r}")
+        if KeyModel.select().where(KeyModel.account_id == account_id).count() >= max_keys:
+            raise LimitExceeded(f"account {account_id!r} already has the maximum of {max_keys} keys")
+
     def list_keys(self, account_id: str) -> list[ApiKey]:
-        with self._bound():
-            query = KeyModel.select().where(KeyModel.account_id == account_id).order_by(KeyModel.id)
-            return [_key_row(k) for k in query]
+        query = KeyModel.select().where(KeyModel.account_id == account_id).order_by(KeyModel.id)
+        return [_key_row(k) for k in query]
 
     def get_key(self, account_id: str, access_key: str) -> ApiKey:
-        with self._bound():
-            key = KeyModel.get_or_none((KeyModel.account_id == account_id) & (KeyModel.access_key == access_key))
+        key = KeyModel.get_or_none((KeyModel.account_id == account_id) & (KeyModel.access_key == access_key))
         if key is None:
             raise NotFound(f"account {account_id!r} has no key {access_key!r}")
         return _key_row(key)
@@ -345,7 +482,7 @@ class Store:
         check: Callable[[ApiKey], None],
     ) -> ApiKey:
         """Applies ``changes`` (column -> value) if ``check`` accepts the resulting key, atomically."""
-        with self._transaction():
+        with _transaction(self.db):
             self._lock_account(account_id)
             row = KeyModel.get_or_none((KeyModel.account_id == account_id) & (KeyModel.access_key == access_key))
             if row is None:
@@ -377,7 +514,7 @@ class Store:
     ) -> ApiKey:
         """New credential (hash for SECRET keys, public key for ED25519); the old one
         stays valid for ``grace_us`` (0: not at all)."""
-        with self._transaction():
+        with _transaction(self.db):
             row = KeyModel.get_or_none((KeyModel.account_id == account_id) & (KeyModel.access_key == access_key))
             if row is None:
                 raise NotFound(f"account {account_id!r} has no key {access_key!r}")
@@ -391,7 +528,7 @@ class Store:
             return _key_row(row)
 
     def delete_key(self, *, caller: str, account_id: str, access_key: str) -> None:
-        with self._transaction():
+        with _transaction(self.db):
             deleted = (
                 KeyModel.delete()
                 .where((KeyModel.account_id == account_id) & (KeyModel.access_key == access_key))
@@ -402,7 +539,7 @@ class Store:
             self._audit(caller, AuditAction.KEY_DELETED, account_id, access_key)
 
     def delete_all_keys(self, *, caller: str, account_id: str) -> int:
-        with self._transaction():
+        with _transaction(self.db):
             keys = [k.access_key for k in KeyModel.select(KeyModel.access_key).where(KeyModel.account_id == account_id)]
             KeyModel.delete().where(KeyModel.account_id == account_id).execute()
             self._audit(caller, AuditAction.ALL_KEYS_DELETED, account_id, count=len(keys), access_keys=" ".join(keys))
@@ -412,13 +549,12 @@ class Store:
 
     def account_settings(self, account_id: str) -> tuple[bool, int]:
         """(address_management, key_count); defaults for an account never seen."""
-        with self._bound():
-            account = AccountModel.get_or_none(AccountModel.account_id == account_id)
-            count = KeyModel.select().where(KeyModel.account_id == account_id).count()
+        account = AccountModel.get_or_none(AccountModel.account_id == account_id)
+        count = KeyModel.select().where(KeyModel.account_id == account_id).count()
         return (bool(account.address_management) if account else False), int(count)
 
     def set_address_management(self, *, caller: str, account_id: str, enabled: bool) -> None:
-        with self._transaction():
+        with _transaction(self.db):
             (
                 AccountModel.insert(account_id=account_id, address_management=enabled)
                 .on_conflict(
@@ -434,9 +570,9 @@ class Store:
     def add_address(
         self, *, caller: str, account_id: str, asset: str, address: str, memo: str, label: str, max_addresses: int
     ) -> WithdrawalAddress:
-        with self._transaction():
+        with _transaction(self.db):
             self._lock_account(account_id)
-            if self.is_whitelisted(account_id, asset, address, memo):
+            if self.whitelisted(account_id, asset, address, memo):
                 raise AlreadyExists(f"{asset} address {address!r} is already on the whitelist")
             entries = AddressModel.select().where(AddressModel.account_id == account_id)
             if entries.count() >= max_addresses:
@@ -453,15 +589,13 @@ class Store:
         return WithdrawalAddress(int(new_id), asset, address, memo, label, to_datetime(created))
 
     def list_addresses(self, account_id: str) -> list[WithdrawalAddress]:
-        with self._bound():
-            query = AddressModel.select().where(AddressModel.account_id == account_id).order_by(AddressModel.id)
-            return [
-                WithdrawalAddress(a.id, a.asset, a.address, a.memo, a.label, to_datetime(a.created_at_us))
-                for a in query
-            ]
+        query = AddressModel.select().where(AddressModel.account_id == account_id).order_by(AddressModel.id)
+        return [
+            WithdrawalAddress(a.id, a.asset, a.address, a.memo, a.label, to_datetime(a.created_at_us)) for a in query
+        ]
 
     def remove_address(self, *, caller: str, account_id: str, address_id: int) -> None:
-        with self._transaction():
+        with _transaction(self.db):
             entry = AddressModel.get_or_none((AddressModel.account_id == account_id) & (AddressModel.id == address_id))
             if entry is None:
                 raise NotFound(f"account {account_id!r} has no whitelisted address with id {address_id}")
@@ -480,24 +614,261 @@ class Store:
 
     def audit_events(self, account_id: str, *, before_id: int | None, limit: int) -> list[AuditEvent]:
         """Newest first; ``before_id`` pages on (ids only grow)."""
-        with self._bound():
-            query = AuditModel.select().order_by(AuditModel.id.desc()).limit(limit)
-            if account_id:
-                query = query.where(AuditModel.account_id == account_id)
-            if before_id is not None:
-                query = query.where(AuditModel.id < before_id)
-            return [
-                AuditEvent(
-                    id=e.id,
-                    time=to_datetime(e.time_us),
-                    caller=e.caller,
-                    action=AuditAction(e.action),
-                    account_id=e.account_id,
-                    access_key=e.access_key,
-                    details=json.loads(e.details),
-                )
-                for e in query
-            ]
+        query = AuditModel.select().order_by(AuditModel.id.desc()).limit(limit)
+        if account_id:
+            query = query.where(AuditModel.account_id == account_id)
+        if before_id is not None:
+            query = query.where(AuditModel.id < before_id)
+        return [
+            AuditEvent(
+                id=e.id,
+                time=to_datetime(e.time_us),
+                caller=e.caller,
+                action=AuditAction(e.action),
+                account_id=e.account_id,
+                access_key=e.access_key,
+                details=json.loads(e.details),
+            )
+            for e in query
+        ]
+
+
+class Store:
+    """keyguard's database for the event loop: every method is a coroutine that never blocks it.
+
+    Raises :class:`keyguard.Unavailable` when the database does not answer in
+    time or cannot be reached, :class:`keyguard.Aborted` when a change cannot
+    get its lock in time (both: nothing was changed, unless the message says
+    the outcome is unknown), and the domain's own errors (``NotFound``, ...).
+    """
+
+    def __init__(self, settings: DatabaseSettings) -> None:
+        """Use :meth:`open`, which also migrates the schema."""
+        self.settings = settings
+        self.db = open_database(settings)
+        self._reads = _DatabaseThreads(self.db, "db-read", settings.read_threads)
+        self._writes = _DatabaseThreads(self.db, "db-write", settings.write_threads)
+        self._nonce_db = open_database(settings, role="nonces")
+        self._nonces = _DatabaseThreads(self._nonce_db, "db-nonce", 1)
+        self._inline = open_database(settings, role="inline") if settings.is_sqlite else None
+        self._q = _Queries(self.db)
+        self._timeout = settings.call_timeout
+
+    @classmethod
+    async def open(cls, settings: DatabaseSettings) -> Store:
+        store = cls(settings)
+        try:
+            await store._writes.call(MIGRATION_TIMEOUT, store._migrate)
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    def _migrate(self) -> None:
+        migrate(self.db)
+        self._q.build()
+
+    async def close(self) -> None:
+        """Closes every connection; a database that is already gone is not an error here."""
+        if self._inline is not None:
+            with contextlib.suppress(pw.DatabaseError):
+                self._inline.close()
+        # A connection busy in a stalled statement can block close(): never on the loop.
+        closing = asyncio.get_running_loop().run_in_executor(None, self._close_threads)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(closing, self.settings.connect_timeout)
+
+    def _close_threads(self) -> None:
+        for threads in (self._reads, self._writes, self._nonces):
+            threads.close()
+
+    async def ping(self, within: float) -> bool:
+        """Whether the database answers a trivial query within ``within`` seconds."""
+        try:
+            await self._reads.call(within, self._q.ping)
+        except (Unavailable, Aborted, pw.DatabaseError):
+            return False
+        return True
+
+    # -- hot path -------------------------------------------------------------
+
+    async def _read_one(self, sql: str, params: tuple[object, ...], within: float) -> tuple[Any, ...] | None:
+        if self._inline is not None:
+            try:
+                row: tuple[Any, ...] | None = _execute(self._inline, sql, params).fetchone()
+                return row
+            except pw.OperationalError:
+                pass  # SQLite asks to wait (e.g. WAL recovery): wait on a database thread instead
+        return await self._reads.call(within, self._q.fetch_one, sql, params)
+
+    async def auth_lookup(self, access_key: str, within: float) -> AuthRow | None:
+        """The key's current state, read within ``within`` seconds (else ``Unavailable``)."""
+        row = await self._read_one(self._q.auth_sql, (access_key,), within)
+        if row is None:
+            return None
+        (account_id, name, permission, allowed_ips, secret_hash, address_management, enabled, expires, prev, until,
+         key_type, public_key, previous_public_key) = row  # fmt: skip
+        return AuthRow(
+            account_id,
+            name,
+            Permission(permission),
+            allowed_ips,
+            secret_hash,
+            bool(address_management),
+            bool(enabled),
+            expires,
+            prev,
+            until,
+            KeyType(key_type),
+            public_key,
+            previous_public_key,
+        )
+
+    async def is_whitelisted(self, account_id: str, asset: str, address: str, memo: str, within: float) -> bool:
+        params = (account_id, asset, address, memo)
+        return await self._read_one(self._q.whitelisted_sql, params, within) is not None
+
+    async def use_nonce(self, access_key: str, nonce: str, within: float) -> bool:
+        """Records a signed request's nonce; False if this key already used it (a replay)."""
+        return await self._nonces.call(within, self._insert_nonce, access_key, nonce)
+
+    def _insert_nonce(self, access_key: str, nonce: str) -> bool:
+        try:
+            _execute(self._nonce_db, self._q.nonce_sql, (access_key, nonce, now_us()))
+        except pw.IntegrityError:
+            return False
+        return True
+
+    async def prune_nonces(self, before_us: int) -> int:
+        return await self._nonces.call(self._timeout, self._q.prune_nonces, before_us)
+
+    async def record_last_used(self, usage: dict[str, tuple[int, str]]) -> None:
+        await self._writes.call(self._timeout, self._q.record_last_used, usage)
+
+    # -- management -----------------------------------------------------------
+
+    async def insert_key(
+        self,
+        *,
+        caller: str,
+        account_id: str,
+        access_key: str,
+        name: str,
+        permission: Permission,
+        allowed_ips: list[str],
+        secret_hash: str,
+        max_keys: int,
+        expires_at_us: int | None = None,
+        key_type: KeyType = KeyType.SECRET,
+        public_key: str = "",
+    ) -> ApiKey:
+        return await self._writes.call(
+            self._timeout,
+            self._q.insert_key,
+            caller=caller,
+            account_id=account_id,
+            access_key=access_key,
+            name=name,
+            permission=permission,
+            allowed_ips=allowed_ips,
+            secret_hash=secret_hash,
+            max_keys=max_keys,
+            expires_at_us=expires_at_us,
+            key_type=key_type,
+            public_key=public_key,
+        )
+
+    async def check_key_room(self, account_id: str, name: str, max_keys: int) -> None:
+        """Raises what :meth:`insert_key` would for a full account or a taken name, without writing."""
+        await self._reads.call(self._timeout, self._q.check_key_room, account_id, name, max_keys)
+
+    async def list_keys(self, account_id: str) -> list[ApiKey]:
+        return await self._reads.call(self._timeout, self._q.list_keys, account_id)
+
+    async def get_key(self, account_id: str, access_key: str) -> ApiKey:
+        return await self._reads.call(self._timeout, self._q.get_key, account_id, access_key)
+
+    async def update_key(
+        self,
+        *,
+        caller: str,
+        account_id: str,
+        access_key: str,
+        changes: dict[str, Any],
+        check: Callable[[ApiKey], None],
+    ) -> ApiKey:
+        return await self._writes.call(
+            self._timeout,
+            self._q.update_key,
+            caller=caller,
+            account_id=account_id,
+            access_key=access_key,
+            changes=changes,
+            check=check,
+        )
+
+    async def rotate_key(
+        self,
+        *,
+        caller: str,
+        account_id: str,
+        access_key: str,
+        grace_us: int,
+        secret_hash: str = "",
+        public_key: str = "",
+    ) -> ApiKey:
+        return await self._writes.call(
+            self._timeout,
+            self._q.rotate_key,
+            caller=caller,
+            account_id=account_id,
+            access_key=access_key,
+            grace_us=grace_us,
+            secret_hash=secret_hash,
+            public_key=public_key,
+        )
+
+    async def delete_key(self, *, caller: str, account_id: str, access_key: str) -> None:
+        await self._writes.call(
+            self._timeout, self._q.delete_key, caller=caller, account_id=account_id, access_key=access_key
+        )
+
+    async def delete_all_keys(self, *, caller: str, account_id: str) -> int:
+        return await self._writes.call(self._timeout, self._q.delete_all_keys, caller=caller, account_id=account_id)
+
+    async def account_settings(self, account_id: str) -> tuple[bool, int]:
+        return await self._reads.call(self._timeout, self._q.account_settings, account_id)
+
+    async def set_address_management(self, *, caller: str, account_id: str, enabled: bool) -> None:
+        await self._writes.call(
+            self._timeout, self._q.set_address_management, caller=caller, account_id=account_id, enabled=enabled
+        )
+
+    async def add_address(
+        self, *, caller: str, account_id: str, asset: str, address: str, memo: str, label: str, max_addresses: int
+    ) -> WithdrawalAddress:
+        return await self._writes.call(
+            self._timeout,
+            self._q.add_address,
+            caller=caller,
+            account_id=account_id,
+            asset=asset,
+            address=address,
+            memo=memo,
+            label=label,
+            max_addresses=max_addresses,
+        )
+
+    async def list_addresses(self, account_id: str) -> list[WithdrawalAddress]:
+        return await self._reads.call(self._timeout, self._q.list_addresses, account_id)
+
+    async def remove_address(self, *, caller: str, account_id: str, address_id: int) -> None:
+        await self._writes.call(
+            self._timeout, self._q.remove_address, caller=caller, account_id=account_id, address_id=address_id
+        )
+
+    async def audit_events(self, account_id: str, *, before_id: int | None, limit: int) -> list[AuditEvent]:
+        return await self._reads.call(self._timeout, self._q.audit_events, account_id, before_id=before_id, limit=limit)
 
 
 def _key_row(key: Any) -> ApiKey:

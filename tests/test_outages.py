@@ -1,0 +1,359 @@
+"""Database outages and waits: no database wait may stop the server from answering.
+
+Every in-process server runs on one event loop; a query that blocks that loop
+(a lost connection, a row lock another transaction holds, a network partition
+that neither drops nor answers) would stall every call of every account,
+health checks included. These tests hold the database up in those ways, from
+outside keyguard, and check that everything not waiting for that very lock or
+connection still answers promptly, that what does wait gives up in bounded
+time with an honest status (ABORTED or UNAVAILABLE, never DEADLINE_EXCEEDED),
+and that keyguard recovers by itself once the database is back.
+
+Every wait here is bounded (client timeouts, polling deadlines), so a server
+that does block fails these tests within seconds instead of hanging them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import grpc
+import psycopg2
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from keyguard import Aborted, Client, CreatedKey, Decision, KeyguardError, Unavailable
+from tests.conftest import RunningServer, StartServer
+from tests.databases import Postgres
+from tests.proxy import TcpProxy
+
+T = TypeVar("T")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+BOT_IP = "192.0.2.10"
+# database_lock_timeout_seconds of the servers that meet a held lock.
+LOCK_TIMEOUT = 1.0
+# Client deadlines: long enough for a healthy server, short enough that a
+# blocked one fails the test quickly.
+READ_TIMEOUT = 2.0
+CHANGE_TIMEOUT = 5.0
+
+# These tests need one particular database; the backend is pinned so that
+# each runs once (start_server would otherwise run it for both backends).
+on_postgres = pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+on_sqlite = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+
+
+# -- talking to the server ------------------------------------------------------
+
+
+def client_for(server: RunningServer, timeout: float) -> Client:
+    return Client(server.target, token=server.admin_token, timeout=timeout)
+
+
+def allow(client: Client, key: CreatedKey) -> Decision:
+    return client.authorize(key.key.access_key, key.private_key, BOT_IP, "read").decision
+
+
+def health(server: RunningServer, timeout: float = READ_TIMEOUT) -> int:
+    """The server's overall health status (service ""); a Check that fails (say, by its deadline) fails the test."""
+    with grpc.insecure_channel(server.target) as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs' HealthStub declares no methods
+        try:
+            response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.RpcError as exc:
+            status = f"{exc.code().name} {exc.details()}" if isinstance(exc, grpc.Call) else repr(exc)
+            raise AssertionError(f"health Check did not answer: {status}") from None
+    return int(response.status)
+
+
+def footprint(client: Client, account: str) -> tuple[int, int]:
+    """What changes to an account leave behind: (its keys, its audit events)."""
+    events, _ = client.list_audit_events(account, page_size=500)  # the most one page holds; these tests write far fewer
+    return len(client.list_keys(account)), len(events)
+
+
+# -- timing -----------------------------------------------------------------------
+
+
+def quickly(call: Callable[[], T], limit: float, what: str) -> T:
+    """call()'s result, which must come within ``limit`` seconds and without an error."""
+    started = time.monotonic()
+    try:
+        result = call()
+    except KeyguardError as exc:
+        raise AssertionError(f"{what} failed after {time.monotonic() - started:.2f} s: {exc!r}") from exc
+    took = time.monotonic() - started
+    assert took < limit, f"{what} took {took:.2f} s (at most {limit} s allowed)"
+    return result
+
+
+def failure_of(call: Callable[[], object]) -> tuple[KeyguardError, float]:
+    """The error call() must fail with, and after how many seconds."""
+    started = time.monotonic()
+    try:
+        outcome = call()
+    except KeyguardError as exc:
+        return exc, time.monotonic() - started
+    raise AssertionError(f"expected an error, got {outcome!r} after {time.monotonic() - started:.2f} s")
+
+
+def eventually(
+    expected: object,
+    probe: Callable[[], object],
+    *,
+    within: float,
+    what: str,
+    tolerate: tuple[type[Exception], ...] = (),
+) -> None:
+    """Polls probe() every 50 ms until it returns ``expected``; errors of the ``tolerate`` types
+    count as "not yet"; fails after ``within`` seconds, with the last thing seen."""
+    deadline = time.monotonic() + within
+    while True:
+        seen: object
+        try:
+            seen = probe()
+        except tolerate as exc:
+            seen = exc
+        if seen == expected:
+            return
+        assert time.monotonic() < deadline, f"{what}: expected {expected!r} within {within} s, last saw {seen!r}"
+        time.sleep(0.05)
+
+
+# -- holding the database up from outside ---------------------------------------
+
+
+def terminate_connections(postgres: Postgres, database_url: str) -> int:
+    """Terminates every session on the database (as a failover or an administrator would); how many."""
+    name = urlsplit(database_url).path.lstrip("/")
+    conn = psycopg2.connect(postgres.admin_url, connect_timeout=3)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            return len(cursor.fetchall())
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def pg_row_lock(database_url: str, account_id: str) -> Iterator[None]:
+    """Holds the account's row lock in another session's open transaction (as another replica's
+    change would) until the block ends, then rolls that transaction back."""
+    conn = psycopg2.connect(database_url, connect_timeout=3)
+    try:
+        with conn.cursor() as cursor:  # psycopg2 opens the transaction (BEGIN) itself
+            cursor.execute("SELECT * FROM account_model WHERE account_id = %s FOR UPDATE", (account_id,))
+            assert cursor.rowcount == 1, f"account {account_id!r} has no row to lock"
+        yield
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+HOLD_SQLITE_WRITE_LOCK = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.readline()  # until the test releases it (or goes away)
+db.execute("ROLLBACK")
+"""
+
+
+@contextlib.contextmanager
+def sqlite_write_lock(path: Path) -> Iterator[None]:
+    """Another process holds the SQLite file's write lock (BEGIN IMMEDIATE, nothing written) until the block ends."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_SQLITE_WRITE_LOCK, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    try:
+        ready, _, _ = select.select([holder.stdout], [], [], 10)
+        assert ready and holder.stdout.readline().strip() == "locked", "the other process never took the lock"
+        yield
+    finally:
+        try:
+            _, errors = holder.communicate("release\n", timeout=10)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            _, errors = holder.communicate()
+    assert holder.returncode == 0, f"the lock holder failed: {errors}"
+
+
+# -- shared checks ------------------------------------------------------------------
+
+
+def assert_reads_answer(
+    server: RunningServer, client: Client, cached: CreatedKey, uncached: CreatedKey | None = None
+) -> None:
+    """Authorize (cached: 20 times, each < 0.5 s; uncached: < 1 s) and health (< 0.5 s) answer promptly."""
+    for _ in range(20):
+        assert quickly(lambda: allow(client, cached), 0.5, "a cached Authorize") is Decision.ALLOW
+    if uncached is not None:
+        assert quickly(lambda: allow(client, uncached), 1.0, "an uncached Authorize (argon2)") is Decision.ALLOW
+    assert quickly(lambda: health(server), 0.5, "a health Check") == SERVING
+
+
+def assert_create_gives_up_on_the_lock(
+    server: RunningServer, account: str, while_it_waits: Callable[[], None]
+) -> tuple[int, int]:
+    """A CreateKey for ``account``, whose lock someone else holds, waits for it; meanwhile
+    ``while_it_waits()`` runs; then the CreateKey fails with ABORTED (or UNAVAILABLE) naming
+    the lock, after the lock timeout and within 3 s, and leaves no key and no audit event.
+    Returns the account's footprint from before."""
+    with client_for(server, CHANGE_TIMEOUT) as creator, client_for(server, READ_TIMEOUT) as reader:
+        before = footprint(reader, account)
+        with ThreadPoolExecutor(1) as pool:
+            attempt = pool.submit(failure_of, lambda: creator.create_key(account, "while-locked", "read"))
+            time.sleep(0.2)  # the CreateKey now waits for the lock
+            assert not attempt.done(), f"CreateKey did not wait for the lock: {attempt.result()}"
+            while_it_waits()
+            error, took = attempt.result(timeout=CHANGE_TIMEOUT + 5)
+        assert isinstance(error, (Aborted, Unavailable)), f"CreateKey under a held lock: {error.code.name} {error!r}"
+        assert "lock" in error.message.lower(), f"the refusal does not say why: {error.message!r}"
+        assert LOCK_TIMEOUT <= took < 3.0, f"CreateKey gave up after {took:.2f} s (lock timeout {LOCK_TIMEOUT} s)"
+        assert footprint(reader, account) == before, "the refused CreateKey left a key or an audit event"
+    return before
+
+
+def assert_create_works_again(client: Client, account: str, before: tuple[int, int]) -> None:
+    """Once the lock is free, a CreateKey succeeds, and the account holds exactly one key and one
+    audit event more than ``before`` the refused one (which did not linger and commit later)."""
+    client.create_key(account, "after-the-lock", "read")
+    keys, events = before
+    assert footprint(client, account) == (keys + 1, events + 1), "the refused CreateKey was applied after all"
+
+
+# -- the tests ------------------------------------------------------------------------
+
+
+@on_postgres
+def test_postgres_drops_every_connection_and_keyguard_recovers(
+    start_server: StartServer, postgres: Postgres, account: str
+) -> None:
+    """PostgreSQL terminating every keyguard session (failover, restart, an administrator) heals
+    by itself: Authorize answers ALLOW again within 5 s, CreateKey/ListKeys/DeleteKey work and
+    health is SERVING; a second termination right after heals the same way."""
+    database = postgres.create()
+    server = start_server(database=database, health_check_seconds=0.1)
+    with client_for(server, READ_TIMEOUT) as client:
+        key = client.create_key(account, "bot", "read", [])
+        assert allow(client, key) is Decision.ALLOW  # the secret is cached from now on
+        for termination in (1, 2):
+            assert terminate_connections(postgres, database) > 0, "keyguard had no session to terminate"
+            eventually(
+                Decision.ALLOW,
+                lambda: allow(client, key),
+                within=5,
+                what=f"Authorize after termination {termination}",
+                tolerate=(KeyguardError,),
+            )
+            spare = client.create_key(account, f"spare-{termination}", "read", [])
+            assert spare.key.access_key in {k.access_key for k in client.list_keys(account)}
+            client.delete_key(account, spare.key.access_key)
+            eventually(SERVING, lambda: health(server), within=5, what=f"health after termination {termination}")
+
+
+@on_postgres
+def test_a_locked_account_row_stalls_only_its_own_account(
+    start_server: StartServer, postgres: Postgres, account: str
+) -> None:
+    """While another session holds account B's row lock, a CreateKey for B waits for it, and
+    meanwhile account A's Authorize calls and health checks answer promptly; the CreateKey then
+    gives up after the lock timeout (ABORTED or UNAVAILABLE, naming the lock) and changes
+    nothing; once the lock is released, creating B's key works."""
+    database = postgres.create()
+    server = start_server(database=database, database_lock_timeout_seconds=LOCK_TIMEOUT)
+    account_a, account_b = f"{account}-a", f"{account}-b"
+    with client_for(server, READ_TIMEOUT) as client:
+        key_a = client.create_key(account_a, "bot", "read", [])
+        client.create_key(account_b, "bot", "read", [])  # B's row exists from now on
+        assert allow(client, key_a) is Decision.ALLOW  # cached
+        with pg_row_lock(database, account_b):
+            before = assert_create_gives_up_on_the_lock(
+                server, account_b, lambda: assert_reads_answer(server, client, key_a)
+            )
+        assert_create_works_again(client, account_b, before)
+
+
+@on_postgres
+def test_a_silent_partition_turns_health_not_serving_and_authorize_unavailable(
+    start_server: StartServer, postgres: Postgres, account: str
+) -> None:
+    """When the network to PostgreSQL goes silent (no reset, no answer), health turns NOT_SERVING
+    within 3 s and still answers, and Authorize fails fast with UNAVAILABLE rather than running
+    into the caller's deadline; when the network comes back, everything heals by itself."""
+    database = postgres.create()
+    parts = urlsplit(database)
+    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+        credentials = parts.netloc.rpartition("@")[0]
+        proxied = urlunsplit(parts._replace(netloc=f"{credentials}@{proxy.address}" if credentials else proxy.address))
+        server = start_server(
+            database=proxied,
+            health_check_seconds=0.2,
+            health_check_timeout_seconds=0.5,
+            database_statement_timeout_seconds=1.0,
+            database_lock_timeout_seconds=0.5,  # must stay below the statement timeout
+        )
+        with client_for(server, timeout=1.5) as client:
+            key = client.create_key(account, "bot", "read", [])
+            assert allow(client, key) is Decision.ALLOW  # cached
+            assert health(server) == SERVING
+            proxy.stall()
+            try:
+                eventually(NOT_SERVING, lambda: health(server, timeout=2.0), within=3, what="health in the partition")
+                error, took = failure_of(lambda: allow(client, key))
+                assert isinstance(error, Unavailable), f"Authorize in the partition: {error.code.name} {error!r}"
+                assert error.code is grpc.StatusCode.UNAVAILABLE
+                assert took < 1.5, f"Authorize took {took:.2f} s to give up"
+            finally:
+                proxy.resume()
+            eventually(SERVING, lambda: health(server), within=10, what="health after the partition")
+            eventually(
+                Decision.ALLOW,
+                lambda: allow(client, key),
+                within=10,
+                what="Authorize after the partition",
+                tolerate=(KeyguardError,),
+            )
+            client.create_key(account, "after-the-partition", "read", [])
+
+
+@on_sqlite
+def test_another_process_holding_the_sqlite_write_lock_does_not_stop_reads(
+    start_server: StartServer, tmp_path: Path, account: str
+) -> None:
+    """While another process holds the SQLite file's write lock, a CreateKey waits for it, and
+    meanwhile Authorize (cached and uncached) and health checks answer promptly; the CreateKey
+    then gives up after the lock timeout (ABORTED or UNAVAILABLE, naming the lock) and changes
+    nothing; once the other process lets go, creating a key works."""
+    path = tmp_path / "kg.db"
+    server = start_server(database=f"sqlite:///{path}", database_lock_timeout_seconds=LOCK_TIMEOUT)
+    with client_for(server, READ_TIMEOUT) as client:
+        cached = client.create_key(account, "cached", "read", [])
+        uncached = client.create_key(account, "uncached", "read", [])
+        assert allow(client, cached) is Decision.ALLOW
+        with sqlite_write_lock(path):
+            before = assert_create_gives_up_on_the_lock(
+                server, account, lambda: assert_reads_answer(server, client, cached, uncached)
+            )
+        assert_create_works_again(client, account, before)
