@@ -7,6 +7,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import argon2
@@ -145,6 +146,28 @@ def test_saturated_argon2_pool_answers_at_once(start_server: StartServer, accoun
         assert time.monotonic() - started < 0.1
         worker.join()
         assert allow(client, second) is Decision.ALLOW  # once the pool is free
+
+
+def test_key_creation_never_delays_verification(start_server: StartServer, account: str) -> None:
+    """Hashing new secrets has its own argon2 thread and queue: a burst of rotations queued behind
+    each other does not hold up a bot's first (uncached) verification."""
+    server = start_server(argon2_threads=1, **SLOW_ARGON2)
+    with server.client() as client:
+        keys = [client.create_key(account, f"key-{i}", "read") for i in range(7)]
+        bot = keys.pop()
+        rotations = ThreadPoolExecutor(len(keys))
+        started = time.monotonic()
+        pending = [rotations.submit(client.rotate_key, account, k.key.access_key) for k in keys]
+        time.sleep(0.05)  # the rotations are queued for the hashing thread now
+        verify_started = time.monotonic()
+        assert allow(client, bot) is Decision.ALLOW
+        verified_after = time.monotonic() - verify_started
+        for rotation in pending:
+            rotation.result()
+        rotated_after = time.monotonic() - started
+        rotations.shutdown()
+    # Six hashes in a row take about six verifications; the bot waited for about one.
+    assert verified_after < rotated_after / 2, (verified_after, rotated_after)
 
 
 def test_limiter_refills_by_the_clock() -> None:

@@ -31,7 +31,10 @@ import psycopg2
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from keyguard import Aborted, Client, CreatedKey, Decision, KeyguardError, Unavailable
+from keyguard import Aborted, Client, CreatedKey, Decision, KeyguardError, Permission, Unavailable
+from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
+from keyguard.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
+from keyguard_server._config import EnvoyRoute
 from tests.conftest import RunningServer, StartServer
 from tests.databases import Postgres
 from tests.proxy import TcpProxy
@@ -75,6 +78,22 @@ def health(server: RunningServer, timeout: float = READ_TIMEOUT) -> int:
             status = f"{exc.code().name} {exc.details()}" if isinstance(exc, grpc.Call) else repr(exc)
             raise AssertionError(f"health Check did not answer: {status}") from None
     return int(response.status)
+
+
+def envoy_check_error(server: RunningServer, key: CreatedKey) -> tuple[grpc.StatusCode, str]:
+    """The status of an Envoy ext_authz Check for ``key`` that is expected to fail."""
+    request = ext.CheckRequest()
+    http = request.attributes.request.http
+    http.method, http.path = "GET", "/api/balance"
+    http.headers["x-api-key"] = key.key.access_key
+    http.headers["x-api-secret"] = key.private_key
+    request.attributes.source.address.socket_address.address = BOT_IP
+    with grpc.insecure_channel(server.target) as channel:
+        stub = ext_grpc.AuthorizationStub(channel)
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Check(request, timeout=1.5, metadata=(("authorization", f"Bearer {server.admin_token}"),))
+    error: Any = raised.value  # a grpc.Call too
+    return error.code(), error.details() or ""
 
 
 def footprint(client: Client, account: str) -> tuple[int, int]:
@@ -313,6 +332,7 @@ def test_a_silent_partition_turns_health_not_serving_and_authorize_unavailable(
             health_check_timeout_seconds=0.5,
             database_statement_timeout_seconds=1.0,
             database_lock_timeout_seconds=0.5,  # must stay below the statement timeout
+            envoy_routes=(EnvoyRoute("/api/", Permission.READ),),
         )
         with client_for(server, timeout=1.5) as client:
             key = client.create_key(account, "bot", "read", [])
@@ -325,6 +345,10 @@ def test_a_silent_partition_turns_health_not_serving_and_authorize_unavailable(
                 assert isinstance(error, Unavailable), f"Authorize in the partition: {error.code.name} {error!r}"
                 assert error.code is grpc.StatusCode.UNAVAILABLE
                 assert took < 1.5, f"Authorize took {took:.2f} s to give up"
+                code, details = envoy_check_error(server, key)
+                assert code is grpc.StatusCode.UNAVAILABLE, f"Envoy Check in the partition: {code} {details}"
+                for internal in ("peewee", "psycopg", "Error", "<class", "Traceback"):
+                    assert internal not in details, f"Envoy Check leaked {internal!r}: {details}"
             finally:
                 proxy.resume()
             eventually(SERVING, lambda: health(server), within=10, what="health after the partition")
