@@ -15,6 +15,7 @@ def test_defaults_are_loopback_and_a_local_sqlite_file() -> None:
     assert config.database_url == "sqlite:///data/keyguard.db"
     assert config.max_keys_per_account == 16
     assert config.withdraw_requires_ip_allowlist
+    assert (config.withdraw_min_prefix_ipv4, config.withdraw_min_prefix_ipv6) == (24, 48)
 
 
 def test_layers_override_in_order(tmp_path: Path) -> None:
@@ -43,6 +44,8 @@ def test_config_file_can_come_from_the_environment(tmp_path: Path) -> None:
         ("", {"KEYGUARD_MAX_ALLOWED_IPS": "many"}, "must be int"),
         ("", {"KEYGUARD_WITHDRAW_REQUIRES_IP_ALLOWLIST": "maybe"}, "must be true or false"),
         ("max_keys_per_account = 0\n", {}, "at least 1"),
+        ("withdraw_min_prefix_ipv4 = 33\n", {}, "withdraw_min_prefix_ipv4 must be 0 to 32"),
+        ("", {"KEYGUARD_WITHDRAW_MIN_PREFIX_IPV6": "-1"}, "withdraw_min_prefix_ipv6 must be 0 to 128"),
     ],
 )
 def test_mistakes_are_errors_not_silently_ignored(tmp_path: Path, toml: str, env: dict[str, str], message: str) -> None:

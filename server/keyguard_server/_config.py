@@ -92,6 +92,10 @@ class Config:
     max_allowed_ips: int = 30
     # Refuse WITHDRAW keys with an empty IP allowlist (what exchanges do).
     withdraw_requires_ip_allowlist: bool = True
+    # WITHDRAW keys' allowlist entries must be at least this specific: a wide
+    # network would let anyone in it use a stolen withdrawal key.
+    withdraw_min_prefix_ipv4: int = 24
+    withdraw_min_prefix_ipv6: int = 48
     max_withdrawal_addresses: int = 200
     argon2_time_cost: int = Argon2Params.time_cost
     argon2_memory_kib: int = Argon2Params.memory_kib
@@ -210,6 +214,10 @@ class Config:
         for name in timeouts:
             if not 0 < getattr(self, name) <= 3600:
                 raise ValueError(f"config {name} must be more than 0 and at most 3600")
+        if not 0 <= self.withdraw_min_prefix_ipv4 <= 32:
+            raise ValueError("config withdraw_min_prefix_ipv4 must be 0 to 32")
+        if not 0 <= self.withdraw_min_prefix_ipv6 <= 128:
+            raise ValueError("config withdraw_min_prefix_ipv6 must be 0 to 128")
         if self.database_lock_timeout_seconds >= self.database_statement_timeout_seconds:
             raise ValueError(
                 "config database_lock_timeout_seconds must be less than database_statement_timeout_seconds"
