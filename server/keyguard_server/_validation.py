@@ -12,7 +12,10 @@ import ipaddress
 import re
 from collections.abc import Iterable
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from keyguard import FieldViolation, InvalidArgument, KeyType, Permission, SignedRequest
+from keyguard import _signing as signing
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -20,6 +23,26 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 ACCESS_KEY_RE = re.compile(r"kg_[0-9A-Za-z]{24}")
 _ASSET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
 _NONCE_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
+
+# The canonical encodings of the eight Ed25519 points of small order (the
+# blocklist of libsodium's crypto_sign_ed25519, also listed in Chalkias et al.,
+# "Taming the many EdDSAs", 2020).
+_SMALL_ORDER_POINTS = tuple(
+    bytes.fromhex(point)
+    for point in (
+        "0100000000000000000000000000000000000000000000000000000000000000",  # order 1: the identity
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # order 2
+        "0000000000000000000000000000000000000000000000000000000000000000",  # order 4
+        "0000000000000000000000000000000000000000000000000000000000000080",  # order 4
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",  # order 8
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",  # order 8
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",  # order 8
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",  # order 8
+    )
+)
+_ED25519_P = 2**255 - 19
+_Y_BITS = (1 << 255) - 1  # the top bit of an encoding is the sign of x
+_SMALL_ORDER_Y = frozenset(int.from_bytes(point, "little") & _Y_BITS for point in _SMALL_ORDER_POINTS)
 
 
 class Violations:
@@ -147,6 +170,36 @@ class Violations:
             except ValueError as exc:
                 self.add(f"{field}[{i}]", str(exc))
         return list(normalised)
+
+
+def ed25519_public_key(text: str) -> Ed25519PublicKey:
+    """A key owner's Ed25519 public key (PEM, or base64 of its 32 bytes); ValueError says why not."""
+    key = signing.load_public_key(text)
+    weakness = weak_ed25519_public_key(key.public_bytes_raw())
+    if weakness:
+        raise ValueError(f"not a usable Ed25519 public key: {weakness}")
+    return key
+
+
+def weak_ed25519_public_key(raw: bytes) -> str | None:
+    """Why ``raw`` must not be anyone's public key, or None if it may be.
+
+    With a point of small order as the public key A, [k]A takes at most eight
+    values whatever the message, so signatures can be forged without any
+    private key: for the identity, R = identity and S = 0 verify for every
+    message, and whoever knows the access key would be the key. Refused by
+    their y coordinate, which also catches the two non-canonical twins (x = 0
+    with the sign bit set); y >= p is a non-canonical encoding that Ed25519
+    implementations disagree about, so it is refused too.
+    """
+    if len(raw) != 32:
+        return "must be 32 bytes"
+    y = int.from_bytes(raw, "little") & _Y_BITS
+    if y >= _ED25519_P:
+        return "not canonically encoded (y >= 2^255 - 19)"
+    if y in _SMALL_ORDER_Y:
+        return "a point of small order, for which signatures can be forged"
+    return None
 
 
 def plain_address(ip: IPAddress) -> IPAddress:

@@ -1,0 +1,82 @@
+"""Attacks from the red-team review, each reproduced against a real server and refused."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from keyguard import Client, InvalidArgument, KeyType
+from keyguard_server._validation import ed25519_public_key, weak_ed25519_public_key
+from tests.conftest import RunningServer
+
+# -- small-order Ed25519 public keys --------------------------------------------
+
+# The canonical encodings of the points of order 1, 2, 4, 4, 8, 8, 8, 8.
+SMALL_ORDER = [
+    "0100000000000000000000000000000000000000000000000000000000000000",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "0000000000000000000000000000000000000000000000000000000000000000",
+    "0000000000000000000000000000000000000000000000000000000000000080",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+]
+P = 2**255 - 19
+NON_CANONICAL = [
+    P.to_bytes(32, "little").hex(),  # y = p: the order-4 y = 0, spelled y + p
+    (P + 1).to_bytes(32, "little").hex(),  # the identity, spelled y + p
+    (2**255 - 1).to_bytes(32, "little").hex(),  # the largest y
+    "0100000000000000000000000000000000000000000000000000000000000080",  # the identity with x = -0
+]
+
+
+def pem(raw_hex: str) -> str:
+    key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(raw_hex))
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def test_the_identity_key_accepts_a_constant_signature_for_any_message() -> None:
+    """The attack: R = identity, S = 0 verifies under the identity public key, whatever is signed."""
+    identity = Ed25519PublicKey.from_public_bytes(bytes.fromhex(SMALL_ORDER[0]))
+    forged = bytes.fromhex(SMALL_ORDER[0]) + bytes(32)
+    for message in (b"GET /api/v3/account", b"POST /sapi/v1/capital/withdraw/apply amount=1000000"):
+        identity.verify(forged, message)  # raises if it does not verify
+
+
+@pytest.mark.parametrize("raw", SMALL_ORDER + NON_CANONICAL)
+def test_weak_public_keys_are_named(raw: str) -> None:
+    assert weak_ed25519_public_key(bytes.fromhex(raw))
+    with pytest.raises(ValueError, match="not a usable Ed25519 public key"):
+        ed25519_public_key(pem(raw))
+    with pytest.raises(ValueError, match="not a usable Ed25519 public key"):
+        ed25519_public_key(base64.b64encode(bytes.fromhex(raw)).decode())
+
+
+def test_real_public_keys_are_fine() -> None:
+    for _ in range(200):
+        raw = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+        assert weak_ed25519_public_key(raw) is None
+        assert ed25519_public_key(base64.b64encode(raw).decode()).public_bytes_raw() == raw
+
+
+@pytest.mark.parametrize("raw", SMALL_ORDER)
+def test_create_key_refuses_a_small_order_public_key(
+    server: RunningServer, client: Client, account: str, raw: str
+) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        client.create_key(account, "forgeable", "trade", key_type=KeyType.ED25519, public_key=pem(raw))
+    assert err.value.fields == ("public_key",)
+    assert server.sql("SELECT count(*) FROM key_model WHERE account_id = ?", (account,)) == [(0,)]
+
+
+@pytest.mark.parametrize("raw", SMALL_ORDER)
+def test_rotate_key_refuses_a_small_order_public_key(client: Client, account: str, raw: str) -> None:
+    key = client.create_key(account, "signer", "trade", key_type=KeyType.ED25519).key
+    with pytest.raises(InvalidArgument) as err:
+        client.rotate_key(account, key.access_key, public_key=pem(raw))
+    assert err.value.fields == ("public_key",)
+    assert client.get_key(account, key.access_key).public_key == key.public_key
