@@ -157,7 +157,10 @@ class Violations:
 
         A network with host bits set (10.0.0.5/24) is refused rather than
         silently widened, and /0 is refused because "any IP" is spelled as an
-        empty list, which the WITHDRAW policy can see.
+        empty list, which the WITHDRAW policy can see. The unspecified address
+        (0.0.0.0, ::) is never a client's, so an entry naming it is a mistake.
+        (Refused here, on input, not in :func:`parse_allowed_ip`: lists stored
+        before this rule must still parse.)
         """
         values = list(values)
         if len(values) > max_count:
@@ -166,7 +169,10 @@ class Violations:
         normalised: dict[str, None] = {}
         for i, raw in enumerate(values):
             try:
-                normalised[str(parse_allowed_ip(raw))] = None
+                entry = parse_allowed_ip(raw)
+                if entry.is_unspecified:
+                    raise ValueError(f"{raw!r} is the unspecified address, never a client's")
+                normalised[str(entry)] = None
             except ValueError as exc:
                 self.add(f"{field}[{i}]", str(exc))
         return list(normalised)
@@ -213,17 +219,22 @@ def plain_address(ip: IPAddress) -> IPAddress:
 
 
 def parse_allowed_ip(raw: str) -> IPNetwork | IPAddress:
-    """An allowlist entry: an address (kept as an address) or a network."""
-    text = raw.strip()
-    if "%" in text:
+    """An allowlist entry: an address (kept as an address) or a network.
+
+    Taken as given, never trimmed: white space or a control character in an
+    entry is a sign of mangled input, refused like any other.
+    """
+    if not raw.isprintable() or any(c.isspace() for c in raw):
+        raise ValueError(f"{_clip(raw)!r} must not contain white space or control characters")
+    if "%" in raw:
         raise ValueError(f"{_clip(raw)!r}: scoped IPv6 addresses are not supported")
     try:
-        if "/" not in text:
-            return plain_address(ipaddress.ip_address(text))
-        network = ipaddress.ip_network(text, strict=True)
+        if "/" not in raw:
+            return plain_address(ipaddress.ip_address(raw))
+        network = ipaddress.ip_network(raw, strict=True)
     except ValueError as exc:
         if "has host bits set" in str(exc):
-            suggestion = ipaddress.ip_network(text, strict=False)
+            suggestion = ipaddress.ip_network(raw, strict=False)
             raise ValueError(f"{_clip(raw)!r} has host bits set; did you mean {suggestion}?") from None
         raise ValueError(f"{_clip(raw)!r} is not an IPv4/IPv6 address or CIDR network") from None
     mapped = network.network_address.ipv4_mapped if network.version == 6 else None
