@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import base64
+import os
+from pathlib import Path
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from keyguard import Client, InvalidArgument, KeyType
+from keyguard.v1 import keyguard_pb2 as pb
+from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
+from keyguard_server._auth import new_token, token_sha256
+from keyguard_server._config import Caller, Role
 from keyguard_server._validation import ed25519_public_key, weak_ed25519_public_key
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, StartServer
 
 # -- small-order Ed25519 public keys --------------------------------------------
 
@@ -80,3 +87,50 @@ def test_rotate_key_refuses_a_small_order_public_key(client: Client, account: st
         client.rotate_key(account, key.access_key, public_key=pem(raw))
     assert err.value.fields == ("public_key",)
     assert client.get_key(account, key.access_key).public_key == key.public_key
+
+
+# -- caller tokens --------------------------------------------------------------
+
+
+def planted_token(data_dir: Path, token: str) -> Path:
+    data_dir.mkdir(exist_ok=True)
+    path = data_dir / "admin.token"
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.mark.parametrize("token", ["", "   ", "kgt_short"])
+def test_an_empty_or_short_admin_token_is_refused_at_start(
+    start_server: StartServer, tmp_path: Path, token: str
+) -> None:
+    planted_token(tmp_path, token)
+    with pytest.raises(ValueError, match="fewer than 32"):
+        start_server(data_dir=str(tmp_path))
+
+
+def test_an_admin_token_owned_by_another_user_is_refused(start_server: StartServer, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    os.chown(planted_token(tmp_path, new_token()), 65534, 65534)
+    with pytest.raises(PermissionError, match="owned by the user keyguard runs as"):
+        start_server(data_dir=str(tmp_path))
+
+
+def test_an_admin_token_that_is_a_link_is_refused(start_server: StartServer, tmp_path: Path) -> None:
+    elsewhere = planted_token(tmp_path / "elsewhere", new_token())
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "admin.token").symlink_to(elsewhere)
+    with pytest.raises(PermissionError, match="symbolic link"):
+        start_server(data_dir=str(tmp_path / "data"))
+
+
+@pytest.mark.parametrize("header", ["Bearer  ", "bearer      "])
+def test_a_blank_bearer_token_is_no_token(start_server: StartServer, header: str) -> None:
+    """Even a caller configured with the digest of the empty token cannot be reached by a blank one."""
+    blank = start_server(callers=(Caller("blank", Role.ADMIN, token_sha256=token_sha256("")),))
+    with grpc.insecure_channel(blank.target) as channel:
+        stub = pb_grpc.KeyManagementStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ListKeys(pb.ListKeysRequest(account_id="acct"), metadata=(("authorization", header),), timeout=10)
+    assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED

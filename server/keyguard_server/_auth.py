@@ -14,10 +14,12 @@ interceptor wraps each handler rather than deciding from the call details.
 from __future__ import annotations
 
 import contextvars
+import errno
 import hashlib
 import logging
 import os
 import secrets
+import stat
 import string
 import tempfile
 import time
@@ -55,6 +57,10 @@ def token_sha256(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+# Generated tokens have 44 characters (40 random letters and digits, ~238 bits).
+MIN_TOKEN_LENGTH = 32
+
+
 def new_token() -> str:
     alphabet = string.ascii_letters + string.digits
     return "kgt_" + "".join(secrets.choice(alphabet) for _ in range(40))
@@ -69,7 +75,7 @@ def ensure_admin_token(config: Config) -> Caller:
     starts so the CLI keeps working.
     """
     path = config.admin_token_file
-    if not path.exists():
+    if not os.path.lexists(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".admin.token.")  # mode 0600
         try:
@@ -81,13 +87,37 @@ def ensure_admin_token(config: Config) -> Caller:
             pass
         finally:
             os.unlink(tmp)
-    if path.stat().st_mode & 0o077:
-        raise PermissionError(f"{path} must be readable by its owner only (chmod 600)")
-    return Caller("admin", Role.ADMIN, token_sha256=read_token(path))
+    return Caller("admin", Role.ADMIN, token_sha256=token_sha256(read_private_token(path)))
 
 
-def read_token(path: Path) -> str:
-    return token_sha256(path.read_text().strip())
+def read_private_token(path: Path) -> str:
+    """The token in ``path``: a regular file of this user's that nobody else can read, not a link.
+
+    Whoever can put a token there is admin, so one planted by another user
+    (or a link to a file of theirs) is refused; the checks are made on the
+    opened file, so the file checked is the file read. An empty or short
+    token is refused too: it would be guessable, and an empty one would
+    match any request whose bearer token is blank.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise PermissionError(f"{path} must be a file, not a symbolic link") from None
+        raise
+    with os.fdopen(fd) as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            raise PermissionError(f"{path} must be a regular file owned by the user keyguard runs as")
+        if info.st_mode & 0o077:
+            raise PermissionError(f"{path} must be readable by its owner only (chmod 600)")
+        token = f.read().strip()
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ValueError(
+            f"{path} holds a token of {len(token)} characters, fewer than {MIN_TOKEN_LENGTH}; "
+            "delete the file to have a new one generated"
+        )
+    return token
 
 
 class _Malformed:
@@ -133,9 +163,10 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         for key, value in context.invocation_metadata() or ():
             if key == "authorization" and isinstance(value, str):
                 scheme, _, token = value.partition(" ")
+                token = token.strip()  # "Bearer  " is no token, not the empty token
                 if scheme.lower() == "bearer" and token:
                     # A dict lookup by digest: timing can only reveal digests, not tokens.
-                    return self._by_token.get(token_sha256(token.strip()))
+                    return self._by_token.get(token_sha256(token))
                 return None
         for name in context.auth_context().get("x509_common_name", []):
             caller = self._by_cert.get(name.decode(errors="replace"))
