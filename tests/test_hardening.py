@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import stat
 from pathlib import Path
 
 import grpc
@@ -134,3 +135,36 @@ def test_a_blank_bearer_token_is_no_token(start_server: StartServer, header: str
         with pytest.raises(grpc.RpcError) as err:
             stub.ListKeys(pb.ListKeysRequest(account_id="acct"), metadata=(("authorization", header),), timeout=10)
     assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+# -- local files ------------------------------------------------------------------
+
+on_sqlite = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@on_sqlite
+def test_data_dir_and_database_files_are_private(start_server: StartServer, tmp_path: Path, account: str) -> None:
+    data = tmp_path / "fresh" / "data"
+    server = start_server(data_dir=str(data))
+    with server.client() as client:
+        client.create_key(account, "bot", "read")  # the WAL holds a hash now
+    assert mode(data) == 0o700
+    for name in ("keyguard.db", "keyguard.db-wal", "keyguard.db-shm", "admin.token"):
+        assert mode(data / name) == 0o600, name
+
+
+@on_sqlite
+def test_readable_database_files_are_made_private(start_server: StartServer, tmp_path: Path) -> None:
+    first = start_server(data_dir=str(tmp_path))
+    first.stop()
+    files = [
+        tmp_path / name for name in ("keyguard.db", "keyguard.db-wal", "keyguard.db-shm") if (tmp_path / name).exists()
+    ]
+    for path in files:
+        path.chmod(0o644)
+    start_server(data_dir=str(tmp_path))
+    assert [mode(path) for path in files] == [0o600] * len(files)

@@ -67,7 +67,8 @@ def new_token() -> str:
 
 
 def ensure_admin_token(config: Config) -> Caller:
-    """The zero-configuration caller: a token in <data_dir>/admin.token, mode 0600.
+    """The zero-configuration caller: a token in <data_dir>/admin.token, mode 0600
+    (the server has made the data dir, mode 0700).
 
     Written to a private temporary file and hard-linked into place, so the
     token file is never readable by others, never seen half-written, and two
@@ -76,7 +77,6 @@ def ensure_admin_token(config: Config) -> Caller:
     """
     path = config.admin_token_file
     if not os.path.lexists(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".admin.token.")  # mode 0600
         try:
             with os.fdopen(fd, "w") as f:

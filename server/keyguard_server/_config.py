@@ -102,9 +102,13 @@ class Config:
     argon2_parallelism: int = Argon2Params.parallelism
     # Threads that run argon2; each holds argon2_memory_kib while it works.
     argon2_threads: int = 2
-    # Verifications that may wait for (or run on) those threads; more are
-    # refused at once (Authorize answers RATE_LIMITED).
-    argon2_max_pending: int = 8
+    # Verifications (of distinct secrets; identical ones share one run) that
+    # may run or wait for those threads: a memory bound. The real bound is
+    # time: a verification whose expected wait (accounts take turns) exceeds
+    # argon2_max_wait_seconds or its caller's deadline is refused at once
+    # (Authorize answers RATE_LIMITED).
+    argon2_max_pending: int = 1024
+    argon2_max_wait_seconds: float = 1.0
     # Hashing new secrets (CreateKey, RotateKey) has a thread and a queue of its
     # own, so key creation never delays verification; past this many waiting
     # hashes a create answers UNAVAILABLE at once.
@@ -210,6 +214,7 @@ class Config:
             "database_keepalive_seconds",
             "health_check_seconds",
             "health_check_timeout_seconds",
+            "argon2_max_wait_seconds",
         )
         for name in timeouts:
             if not 0 < getattr(self, name) <= 3600:

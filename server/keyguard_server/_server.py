@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -11,6 +12,7 @@ import multiprocessing.connection
 import os
 import signal
 import socket
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -18,6 +20,7 @@ import grpc
 import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from playhouse import db_url
 
 from keyguard import KeyguardError
 from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
@@ -60,12 +63,14 @@ class KeyguardServer:
     async def start(self) -> int:
         """Opens the database, binds and starts serving; returns the bound port."""
         config = self.config
+        _make_private_storage(config)
+        # A bad token file stops the start before the database is opened.
+        callers = config.callers or (ensure_admin_token(config),)
         self._store = await Store.open(config.database_settings)
         self._hasher = SecretHasher(
             config.argon2, config.argon2_threads, config.argon2_max_pending, config.argon2_max_pending_hashes
         )
         self.authorizer = Authorizer(self._store, self._hasher, config)
-        callers = config.callers or (ensure_admin_token(config),)
         server = grpc.aio.server(
             interceptors=[CallerInterceptor(callers)],
             options=[
@@ -261,6 +266,28 @@ async def serve(config: Config) -> None:
     await stopping.wait()
     log.info("shutting down (grace %.1fs)", config.shutdown_grace)
     await server.stop(config.shutdown_grace)
+
+
+def _make_private_storage(config: Config) -> None:
+    """The data dir (mode 0700) and a SQLite database's files (0600) are keyguard's alone.
+
+    They hold argon2 hashes, IP allowlists, the withdrawal whitelist and the
+    audit log. The database file is created 0600 before SQLite opens it, as
+    SQLite gives its -wal and -shm files the mode of the database file; files
+    an earlier version left readable are tightened. (Setting the umask would
+    do it too, but the umask is global to the process and all its threads.)
+    """
+    Path(config.data_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not config.database_settings.is_sqlite:
+        return
+    path = db_url.parse(config.database_url)["database"]
+    if path in ("", ":memory:"):
+        return
+    Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    for name in (path, f"{path}-wal", f"{path}-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(name, 0o600)
 
 
 def _tls_credentials(config: Config) -> grpc.ServerCredentials:
