@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import stat
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import pytest
@@ -17,8 +19,11 @@ from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._auth import new_token, token_sha256
 from keyguard_server._config import Caller, Role
+from keyguard_server._server import _redact
 from keyguard_server._validation import ed25519_public_key, weak_ed25519_public_key
 from tests.conftest import RunningServer, StartServer
+from tests.databases import Postgres
+from tests.processes import ServeProcess
 
 # -- small-order Ed25519 public keys --------------------------------------------
 
@@ -140,6 +145,7 @@ def test_a_blank_bearer_token_is_no_token(start_server: StartServer, header: str
 # -- local files ------------------------------------------------------------------
 
 on_sqlite = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+on_postgres = pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 
 
 def mode(path: Path) -> int:
@@ -168,3 +174,49 @@ def test_readable_database_files_are_made_private(start_server: StartServer, tmp
         path.chmod(0o644)
     start_server(data_dir=str(tmp_path))
     assert [mode(path) for path in files] == [0o600] * len(files)
+
+
+# -- logs -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "logged"),
+    [
+        ("postgresql://kg:hunter2@db:5432/kg", "postgresql://kg:***@db:5432/kg"),
+        ("postgresql://kg@db/kg?sslmode=require&password=hunter2", "postgresql://kg@db/kg?sslmode=***&password=***"),
+        ("postgresql://kg@db/kg?sslpassword=hunter2", "postgresql://kg@db/kg?sslpassword=***"),
+        ("postgresql://kg@db/kg?a=1;password=hunter2&pass%77ord=hunter2", "postgresql://kg@db/kg?a=***&pass%77ord=***"),
+        ("sqlite:///data/keyguard.db", "sqlite:///data/keyguard.db"),
+    ],
+)
+def test_database_passwords_are_not_logged(url: str, logged: str) -> None:
+    assert _redact(url) == logged
+
+
+@on_postgres
+def test_a_password_query_parameter_is_not_logged(
+    start_server: StartServer, postgres: Postgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    parts = urlsplit(postgres.create())
+    password = parts.password or "hunter2-unused-by-trust-auth"
+    netloc = parts.netloc.replace(f":{parts.password}@", "@") if parts.password else parts.netloc
+    caplog.set_level(logging.INFO, logger="keyguard")
+    start_server(database=urlunsplit(parts._replace(netloc=netloc, query=f"password={password}")))
+    serving = [r.getMessage() for r in caplog.records if "keyguard serving on" in r.getMessage()]
+    assert serving and "password=***" in serving[0]
+    assert password not in caplog.text
+
+
+def test_debug_logs_hold_no_hash_or_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEYGUARD_LOG_LEVEL", "DEBUG")
+    serve = ServeProcess(tmp_path)
+    try:
+        with serve.client() as client:
+            created = client.create_key("acct-debug", "bot", "read", ["192.0.2.1"])
+            client.authorize(created.key.access_key, created.private_key, "192.0.2.1", "read")
+    finally:
+        serve.terminate()
+    log = serve.log.read_text()
+    assert " DEBUG " in log  # the level took effect
+    assert "$argon2id$" not in log
+    assert created.private_key not in log

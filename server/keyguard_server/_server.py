@@ -10,11 +10,12 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import re
 import signal
 import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import grpc
 import prometheus_client
@@ -201,6 +202,8 @@ def configure_logging(config: Config) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"))
     logging.basicConfig(level=config.log_level.upper(), handlers=[handler], force=True)
+    # At DEBUG, peewee logs every statement with its parameters: argon2 hashes, allowlists, the whitelist.
+    logging.getLogger("peewee").setLevel(logging.INFO)
 
 
 def run(config: Config) -> None:
@@ -304,8 +307,13 @@ def _tls_credentials(config: Config) -> grpc.ServerCredentials:
 
 
 def _redact(url: str) -> str:
+    """The database URL for the log, without its password: not in the user info, nor in a query
+    parameter (?password=, ?sslpassword=, ...). Every query value is hidden, as a secret can hide
+    behind any spelling of its key (percent-escapes, ";" separators)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
+    userinfo, _, host = parts.netloc.rpartition("@")
+    if ":" in userinfo:
+        url = url.replace(parts.netloc, f"{userinfo.split(':', 1)[0]}:***@{host}", 1)
+    if parts.query:
+        url = url.replace(f"?{parts.query}", "?" + re.sub(r"=[^&]*", "=***", parts.query), 1)
+    return url
