@@ -220,3 +220,14 @@ def test_debug_logs_hold_no_hash_or_secret(tmp_path: Path, monkeypatch: pytest.M
     assert " DEBUG " in log  # the level took effect
     assert "$argon2id$" not in log
     assert created.private_key not in log
+
+
+# -- page tokens ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("token", ["²", "١٢", "9" * 5000])  # superscript two, Arabic-Indic "12", past int()'s limit
+def test_a_page_token_of_other_digits_is_invalid_argument(client: Client, token: str) -> None:
+    """str.isdigit() is true for "²", which int() refuses: the server answered INTERNAL."""
+    with pytest.raises(InvalidArgument) as err:
+        client.list_audit_events(page_token=token)
+    assert err.value.fields == ("page_token",)
