@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,43 @@ def test_mistakes_are_errors_not_silently_ignored(tmp_path: Path, toml: str, env
     path.write_text(toml)
     with pytest.raises(ValueError, match=message):
         Config.load(path, env=env)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"envoy_access_key_header": "x_api_key"}, "must be a header name"),  # Envoy refuses underscores
+        ({"envoy_private_key_header": "x api secret"}, "must be a header name"),
+        ({"envoy_withdraw_address_header": "x-keyguard-withdraw-address"}, "not x-keyguard-"),
+        ({"envoy_nonce_header": "X-API-Key"}, "name the same header 'x-api-key'"),
+        ({"envoy_client_ip_header": "x-forwarded-for"}, "envoy_client_ip_header and envoy_trusted_proxies go together"),
+        ({"envoy_trusted_proxies": "10.0.0.0/8"}, "envoy_client_ip_header and envoy_trusted_proxies go together"),
+        ({"envoy_client_ip_header": "x-forwarded-for", "envoy_trusted_proxies": "10.0.0.1/8"}, "has host bits set"),
+    ],
+)
+def test_nonsense_values_are_refused(settings: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Config(**settings)  # type: ignore[arg-type]
+
+
+def test_header_names_are_stored_in_lower_case(tmp_path: Path) -> None:
+    """Envoy passes header names in lower case: "X-Api-Key" would never match."""
+    path = tmp_path / "keyguard.toml"
+    path.write_text('envoy_access_key_header = "X-Api-Key"\nenvoy_client_ip_header = "X-Forwarded-For"\n')
+    config = Config.load(path, env={"KEYGUARD_ENVOY_TRUSTED_PROXIES": "10.0.0.0/8 192.0.2.9"})
+    assert (config.envoy_access_key_header, config.envoy_client_ip_header) == ("x-api-key", "x-forwarded-for")
+
+
+@pytest.mark.parametrize("prefix", ["/api/../sapi", "/api//v3", "/api/%76", "api/v3", "/a;b", "/a\\b", ""])
+def test_route_prefixes_must_be_canonical(tmp_path: Path, prefix: str) -> None:
+    path = tmp_path / "keyguard.toml"
+    path.write_text(f"[[envoy_routes]]\npath_prefix = {json.dumps(prefix)}\npermission = 'read'\n")
+    with pytest.raises(ValueError, match="must be a canonical path"):
+        Config.load(path, env={})
+
+
+def test_route_prefixes_are_matched_in_lower_case(tmp_path: Path) -> None:
+    path = tmp_path / "keyguard.toml"
+    path.write_text("[[envoy_routes]]\npath_prefix = '/sapi/v1/Withdraw'\npermission = 'withdraw'\nmethod = 'post'\n")
+    (route,) = Config.load(path, env={}).envoy_routes
+    assert (route.path_prefix, route.method) == ("/sapi/v1/withdraw", "POST")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import secrets
 import shutil
@@ -9,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from keyguard import CreatedKey, KeyType, Permission, SignedRequest, sign_request
+from keyguard import CreatedKey, KeyType, Permission, SignedRequest, WithdrawalDestination, sign_request
+from keyguard._signing import envoy_payload
 from keyguard_server._config import EnvoyRoute
 from tests.conftest import RunningServer, StartServer
 
@@ -29,7 +30,14 @@ ROUTES = (
     EnvoyRoute("/api/v3/account", Permission.READ),
     EnvoyRoute("/api/v3/order", Permission.TRADE),
     EnvoyRoute("/api/v3/order", Permission.READ, method="GET"),  # reading orders needs only READ
+    EnvoyRoute("/sapi/v1/", Permission.READ),
     EnvoyRoute("/sapi/v1/withdraw", Permission.WITHDRAW),
+)
+
+# Every refusal before the credential is proven: the caller learns nothing about the key.
+GENERIC_401 = (
+    401,
+    {"error": "UNAUTHENTICATED", "message": "invalid API key, secret or signature, or not allowed from this IP"},
 )
 
 BOOTSTRAP = """
@@ -45,6 +53,13 @@ static_resources:
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: api
+          # What the README's Envoy section asks for: one spelling per path, the
+          # peer address as the client's, no header names with underscores.
+          normalize_path: true
+          merge_slashes: true
+          path_with_escaped_slashes_action: REJECT_REQUEST
+          use_remote_address: true
+          common_http_protocol_options: {{headers_with_underscores_action: REJECT_REQUEST}}
           route_config:
             virtual_hosts:
             - name: api
@@ -58,6 +73,7 @@ static_resources:
               "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
               transport_api_version: V3
               failure_mode_allow: false
+              with_request_body: {{max_request_bytes: 65536, allow_partial_message: false, pack_as_bytes: true}}
               grpc_service:
                 envoy_grpc: {{cluster_name: keyguard}}
                 timeout: 2s
@@ -159,26 +175,40 @@ def _listener_url(proc: subprocess.Popen[bytes], admin_path: Path, log: Path) ->
     raise AssertionError(f"envoy did not start:\n{log.read_text()}")
 
 
-def call(url: str, key: CreatedKey | None, secret: str | None = None, method: str = "GET", **headers: str) -> Any:
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+def call(
+    url: str,
+    key: CreatedKey | None,
+    secret: str | None = None,
+    method: str = "GET",
+    body: bytes = b"",
+    raw_headers: dict[str, str] | None = None,
+    **headers: str,
+) -> Any:
+    """(status, JSON body or text) of one request; the path is sent exactly as given."""
+    host, path = url.removeprefix("http://").split("/", 1)
+    sent = {name.replace("_", "-"): value for name, value in headers.items()} | (raw_headers or {})
     if key is not None:
-        request.add_header("x-api-key", key.key.access_key)
-        request.add_header("x-api-secret", key.private_key if secret is None else secret)
-    for name, value in headers.items():
-        request.add_header(name.replace("_", "-"), value)
+        sent |= {"x-api-key": key.key.access_key, "x-api-secret": key.private_key if secret is None else secret}
+    connection = http.client.HTTPConnection(host, timeout=10)
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        with error:
-            body = error.read()
-        return error.code, json.loads(body) if body.startswith(b"{") else body.decode()
+        connection.request(method, "/" + path, body=body if method == "POST" else None, headers=sent)
+        response = connection.getresponse()
+        text = response.read()
+    finally:
+        connection.close()
+    return response.status, json.loads(text) if text.startswith(b"{") else text.decode()
 
 
 @pytest.fixture
 def trade_key(keyguard: RunningServer, account: str) -> CreatedKey:
     with keyguard.client() as client:
         return client.create_key(account, "trading bot", "trade", ["127.0.0.1"])
+
+
+@pytest.fixture
+def read_key(keyguard: RunningServer, account: str) -> CreatedKey:
+    with keyguard.client() as client:
+        return client.create_key(account, "reader", "read", ["127.0.0.1"])
 
 
 def test_good_key_reaches_the_upstream_with_the_account_headers(
@@ -193,11 +223,15 @@ def test_good_key_reaches_the_upstream_with_the_account_headers(
     assert "x-api-secret" not in seen  # the upstream never sees the private key
 
 
-def test_wrong_secret_is_401(envoy: str, trade_key: CreatedKey) -> None:
-    wrong = trade_key.private_key[:-1] + ("A" if trade_key.private_key[-1] != "A" else "B")
-    assert call(f"{envoy}/api/v3/account", trade_key, wrong) == (
-        401,
-        {"error": "BAD_SECRET", "message": "invalid API key secret"},
+def test_refusals_before_the_secret_is_proven_look_alike(envoy: str, keyguard: RunningServer, account: str) -> None:
+    with keyguard.client() as client:
+        key = client.create_key(account, "bot", "trade", ["127.0.0.1"])
+        elsewhere = client.create_key(account, "elsewhere", "trade", ["192.0.2.1"])
+    wrong = key.private_key[:-1] + ("A" if key.private_key[-1] != "A" else "B")
+    assert call(f"{envoy}/api/v3/account", key, wrong) == GENERIC_401  # bad secret
+    assert call(f"{envoy}/api/v3/account", elsewhere) == GENERIC_401  # right secret, wrong IP
+    assert (
+        call(f"{envoy}/api/v3/account", None, x_api_key="kg_" + "A" * 24, x_api_secret=key.private_key) == GENERIC_401
     )
 
 
@@ -206,19 +240,10 @@ def test_missing_credentials_are_401(envoy: str) -> None:
     assert (status, body["error"]) == (401, "MISSING_CREDENTIALS")
 
 
-def test_read_key_on_a_trade_route_is_403(envoy: str, keyguard: RunningServer, account: str) -> None:
-    with keyguard.client() as client:
-        reader = client.create_key(account, "reader", "read", ["127.0.0.1"])
-    status, body = call(f"{envoy}/api/v3/order", reader, method="POST")
+def test_read_key_on_a_trade_route_is_403(envoy: str, read_key: CreatedKey) -> None:
+    status, body = call(f"{envoy}/api/v3/order", read_key, method="POST")
     assert (status, body["error"]) == (403, "PERMISSION_DENIED")
-    assert call(f"{envoy}/api/v3/order", reader)[0] == 200  # GET /api/v3/order needs only READ
-
-
-def test_key_from_another_ip_is_403(envoy: str, keyguard: RunningServer, account: str) -> None:
-    with keyguard.client() as client:
-        elsewhere = client.create_key(account, "elsewhere", "trade", ["192.0.2.1"])
-    status, body = call(f"{envoy}/api/v3/account", elsewhere)
-    assert (status, body["error"]) == (403, "IP_NOT_ALLOWED")
+    assert call(f"{envoy}/api/v3/order", read_key)[0] == 200  # GET /api/v3/order needs only READ
 
 
 def test_unmapped_route_is_refused(envoy: str, trade_key: CreatedKey) -> None:
@@ -226,13 +251,62 @@ def test_unmapped_route_is_refused(envoy: str, trade_key: CreatedKey) -> None:
     assert (status, body["error"]) == (403, "ROUTE_NOT_MAPPED")
 
 
+@pytest.mark.parametrize(
+    ("key", "method", "path"),
+    [
+        ("trade", "POST", "/api/v3/order/../../../sapi/v1/withdraw?coin=BTC&address=bc1qthief"),
+        ("trade", "POST", "/api/v3/order/%2e%2e/%2e%2e/%2e%2e/sapi/v1/withdraw?coin=BTC"),
+        ("trade", "POST", "/api/v3/order%2F..%2F..%2F..%2Fsapi/v1/withdraw?coin=BTC"),
+        ("read", "POST", "/sapi/v1//withdraw"),
+        ("read", "POST", "/sapi/v1/./withdraw"),
+        ("read", "POST", "/sapi/v1/x/../withdraw"),
+        ("read", "POST", "/sapi/v1/%77ithdraw"),
+        ("read", "POST", "/sapi/v1/%2577ithdraw"),
+        ("read", "POST", "/sapi/v1/Withdraw"),
+        ("read", "POST", "/sapi/v1/withdraw;x=1"),
+        ("read", "POST", "/sapi/v1/x\\..\\withdraw"),
+        ("read", "GET", "/api/v3/accountTransfer"),
+    ],
+)
+def test_no_spelling_of_a_path_reaches_another_route(
+    envoy: str, trade_key: CreatedKey, read_key: CreatedKey, key: str, method: str, path: str
+) -> None:
+    """Envoy normalises (or rejects) first, keyguard refuses what is left; nothing gets through."""
+    status, body = call(f"{envoy}{path}", trade_key if key == "trade" else read_key, method=method)
+    assert status in (400, 403), (status, body)
+    if status == 403:
+        assert body["error"] in ("PERMISSION_DENIED", "PATH_NOT_CANONICAL", "ROUTE_NOT_MAPPED"), body
+
+
+@pytest.mark.parametrize("override", ["x-http-method-override", "x-http-method", "x-method-override"])
+def test_method_override_is_refused(envoy: str, read_key: CreatedKey, override: str) -> None:
+    status, body = call(f"{envoy}/api/v3/order", read_key, raw_headers={override: "DELETE"})
+    assert (status, body["error"]) == (403, "METHOD_OVERRIDE")
+
+
+def test_headers_with_underscores_never_reach_the_upstream(envoy: str, trade_key: CreatedKey) -> None:
+    forged = {"x_keyguard_account_id": "evil", "x_keyguard_permission": "WITHDRAW"}
+    assert call(f"{envoy}/api/v3/order", trade_key, method="POST", raw_headers=forged)[0] == 400
+
+
+def test_forwarded_for_does_not_choose_the_client_ip(envoy: str, keyguard: RunningServer, account: str) -> None:
+    with keyguard.client() as client:
+        elsewhere = client.create_key(account, "elsewhere", "read", ["203.0.113.7"])
+    spoofed = {"x-forwarded-for": "203.0.113.7", "x-envoy-external-address": "203.0.113.7", "x-real-ip": "203.0.113.7"}
+    assert call(f"{envoy}/api/v3/account", elsewhere, raw_headers=spoofed)[0] == 401
+
+
 def test_withdrawal_destination_comes_from_headers(envoy: str, keyguard: RunningServer, account: str) -> None:
     with keyguard.client() as client:
         withdrawer = client.create_key(account, "withdrawer", "withdraw", ["127.0.0.1"])
         client.set_address_management(account, True)
         client.add_withdrawal_address(account, "BTC", "bc1qcold")
-    url = f"{envoy}/sapi/v1/withdraw"
-    assert call(url, withdrawer, method="POST", x_withdraw_asset="BTC", x_withdraw_address="bc1qcold")[0] == 200
+    url = f"{envoy}/sapi/v1/withdraw?coin=BTC&address=bc1qthief"  # the query is not what was checked...
+    status, seen = call(url, withdrawer, method="POST", x_withdraw_asset="BTC", x_withdraw_address="bc1qcold")
+    assert status == 200
+    # ...these are, and the upstream executes them
+    assert (seen["x-keyguard-withdraw-asset"], seen["x-keyguard-withdraw-address"]) == ("BTC", "bc1qcold")
+    assert seen["x-keyguard-withdraw-memo"] == ""
     status, body = call(url, withdrawer, method="POST", x_withdraw_asset="BTC", x_withdraw_address="bc1qthief")
     assert (status, body["error"]) == (403, "ADDRESS_NOT_WHITELISTED")
     status, body = call(url, withdrawer, method="POST")
@@ -243,22 +317,41 @@ def test_ed25519_key_signs_through_envoy(envoy: str, keyguard: RunningServer, ac
     with keyguard.client() as client:
         signer = client.create_key(account, "signer", "trade", ["127.0.0.1"], key_type=KeyType.ED25519)
 
-    def signed_call(path: str, request: SignedRequest | None = None, method: str = "POST") -> Any:
-        request = request or sign_request(signer.private_key, signer.key.access_key, f"{method} {path}")
+    def signed_call(path: str, body: bytes = b"", request: SignedRequest | None = None) -> Any:
+        request = request or sign_request(signer.private_key, signer.key.access_key, envoy_payload("POST", path, body))
         return call(
-            f"{envoy}{path}", None, method=method, x_api_key=signer.key.access_key,
+            f"{envoy}{path}", None, method="POST", body=body, x_api_key=signer.key.access_key,
             x_api_timestamp=str(request.timestamp_ms), x_api_nonce=request.nonce, x_api_signature=request.signature,
         )  # fmt: skip
 
     status, seen = signed_call("/api/v3/order?symbol=BTCUSDT&side=BUY")
     assert (status, seen["x-keyguard-key-name"]) == (200, "signer")
-    once = sign_request(signer.private_key, signer.key.access_key, "POST /api/v3/order?symbol=BTCUSDT")
-    assert signed_call("/api/v3/order?symbol=BTCUSDT", once)[0] == 200
-    status, body = signed_call("/api/v3/order?symbol=BTCUSDT", once)
-    assert (status, body["error"]) == (401, "REPLAYED_REQUEST")
-    tampered = sign_request(signer.private_key, signer.key.access_key, "POST /api/v3/order?symbol=BTCUSDT")
-    status, body = signed_call("/api/v3/order?symbol=ETHUSDT", tampered)  # signed for another query
-    assert (status, body["error"]) == (401, "BAD_SIGNATURE")
+    order = b'{"symbol":"BTCUSDT","side":"BUY","quantity":"1"}'
+    once = sign_request(signer.private_key, signer.key.access_key, envoy_payload("POST", "/api/v3/order", order))
+    assert signed_call("/api/v3/order", order, once)[0] == 200  # the body is signed...
+    assert signed_call("/api/v3/order", order, once)[0] == 401  # ...once (replayed)
+    tampered = sign_request(signer.private_key, signer.key.access_key, envoy_payload("POST", "/api/v3/order", order))
+    assert signed_call("/api/v3/order", order.replace(b'"1"', b'"100"'), tampered)[0] == 401  # another body
+    other_query = sign_request(signer.private_key, signer.key.access_key, envoy_payload("POST", "/api/v3/order?a=1"))
+    assert signed_call("/api/v3/order?a=2", b"", other_query)[0] == 401
+
+
+def test_ed25519_withdrawal_signs_its_destination(envoy: str, keyguard: RunningServer, account: str) -> None:
+    with keyguard.client() as client:
+        signer = client.create_key(account, "signer", "withdraw", ["127.0.0.1"], key_type=KeyType.ED25519)
+    payload = envoy_payload("POST", "/sapi/v1/withdraw", destination=WithdrawalDestination("BTC", "bc1qcold"))
+
+    def withdraw(address: str) -> Any:
+        request = sign_request(signer.private_key, signer.key.access_key, payload)
+        return call(
+            f"{envoy}/sapi/v1/withdraw", None, method="POST", x_api_key=signer.key.access_key,
+            x_api_timestamp=str(request.timestamp_ms), x_api_nonce=request.nonce, x_api_signature=request.signature,
+            x_withdraw_asset="BTC", x_withdraw_address=address,
+        )  # fmt: skip
+
+    status, seen = withdraw("bc1qcold")
+    assert (status, seen["x-keyguard-withdraw-address"]) == (200, "bc1qcold")
+    assert withdraw("bc1qthief")[0] == 401  # signed for another destination
 
 
 def test_keyguard_down_means_envoy_denies(envoy: str, keyguard: RunningServer, trade_key: CreatedKey) -> None:

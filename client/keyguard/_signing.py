@@ -3,24 +3,45 @@
 Exchanges let bots sign each request with an asymmetric key so the exchange
 never holds a usable secret. keyguard stores only the public key; the bot signs
 ``access_key \\n timestamp_ms \\n nonce \\n payload`` (UTF-8) with its private key.
+Through Envoy the payload is :func:`envoy_payload` of the HTTP request.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import secrets
 import time
+from urllib.parse import quote
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from keyguard._models import SignedRequest
+from keyguard._models import SignedRequest, WithdrawalDestination
 
 
 def canonical(access_key: str, timestamp_ms: int, nonce: str, payload: str) -> bytes:
     return f"{access_key}\n{timestamp_ms}\n{nonce}\n{payload}".encode()
+
+
+def envoy_payload(method: str, path: str, body: bytes = b"", destination: WithdrawalDestination | None = None) -> str:
+    """The payload an ED25519 key signs for a request through Envoy; keyguard rebuilds it from
+    what Envoy forwards, so a changed method, path, query, body or destination breaks the signature.
+
+    ``METHOD PATH?QUERY BODY_SHA256`` (``path`` exactly as sent, query included;
+    the lower-case hex SHA-256 of the body, of b"" when there is none), and for
+    a withdrawal `` asset=A&address=B&memo=C`` with each value percent-encoded
+    (UTF-8; everything but letters, digits and -._~). Single spaces separate the
+    parts (no part can hold one), so the payload is one printable line: keyguard
+    refuses control characters in payloads.
+    """
+    parts = [method, path, hashlib.sha256(body).hexdigest()]
+    if destination is not None:
+        fields = (("asset", destination.asset), ("address", destination.address), ("memo", destination.memo))
+        parts.append("&".join(f"{name}={quote(value, safe='')}" for name, value in fields))
+    return " ".join(parts)
 
 
 def sign_request(

@@ -51,10 +51,26 @@ class Caller:
             raise ValueError(f"caller {self.name!r}: token_sha256 must be 64 lower-case hex digits")
 
 
+# A canonical request path: "/" or "/"-separated segments of RFC 3986 path
+# characters, with an optional trailing "/". What it leaves out is what makes
+# two spellings of one path: empty segments ("//"), segments of dots ("." and
+# ".." but also "...", which some servers trim), "%" escapes (decoding,
+# double decoding), "\\" (a separator to some servers) and ";" (path
+# parameters that Java servers strip: "/withdraw;x" is "/withdraw" to them).
+CANONICAL_PATH = re.compile(r"/|(?:/(?!\.+(?:/|$))[A-Za-z0-9\-._~!$&'()*+,=:@]+)+/?")
+CANONICAL_PATH_RULE = (
+    "a canonical path: segments of letters, digits and -._~!$&'()*+,=:@ between single slashes, "
+    "no '.' or '..' segments, no '%' escapes, no '\\' or ';'"
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class EnvoyRoute:
-    """Envoy ext_authz: requests whose path starts with ``path_prefix`` need ``permission``.
+    """Envoy ext_authz: requests whose path is ``path_prefix`` or below it need ``permission``.
 
+    Prefixes match whole segments ("/api/v3/account" covers "/api/v3/account"
+    and "/api/v3/account/x", not "/api/v3/accountTransfer") and ignore case,
+    since an upstream may route "/sapi/v1/Withdraw" to "/sapi/v1/withdraw".
     The longest matching prefix wins, and at equal prefixes a route naming the
     request's method beats "*"; ``method`` is an HTTP method or "*".
     """
@@ -63,8 +79,19 @@ class EnvoyRoute:
     permission: Permission
     method: str = "*"
 
+    def __post_init__(self) -> None:
+        if not CANONICAL_PATH.fullmatch(self.path_prefix):
+            raise ValueError(f"path_prefix {self.path_prefix!r} must be {CANONICAL_PATH_RULE}")
+        if self.method != "*" and not re.fullmatch(r"[A-Za-z]+", self.method):
+            raise ValueError(f"method {self.method!r} must be an HTTP method or '*'")
+        object.__setattr__(self, "path_prefix", self.path_prefix.lower())
+        object.__setattr__(self, "method", self.method.upper())
+
     def matches(self, method: str, path: str) -> bool:
-        return path.startswith(self.path_prefix) and self.method in ("*", method.upper())
+        """``path`` is canonical (the caller refuses any other)."""
+        base = self.path_prefix.rstrip("/")
+        path = path.lower()
+        return (path == base or path.startswith(base + "/")) and self.method in ("*", method.upper())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,13 +173,19 @@ class Config:
     # "text" or "json" (one JSON object per line).
     log_format: str = "text"
     # Envoy ext_authz (envoy.service.auth.v3.Authorization/Check): where the
-    # bot's credentials and the withdrawal destination are in its HTTP request,
-    # where the client IP comes from ("" = the peer address Envoy reports;
-    # otherwise a header set by a trusted proxy, last value of a list), and
-    # which permission each route needs ([[envoy_routes]] tables).
+    # bot's credentials and the withdrawal destination are in its HTTP request
+    # (header names, any case: stored in lower case), where the client IP comes
+    # from, and which permission each route needs ([[envoy_routes]] tables).
     envoy_access_key_header: str = "x-api-key"
     envoy_private_key_header: str = "x-api-secret"
+    # The client IP: "" = the peer address of Envoy's downstream connection
+    # (what it reports, whatever X-Forwarded-For says). Behind a load balancer:
+    # a header it appends to (x-forwarded-for) and the proxies to trust
+    # (addresses or networks, separated by spaces or commas; required with
+    # the header): the client is the right-most address, of that header's list
+    # followed by the peer, that is not a trusted proxy.
     envoy_client_ip_header: str = ""
+    envoy_trusted_proxies: str = ""
     # ED25519 keys: the signed request's parts.
     envoy_timestamp_header: str = "x-api-timestamp"
     envoy_nonce_header: str = "x-api-nonce"
@@ -219,6 +252,7 @@ class Config:
         for name in timeouts:
             if not 0 < getattr(self, name) <= 3600:
                 raise ValueError(f"config {name} must be more than 0 and at most 3600")
+        self._check_envoy_settings()
         if not 0 <= self.withdraw_min_prefix_ipv4 <= 32:
             raise ValueError("config withdraw_min_prefix_ipv4 must be 0 to 32")
         if not 0 <= self.withdraw_min_prefix_ipv6 <= 128:
@@ -237,6 +271,34 @@ class Config:
             raise ValueError(
                 f"refusing to listen on {self.listen} with no callers configured: "
                 "configure [[callers]] (see README) or listen on loopback"
+            )
+
+    def _check_envoy_settings(self) -> None:
+        """Header names in lower case (as Envoy passes them), each a valid, distinct name.
+
+        Refused: names Envoy never forwards (underscores, with the documented
+        headers_with_underscores_action) and x-keyguard-* (keyguard's own
+        answer to the upstream, which it overwrites or removes).
+        """
+        names = [f.name for f in dataclasses.fields(self) if f.name.startswith("envoy_") and f.name.endswith("_header")]
+        seen: dict[str, str] = {}
+        for name in names:
+            value = getattr(self, name).lower()
+            object.__setattr__(self, name, value)
+            if not value and name == "envoy_client_ip_header":
+                continue
+            if not re.fullmatch(r"[a-z0-9]+(?:-[a-z0-9]+)*", value) or value.startswith("x-keyguard-"):
+                raise ValueError(
+                    f"config {name} {value!r} must be a header name of letters, digits and '-' (not x-keyguard-*)"
+                )
+            if value in seen:
+                raise ValueError(f"config {name} and {seen[value]} name the same header {value!r}")
+            seen[value] = name
+        proxies = trusted_networks(self.envoy_trusted_proxies)
+        if bool(self.envoy_client_ip_header) != bool(proxies):
+            raise ValueError(
+                "config envoy_client_ip_header and envoy_trusted_proxies go together: the header is believed "
+                "only when the proxy that sent it is trusted"
             )
 
     @classmethod
@@ -261,6 +323,14 @@ class Config:
         values.update(_typed(from_env, source="environment", parse_strings=True))
         values.update(_typed({k: v for k, v in overrides.items() if v is not None}, source="flags"))
         return cls(**values)
+
+
+def trusted_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``envoy_trusted_proxies``: addresses or networks separated by spaces or commas."""
+    try:
+        return tuple(ipaddress.ip_network(entry) for entry in text.replace(",", " ").split())
+    except ValueError as exc:
+        raise ValueError(f"config envoy_trusted_proxies: {exc}") from None
 
 
 def _is_loopback(listen: str) -> bool:

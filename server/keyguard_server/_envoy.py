@@ -3,61 +3,85 @@
 A stock Envoy in front of the exchange API calls ``Check`` for every bot
 request. The bot's HTTP request is mapped to an Authorize decision: access
 key and private key from configurable headers, client IP from the peer address
-Envoy reports (or a header a trusted proxy sets), required permission from the
-longest matching (method, path prefix) route. ED25519 keys sign instead:
-signature, timestamp and nonce come from headers, and the signed payload is
-"METHOD PATH?QUERY" (plus a newline and the body when Envoy forwards it). A
-request no route covers is refused: keyguard fails closed, and so does Envoy
-when keyguard is unreachable or answers an error status (``failure_mode_allow:
-false``), e.g. UNAVAILABLE when the key's row cannot be read in time; errors
-go through the same mapping as every other RPC, so no exception text leaks.
+Envoy reports (or, behind trusted proxies, a header they append to), required
+permission from the longest matching (method, path prefix) route. ED25519 keys
+sign instead: signature, timestamp and nonce come from headers, and the signed
+payload is :func:`keyguard._signing.envoy_payload` of the request (method,
+path and query, the body's SHA-256 and a withdrawal's destination), so Envoy
+must forward the whole body (``with_request_body``).
 
-On ALLOW the upstream gets x-keyguard-account-id, x-keyguard-key-name
-(percent-encoded UTF-8) and x-keyguard-permission, overwriting anything the
-bot sent under those names, and never sees the private-key header. A refusal
-is 401 (unknown, disabled or expired key, bad secret or signature, stale or
-replayed request), 429 (rate limited), 400 (malformed) or 403, with a small
-JSON body naming the decision.
+Routing is only as strong as the path it sees, so keyguard refuses (403) what
+an upstream could read as another path or method: a path that is not
+canonical (see ``CANONICAL_PATH``) and method-override headers or parameters.
+The documented Envoy config normalises paths first; this check is for proxies
+that do not. A request no route covers is refused: keyguard fails closed, and
+so does Envoy when keyguard is unreachable or answers an error status
+(``failure_mode_allow: false``), e.g. UNAVAILABLE when the key's row cannot
+be read in time; errors go through the same mapping as every other RPC, so no
+exception text leaks.
+
+On ALLOW the upstream gets x-keyguard-account-id, x-keyguard-key-name,
+x-keyguard-permission and, for a withdrawal, the checked destination in
+x-keyguard-withdraw-asset, -address and -memo (strings percent-encoded UTF-8),
+overwriting anything the bot sent under those names; any other x-keyguard-*
+header is removed, and so is the private-key header. A refusal is a small
+JSON body: 401 with one generic answer for every decision reached before the
+credential is proven (so a caller without the secret learns nothing about
+the key), 403 for what the proven key may not do, 429 (rate limited), 400
+(malformed).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
-from urllib.parse import quote
+from collections.abc import Mapping
+from urllib.parse import parse_qsl, quote
 
 import grpc
 from google.rpc import code_pb2, status_pb2
 
 from keyguard import AuthorizeResult, Decision, InvalidArgument, Permission, SignedRequest, WithdrawalDestination
+from keyguard._signing import envoy_payload
 from keyguard.envoy.config.core.v3 import base_pb2 as core
 from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
+from keyguard.envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
 from keyguard.envoy.type.v3 import http_status_pb2 as http_status
-from keyguard_server._config import Config, EnvoyRoute
+from keyguard_server._config import CANONICAL_PATH, CANONICAL_PATH_RULE, Config, EnvoyRoute, trusted_networks
 from keyguard_server._grpc import maps_errors
 from keyguard_server._service import Authorizer
 
 _OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-# decision -> (HTTP status, gRPC code Envoy sees)
-_REFUSALS: dict[str, tuple[http_status.StatusCode.ValueType, int]] = {
-    Decision.UNKNOWN_KEY.name: (http_status.Unauthorized, code_pb2.UNAUTHENTICATED),
-    Decision.BAD_SECRET.name: (http_status.Unauthorized, code_pb2.UNAUTHENTICATED),
-    Decision.BAD_SIGNATURE.name: (http_status.Unauthorized, code_pb2.UNAUTHENTICATED),
-    Decision.STALE_REQUEST.name: (http_status.Unauthorized, code_pb2.UNAUTHENTICATED),
-    Decision.REPLAYED_REQUEST.name: (http_status.Unauthorized, code_pb2.UNAUTHENTICATED),
-    Decision.KEY_DISABLED.name: (http_status.Unauthorized, code_pb2.UNAUTHENTICATED),
-    Decision.KEY_EXPIRED.name: (http_status.Unauthorized, code_pb2.UNAUTHENTICATED),
-    "MISSING_CREDENTIALS": (http_status.Unauthorized, code_pb2.UNAUTHENTICATED),
-    Decision.RATE_LIMITED.name: (http_status.TooManyRequests, code_pb2.RESOURCE_EXHAUSTED),
-    "BAD_REQUEST": (http_status.BadRequest, code_pb2.INVALID_ARGUMENT),
-}
+# Headers and query parameters that make some frameworks (Rails, Laravel,
+# Express, Symfony, IIS...) act on another method or path than the one routed.
+_OVERRIDE_HEADERS = frozenset(
+    {"x-http-method-override", "x-http-method", "x-method-override", "x-original-url", "x-rewrite-url"}
+)
+_OVERRIDE_PARAMETERS = frozenset({"_method"})
+_UNAUTHENTICATED = (http_status.Unauthorized, code_pb2.UNAUTHENTICATED)
 _FORBIDDEN = (http_status.Forbidden, code_pb2.PERMISSION_DENIED)
+# Decisions that may be told as they are; any other refusal reached Authorize
+# before the credential was proven (unknown, disabled or expired key, client
+# IP, secret, signature, timestamp, nonce) and gets the one generic 401.
+_TOLD: dict[str, tuple[http_status.StatusCode.ValueType, int]] = {
+    Decision.PERMISSION_DENIED.name: _FORBIDDEN,
+    Decision.ADDRESS_NOT_WHITELISTED.name: _FORBIDDEN,
+    Decision.RATE_LIMITED.name: (http_status.TooManyRequests, code_pb2.RESOURCE_EXHAUSTED),
+    "MISSING_CREDENTIALS": _UNAUTHENTICATED,
+    "BAD_REQUEST": (http_status.BadRequest, code_pb2.INVALID_ARGUMENT),
+    "PATH_NOT_CANONICAL": _FORBIDDEN,
+    "METHOD_OVERRIDE": _FORBIDDEN,
+    "ROUTE_NOT_MAPPED": _FORBIDDEN,
+}
+_NOT_AUTHENTICATED = ("UNAUTHENTICATED", "invalid API key, secret or signature, or not allowed from this IP")
 
 
 class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
     def __init__(self, authorizer: Authorizer, config: Config) -> None:
         self._authorizer = authorizer
         self._config = config
+        self._trusted_proxies = trusted_networks(config.envoy_trusted_proxies)
         # Most specific first: longest prefix, then a named method before "*".
         self._routes = sorted(config.envoy_routes, key=lambda r: (len(r.path_prefix), r.method != "*"), reverse=True)
 
@@ -68,7 +92,14 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
         config = self._config
         http = request.attributes.request.http
         headers = http.headers
-        route = self._route(http.method, http.path.split("?", 1)[0])
+        path, _, query = http.path.partition("?")
+        if not CANONICAL_PATH.fullmatch(path):
+            return _deny("PATH_NOT_CANONICAL", f"the request path must be {CANONICAL_PATH_RULE}")
+        if _OVERRIDE_HEADERS & {name.replace("_", "-") for name in headers} or _OVERRIDE_PARAMETERS & {
+            name for name, _ in parse_qsl(query, keep_blank_values=True)
+        }:
+            return _deny("METHOD_OVERRIDE", "method or URL override headers and parameters are not accepted")
+        route = self._route(http.method, path)
         if route is None:
             return _deny("ROUTE_NOT_MAPPED", f"no permission is configured for {http.method} {http.path}")
         access_key = headers.get(config.envoy_access_key_header, "")
@@ -80,18 +111,6 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
                 f"send the access key in {config.envoy_access_key_header} and either the private key in "
                 f"{config.envoy_private_key_header} or a signature in {config.envoy_signature_header}",
             )
-        signed = None
-        if signature:
-            try:
-                timestamp_ms = int(headers.get(config.envoy_timestamp_header, ""))
-            except ValueError:
-                return _deny("BAD_REQUEST", f"{config.envoy_timestamp_header} must be milliseconds since the epoch")
-            payload = f"{http.method} {http.path}" + (f"\n{http.body}" if http.body else "")
-            signed = SignedRequest(payload, timestamp_ms, headers.get(config.envoy_nonce_header, ""), signature)
-        if config.envoy_client_ip_header:
-            client_ip = headers.get(config.envoy_client_ip_header, "").rsplit(",", 1)[-1].strip()
-        else:
-            client_ip = request.attributes.source.address.socket_address.address
         destination = None
         if route.permission is Permission.WITHDRAW:
             destination = WithdrawalDestination(
@@ -99,56 +118,126 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
                 headers.get(config.envoy_withdraw_address_header, ""),
                 headers.get(config.envoy_withdraw_memo_header, ""),
             )
+        signed = None
+        if signature:
+            try:
+                timestamp_ms = int(headers.get(config.envoy_timestamp_header, ""))
+            except ValueError:
+                return _deny("BAD_REQUEST", f"{config.envoy_timestamp_header} must be milliseconds since the epoch")
+            body = _whole_body(http)
+            if body is None:
+                return _deny("BAD_REQUEST", "keyguard did not get the whole body (Envoy: with_request_body)")
+            payload = envoy_payload(http.method, http.path, body, destination)
+            signed = SignedRequest(payload, timestamp_ms, headers.get(config.envoy_nonce_header, ""), signature)
         try:
             result = await self._authorizer.authorize(
-                access_key, private_key, client_ip, route.permission, destination, signed, context.time_remaining()
+                access_key,
+                private_key,
+                self._client_ip(request),
+                route.permission,
+                destination,
+                signed,
+                context.time_remaining(),
             )
         except InvalidArgument as exc:
             return _deny("BAD_REQUEST", exc.message)
         if not result.allowed:
             return _deny(result.decision.name, _REASONS.get(result.decision, result.decision.name))
-        return _allow(result, config.envoy_private_key_header)
+        return _allow(result, destination, headers, config.envoy_private_key_header)
 
     def _route(self, method: str, path: str) -> EnvoyRoute | None:
         return next((r for r in self._routes if r.matches(method, path)), None)
 
+    def _client_ip(self, request: ext.CheckRequest) -> str:
+        """The peer of Envoy's downstream connection, or behind trusted proxies the right-most
+        address, of the configured header's list and then that peer, that is not one of them:
+        anything left of it was written by the client and proves nothing."""
+        peer: str = request.attributes.source.address.socket_address.address
+        if not self._config.envoy_client_ip_header:
+            return peer
+        listed = request.attributes.request.http.headers.get(self._config.envoy_client_ip_header, "")
+        hops = [hop.strip() for hop in listed.split(",") if hop.strip()] + [peer]
+        for hop in reversed(hops):
+            if not self._trusted(hop):
+                return hop
+        return hops[0]
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False  # becomes the client IP, which Authorize refuses as malformed
+        return any(ip in network for network in self._trusted_proxies)
+
 
 _REASONS = {
-    Decision.UNKNOWN_KEY: "unknown API key",
-    Decision.BAD_SECRET: "invalid API key secret",
-    Decision.IP_NOT_ALLOWED: "this API key may not be used from your IP address",
     Decision.RATE_LIMITED: "too many failed attempts; try again later",
     Decision.PERMISSION_DENIED: "this API key lacks the permission for this request",
     Decision.ADDRESS_NOT_WHITELISTED: "withdrawal address is not on the account's whitelist",
 }
 
 
+def _whole_body(http: AttributeContext.HttpRequest) -> bytes | None:
+    """The body Envoy forwarded, or None when it is evidently not all of it: cut at
+    max_request_bytes (allow_partial_message), or not sent (no with_request_body) while
+    content-length says there is one. A body Envoy does not forward and no content-length
+    announces (chunked, HTTP/2) cannot be noticed here: configure with_request_body."""
+    body = http.raw_body or http.body.encode()
+    length = http.headers.get("content-length", "")
+    if http.headers.get("x-envoy-auth-partial-body") == "true" or (length and length != str(len(body))):
+        return None
+    return body
+
+
+def _encoded(value: str) -> str:
+    """Percent-encoded UTF-8, so a header value never carries a ',' (a list separator to
+    many HTTP stacks), ';', a non-ASCII byte or a control character."""
+    return quote(value, safe=" !#$&'()*+/:=?@[]~")
+
+
 def _header(name: str, value: str) -> core.HeaderValueOption:
     return core.HeaderValueOption(header=core.HeaderValue(key=name, value=value), append_action=_OVERWRITE)
 
 
-def _allow(result: AuthorizeResult, private_key_header: str) -> ext.CheckResponse:
+def _allow(
+    result: AuthorizeResult,
+    destination: WithdrawalDestination | None,
+    request_headers: Mapping[str, str],
+    private_key_header: str,
+) -> ext.CheckResponse:
     assert result.permission is not None
+    answer = {
+        "x-keyguard-account-id": _encoded(result.account_id),
+        "x-keyguard-key-name": _encoded(result.key_name),
+        "x-keyguard-permission": result.permission.name,
+    }
+    if destination is not None:
+        # What was checked is what the upstream must execute (not the query or body).
+        answer["x-keyguard-withdraw-asset"] = _encoded(destination.asset)
+        answer["x-keyguard-withdraw-address"] = _encoded(destination.address)
+        answer["x-keyguard-withdraw-memo"] = _encoded(destination.memo)
+    forged = [
+        name for name in request_headers if name.replace("_", "-").startswith("x-keyguard-") and name not in answer
+    ]
     return ext.CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),
         ok_response=ext.OkHttpResponse(
-            headers=[
-                _header("x-keyguard-account-id", result.account_id),
-                _header("x-keyguard-key-name", quote(result.key_name, safe=" !#$&'()*+,/:;=?@[]~")),
-                _header("x-keyguard-permission", result.permission.name),
-            ],
-            headers_to_remove=[private_key_header],
+            headers=[_header(name, value) for name, value in answer.items()],
+            headers_to_remove=[private_key_header, *forged],
         ),
     )
 
 
 def _deny(decision: str, message: str) -> ext.CheckResponse:
-    status, code = _REFUSALS.get(decision, _FORBIDDEN)
+    """The decision stays in the status message (Envoy's logs, for operators); the HTTP body
+    names it only when it is in ``_TOLD``."""
+    status, code = _TOLD.get(decision, _UNAUTHENTICATED)
+    error, shown = (decision, message) if decision in _TOLD else _NOT_AUTHENTICATED
     return ext.CheckResponse(
         status=status_pb2.Status(code=code, message=f"{decision}: {message}"),
         denied_response=ext.DeniedHttpResponse(
             status=http_status.HttpStatus(code=status),
             headers=[_header("content-type", "application/json")],
-            body=json.dumps({"error": decision, "message": message}),
+            body=json.dumps({"error": error, "message": shown}),
         ),
     )
