@@ -5,21 +5,24 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import socket
 import stat
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keyguard import Client, InvalidArgument, KeyType
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._auth import new_token, token_sha256
 from keyguard_server._config import Caller, Role
-from keyguard_server._server import _redact
+from keyguard_server._server import GRPC_LIMITS, MAX_HEALTH_WATCHES, _redact
 from keyguard_server._validation import ed25519_public_key, weak_ed25519_public_key
 from tests.conftest import RunningServer, StartServer
 from tests.databases import Postgres
@@ -231,3 +234,87 @@ def test_a_page_token_of_other_digits_is_invalid_argument(client: Client, token:
     with pytest.raises(InvalidArgument) as err:
         client.list_audit_events(page_token=token)
     assert err.value.fields == ("page_token",)
+
+
+# -- connections and streams --------------------------------------------------------
+
+SETTINGS, GOAWAY = 0x4, 0x7
+SETTINGS_MAX_CONCURRENT_STREAMS = 0x3
+# The HTTP/2 client preface and an empty SETTINGS frame.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, SETTINGS, 0, 0, 0, 0, 0])
+
+
+def h2_connection(server: RunningServer) -> socket.socket:
+    host, port = server.target.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    sock.sendall(H2_PREFACE)
+    return sock
+
+
+def read_frame(sock: socket.socket) -> tuple[int, bytes] | None:
+    """The next HTTP/2 frame's type and payload; None once the server has closed the connection."""
+
+    def exactly(n: int) -> bytes | None:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    header = exactly(9)
+    if header is None:
+        return None
+    payload = exactly(int.from_bytes(header[:3], "big"))
+    return None if payload is None else (header[3], payload)
+
+
+@on_sqlite
+def test_a_connection_carries_at_most_100_streams(server: RunningServer) -> None:
+    with h2_connection(server) as sock:
+        frame = read_frame(sock)
+    assert frame is not None and frame[0] == SETTINGS
+    settings = {int.from_bytes(frame[1][i : i + 2], "big"): frame[1][i + 2 : i + 6] for i in range(0, len(frame[1]), 6)}
+    assert int.from_bytes(settings[SETTINGS_MAX_CONCURRENT_STREAMS], "big") == 100
+
+
+@on_sqlite
+def test_connections_are_capped_and_idle_ones_closed(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(GRPC_LIMITS, "grpc.max_allowed_incoming_connections", 3)
+    monkeypatch.setitem(GRPC_LIMITS, "grpc.max_connection_idle_ms", 300)
+    capped = start_server()
+    held = [h2_connection(capped) for _ in range(3)]
+    try:
+        assert [frame and frame[0] for frame in map(read_frame, held)] == [SETTINGS] * 3
+        with h2_connection(capped) as one_too_many:
+            assert read_frame(one_too_many) is None  # closed on arrival
+        for sock in held:  # idle: told to go away, then closed
+            frames = iter(lambda sock=sock: read_frame(sock), None)
+            assert GOAWAY in [kind for kind, _ in frames]
+    finally:
+        for sock in held:
+            sock.close()
+    with h2_connection(capped) as later:  # the idle ones' slots are free again
+        frame = read_frame(later)
+    assert frame is not None and frame[0] == SETTINGS
+
+
+@on_sqlite
+def test_health_watches_are_capped(start_server: StartServer) -> None:
+    watched = start_server()
+    request = health_pb2.HealthCheckRequest()
+    with grpc.insecure_channel(watched.target) as channel:
+        health: Any = health_pb2_grpc.HealthStub(channel)
+        watches = [health.Watch(request, timeout=30) for _ in range(MAX_HEALTH_WATCHES)]
+        try:
+            assert {next(watch).status for watch in watches} == {health_pb2.HealthCheckResponse.SERVING}
+            with pytest.raises(grpc.RpcError) as err:
+                next(health.Watch(request, timeout=5))
+            assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert health.Check(request, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            for watch in watches:
+                watch.cancel()

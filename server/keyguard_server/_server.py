@@ -44,6 +44,31 @@ ENVOY_SERVICE = ext.DESCRIPTOR.services_by_name["Authorization"].full_name
 # The largest valid request (30 allowlist entries) is a few KiB.
 MAX_MESSAGE_BYTES = 64 * 1024
 
+# What one process holds for its peers is bounded, whoever they are: every
+# connection, and every stream until its request is read, is unauthenticated.
+# (No cap on all concurrent RPCs, grpc.aio.server(maximum_concurrent_rpcs):
+# these bounds already hold, and anyone could fill it to shut callers out.)
+GRPC_LIMITS = {
+    # More connections are closed as soon as they are accepted. Below the
+    # process's open-file limit (ulimit -n), which the database shares.
+    "grpc.max_allowed_incoming_connections": 1000,
+    # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: a client queues more streams on
+    # the connection until one ends. 100 is the least RFC 9113 recommends.
+    "grpc.max_concurrent_streams": 100,
+    # A connection without calls for 5 minutes is closed (GOAWAY), freeing its slot.
+    "grpc.max_connection_idle_ms": 5 * 60 * 1000,
+    # During calls, pings find peers that vanished without closing.
+    "grpc.keepalive_time_ms": 60_000,
+    "grpc.keepalive_timeout_ms": 20_000,
+    # Clients may ping every 10 s, and not at all without calls (gRPC's default:
+    # idle connections close anyway); a client pinging more is cut off after 2 strikes.
+    "grpc.http2.min_ping_interval_without_data_ms": 10_000,
+    "grpc.http2.max_ping_strikes": 2,
+}
+# Health.Watch is open to anyone and each watch is held as long as the watcher
+# likes: more are refused (RESOURCE_EXHAUSTED); Check answers as ever.
+MAX_HEALTH_WATCHES = 64
+
 
 class KeyguardServer:
     """Store, argon2 pool and gRPC server, started and stopped as one."""
@@ -54,7 +79,7 @@ class KeyguardServer:
         self._store: Store | None = None
         self._hasher: SecretHasher | None = None
         self._server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
+        self._health = BoundedHealthServicer()
         self._background: list[asyncio.Task[None]] = []
         self._metrics_server: Any = None
         self.metrics_port = 0
@@ -78,6 +103,7 @@ class KeyguardServer:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 # Only workers share a port; otherwise a second server fails loudly.
                 ("grpc.so_reuseport", int(config.workers > 1)),
+                *GRPC_LIMITS.items(),
             ],
         )
         pb_grpc.add_KeyManagementServicer_to_server(
@@ -177,6 +203,30 @@ class KeyguardServer:
         while True:
             await asyncio.sleep(self.config.last_used_flush_seconds)
             await self.flush_usage()
+
+
+class BoundedHealthServicer(health.aio.HealthServicer):
+    """Health checking with at most MAX_HEALTH_WATCHES watches at a time (10,000 watches
+    from nobody in particular grew the server by 43 MiB)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watches = 0
+
+    async def Watch(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.aio.ServicerContext[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse],
+    ) -> None:
+        if self._watches >= MAX_HEALTH_WATCHES:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_HEALTH_WATCHES} health watches at a time; use Check"
+            )
+        self._watches += 1
+        try:
+            await super().Watch(request, context)
+        finally:
+            self._watches -= 1
 
 
 class JsonFormatter(logging.Formatter):
