@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 from keyguard_server import Config
+from keyguard_server._config import Caller, Role
+
+CALLERS = (Caller("gateway", Role.AUTHORIZER, token_sha256="a" * 64),)
 
 
 def test_defaults_are_loopback_and_a_local_sqlite_file() -> None:
@@ -59,6 +62,14 @@ def test_mistakes_are_errors_not_silently_ignored(tmp_path: Path, toml: str, env
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
+        ({"signature_window_ms": -1}, "signature_window_ms must be 1 to 600000"),
+        ({"signature_window_ms": 10**12}, "signature_window_ms must be 1 to 600000"),
+        ({"failure_refill_per_second": -0.5}, "failure_refill_per_second must be more than 0"),
+        ({"failure_refill_per_second": 0.0}, "failure_refill_per_second must be more than 0"),
+        ({"last_used_flush_seconds": 0.0}, "last_used_flush_seconds must be more than 0"),
+        ({"health_check_seconds": 0.0}, "health_check_seconds must be more than 0"),
+        ({"shutdown_grace": -1.0}, "shutdown_grace must be 0 to 3600"),
+        ({"log_level": "LOUD"}, "log_level must be"),
         ({"envoy_access_key_header": "x_api_key"}, "must be a header name"),  # Envoy refuses underscores
         ({"envoy_private_key_header": "x api secret"}, "must be a header name"),
         ({"envoy_withdraw_address_header": "x-keyguard-withdraw-address"}, "not x-keyguard-"),
@@ -94,3 +105,12 @@ def test_route_prefixes_are_matched_in_lower_case(tmp_path: Path) -> None:
     path.write_text("[[envoy_routes]]\npath_prefix = '/sapi/v1/Withdraw'\npermission = 'withdraw'\nmethod = 'post'\n")
     (route,) = Config.load(path, env={}).envoy_routes
     assert (route.path_prefix, route.method) == ("/sapi/v1/withdraw", "POST")
+
+
+def test_plaintext_beyond_loopback_needs_saying_so() -> None:
+    """With callers configured the client sends bearer tokens, which plaintext shows to the network."""
+    with pytest.raises(ValueError, match=r"without TLS.*allow_plaintext = true"):
+        Config(listen="0.0.0.0:50051", callers=CALLERS)
+    Config(listen="0.0.0.0:50051", callers=CALLERS, allow_plaintext=True)
+    Config(listen="0.0.0.0:50051", callers=CALLERS, tls_cert_file="server.crt", tls_key_file="server.key")
+    Config(listen="127.0.0.1:50051", callers=CALLERS)  # loopback: no network to see it

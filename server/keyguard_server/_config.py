@@ -146,7 +146,8 @@ class Config:
     # (IPv6: per /64) in a burst, and refilled per second after it.
     failure_burst: int = 10
     failure_refill_per_second: float = 0.2
-    # ED25519 signed requests: how far a request's timestamp may be from now.
+    # ED25519 signed requests: how far a request's timestamp may be from now
+    # (1 ms to 10 minutes).
     signature_window_ms: int = 5000
     # How often last-used times and IPs are written (one transaction each time).
     last_used_flush_seconds: float = 5.0
@@ -164,6 +165,10 @@ class Config:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_client_ca_file: str = ""
+    # With callers configured, a non-loopback address needs TLS (their bearer
+    # tokens would cross the network in the clear) unless this says otherwise,
+    # e.g. behind a TLS-terminating sidecar on the same host.
+    allow_plaintext: bool = False
     # Who may call. Empty: loopback only, with a generated admin token in
     # <data_dir>/admin.token that the CLI picks up.
     callers: tuple[Caller, ...] = ()
@@ -247,11 +252,20 @@ class Config:
             "database_keepalive_seconds",
             "health_check_seconds",
             "health_check_timeout_seconds",
+            "last_used_flush_seconds",
             "argon2_max_wait_seconds",
         )
         for name in timeouts:
             if not 0 < getattr(self, name) <= 3600:
                 raise ValueError(f"config {name} must be more than 0 and at most 3600")
+        if not 0 <= self.shutdown_grace <= 3600:
+            raise ValueError("config shutdown_grace must be 0 to 3600")
+        if not 0 < self.failure_refill_per_second <= 1000:
+            raise ValueError("config failure_refill_per_second must be more than 0 and at most 1000")
+        if not 1 <= self.signature_window_ms <= 600_000:
+            raise ValueError("config signature_window_ms must be 1 to 600000 (10 minutes)")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError("config log_level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         self._check_envoy_settings()
         if not 0 <= self.withdraw_min_prefix_ipv4 <= 32:
             raise ValueError("config withdraw_min_prefix_ipv4 must be 0 to 32")
@@ -271,6 +285,11 @@ class Config:
             raise ValueError(
                 f"refusing to listen on {self.listen} with no callers configured: "
                 "configure [[callers]] (see README) or listen on loopback"
+            )
+        if not self.tls and not self.allow_plaintext and not _is_loopback(self.listen):
+            raise ValueError(
+                f"refusing to listen on {self.listen} without TLS: callers' bearer tokens would cross the "
+                "network in the clear; configure tls_cert_file and tls_key_file, or set allow_plaintext = true"
             )
 
     def _check_envoy_settings(self) -> None:
