@@ -13,8 +13,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keyguard import Client, InvalidArgument, KeyType
@@ -24,6 +27,7 @@ from keyguard_server._auth import new_token, token_sha256
 from keyguard_server._config import Caller, Role
 from keyguard_server._server import GRPC_LIMITS, MAX_HEALTH_WATCHES, _redact
 from keyguard_server._validation import ed25519_public_key, weak_ed25519_public_key
+from tests.certs import CertificateAuthority, Pem
 from tests.conftest import RunningServer, StartServer
 from tests.databases import Postgres
 from tests.processes import ServeProcess
@@ -324,3 +328,77 @@ def test_health_watches_are_capped(start_server: StartServer) -> None:
         finally:
             for watch in watches:
                 watch.cancel()
+
+
+# -- client certificates ------------------------------------------------------------------
+
+
+class FlexibleCA(CertificateAuthority):
+    """Issues client certificates with any CNs and extended key usages (None: no such extension)."""
+
+    def client(self, *common_names: str, usages: list[x509.ObjectIdentifier] | None) -> Pem:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name) for name in common_names])
+        builder = self._builder(subject, key.public_key())
+        if usages is not None:
+            builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        return Pem(
+            builder.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        )
+
+
+CLIENT_AUTH, SERVER_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH
+WEBSITE = Caller("website", Role.MANAGER, cert_common_name="website")
+
+
+@pytest.fixture(scope="module")
+def flexible_ca() -> FlexibleCA:
+    return FlexibleCA()
+
+
+@pytest.fixture
+def mtls(start_server: StartServer, flexible_ca: FlexibleCA, tmp_path: Path) -> RunningServer:
+    cert, key = flexible_ca.issue("keyguard.internal", server=True).write(tmp_path, "server")
+    (tmp_path / "ca.crt").write_bytes(flexible_ca.pem)
+    return start_server(
+        callers=(WEBSITE,), tls_cert_file=cert, tls_key_file=key, tls_client_ca_file=str(tmp_path / "ca.crt")
+    )
+
+
+def list_keys_as(server: RunningServer, ca: FlexibleCA, pem: Pem) -> grpc.StatusCode:
+    credentials = grpc.ssl_channel_credentials(ca.pem, pem.key, pem.cert)
+    with grpc.secure_channel(server.target, credentials) as channel:
+        try:
+            pb_grpc.KeyManagementStub(channel).ListKeys(pb.ListKeysRequest(account_id="acct"), timeout=10)
+        except grpc.RpcError as exc:
+            code: grpc.StatusCode = exc.code()
+            return code
+    return grpc.StatusCode.OK
+
+
+@on_sqlite
+@pytest.mark.parametrize(
+    ("common_names", "usages", "expected"),
+    [
+        (["website"], [CLIENT_AUTH], grpc.StatusCode.OK),
+        (["website"], [SERVER_AUTH, CLIENT_AUTH], grpc.StatusCode.OK),
+        # gRPC reports only the first CN: either order is ambiguous.
+        (["website", "stranger"], [CLIENT_AUTH], grpc.StatusCode.UNAUTHENTICATED),
+        (["stranger", "website"], [CLIENT_AUTH], grpc.StatusCode.UNAUTHENTICATED),
+        # No extended key usage: good for any purpose, a server's for instance.
+        (["website"], None, grpc.StatusCode.UNAUTHENTICATED),
+        (["website"], [SERVER_AUTH], grpc.StatusCode.UNAVAILABLE),  # refused by TLS itself
+    ],
+    ids=["client", "client and server", "two CNs, caller first", "two CNs, caller last", "no EKU", "server only"],
+)
+def test_a_client_certificate_names_one_caller_and_is_for_clients(
+    mtls: RunningServer,
+    flexible_ca: FlexibleCA,
+    common_names: list[str],
+    usages: list[x509.ObjectIdentifier] | None,
+    expected: grpc.StatusCode,
+) -> None:
+    assert list_keys_as(mtls, flexible_ca, flexible_ca.client(*common_names, usages=usages)) is expected

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf.message import DecodeError
 
 from keyguard_server._config import Caller, Config, Role
@@ -168,11 +171,35 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
                     # A dict lookup by digest: timing can only reveal digests, not tokens.
                     return self._by_token.get(token_sha256(token))
                 return None
-        for name in context.auth_context().get("x509_common_name", []):
-            caller = self._by_cert.get(name.decode(errors="replace"))
-            if caller is not None:
-                return caller
+        pem = next(iter(context.auth_context().get("x509_pem_cert", ())), None)  # the client's, verified by TLS
+        name = client_certificate_name(pem) if pem else None
+        return self._by_cert.get(name) if name else None
+
+
+@functools.lru_cache(maxsize=256)
+def client_certificate_name(pem: bytes) -> str | None:
+    """The caller name a verified client certificate stands for: its one CN, or None.
+
+    gRPC reports only the first of several CNs, which need not be the one the
+    CA checked or a reader sees, so a certificate with several is refused as
+    ambiguous. TLS has refused one whose extended key usage leaves out
+    clientAuth; one without the extension (good for any purpose, such as a
+    server's) is refused here: a caller's certificate must say it is a
+    client's. Cached: one parse per certificate, not per call.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except (ValueError, x509.ExtensionNotFound) as exc:
+        log.warning("refusing a client certificate: %s", exc)
         return None
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in usages or len(names) != 1:
+        log.warning(
+            "refusing a client certificate without clientAuth usage or one CN: %s", cert.subject.rfc4514_string()
+        )
+        return None
+    return str(names[0].value)
 
 
 Admit = Callable[[grpc.aio.ServicerContext[Any, Any]], "tuple[grpc.StatusCode, str] | str"]
