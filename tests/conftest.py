@@ -125,11 +125,10 @@ def serve_database(backend: str, request: pytest.FixtureRequest, tmp_path: Path)
 
 
 @pytest.fixture(scope="session")
-def start_server(
+def launch(
     loop_thread: LoopThread, tmp_path_factory: pytest.TempPathFactory, database_for: Callable[[str], str]
-) -> Iterator[StartServer]:
-    """Starts a server with test defaults plus the given Config overrides."""
-    started: list[RunningServer] = []
+) -> StartServer:
+    """Starts a server with test defaults plus the given Config overrides; the caller stops it."""
 
     def start(**overrides: Any) -> RunningServer:
         settings: dict[str, Any] = {
@@ -141,7 +140,19 @@ def start_server(
         settings.setdefault("database", database_for(settings["data_dir"]))
         server = KeyguardServer(Config(**settings))
         loop_thread.run(server.start())
-        running = RunningServer(server, loop_thread)
+        return RunningServer(server, loop_thread)
+
+    return start
+
+
+@pytest.fixture
+def start_server(launch: StartServer) -> Iterator[StartServer]:
+    """Starts servers for one test (see ``launch``) and stops them after it, so their database
+    connections do not pile up over the session."""
+    started: list[RunningServer] = []
+
+    def start(**overrides: Any) -> RunningServer:
+        running = launch(**overrides)
         started.append(running)
         return running
 
@@ -151,14 +162,16 @@ def start_server(
 
 
 @pytest.fixture(scope="session")
-def server(start_server: StartServer) -> RunningServer:
+def server(launch: StartServer) -> Iterator[RunningServer]:
     """The shared server with default limits; tests isolate by account id.
 
     Its failure limits are wide: they are per client IP, and unrelated tests
     sharing one IP must not rate-limit each other (the limits have tests of
     their own, on servers of their own).
     """
-    return start_server(failure_burst=100_000)
+    running = launch(failure_burst=100_000)
+    yield running
+    running.stop()
 
 
 @pytest.fixture

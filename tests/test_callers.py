@@ -59,8 +59,10 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
 
 
 @pytest.fixture(scope="module")
-def guarded(start_server: StartServer) -> RunningServer:
-    return start_server(callers=CALLERS)
+def guarded(launch: StartServer) -> Iterator[RunningServer]:
+    running = launch(callers=CALLERS)
+    yield running
+    running.stop()
 
 
 @pytest.fixture(scope="module")
@@ -125,14 +127,16 @@ def ca() -> CertificateAuthority:
 
 @pytest.fixture(scope="module")
 def mtls(
-    start_server: StartServer, ca: CertificateAuthority, tmp_path_factory: pytest.TempPathFactory
-) -> RunningServer:
+    launch: StartServer, ca: CertificateAuthority, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
     directory = tmp_path_factory.mktemp("tls")
     cert, key = ca.issue("keyguard.internal", server=True).write(directory, "server")
     (directory / "ca.crt").write_bytes(ca.pem)
-    return start_server(
+    running = launch(
         callers=CALLERS, tls_cert_file=cert, tls_key_file=key, tls_client_ca_file=str(directory / "ca.crt")
     )
+    yield running
+    running.stop()
 
 
 def mtls_channel(server: RunningServer, ca: CertificateAuthority, common_name: str | None) -> grpc.Channel:
@@ -212,7 +216,7 @@ def test_no_admin_token_when_callers_are_configured(guarded: RunningServer) -> N
 def test_zero_config_refuses_to_leave_loopback(listen: str) -> None:
     with pytest.raises(ValueError, match="no callers configured"):
         Config(listen=listen)
-    Config(listen=listen, callers=CALLERS)  # fine once callers are configured
+    Config(listen=listen, callers=CALLERS, allow_plaintext=True)  # fine once callers are configured
 
 
 @pytest.mark.parametrize("listen", ["127.0.0.1:50051", "[::1]:50051", "localhost:50051", "127.0.0.2:1"])
@@ -224,6 +228,7 @@ def test_callers_from_toml(tmp_path: Path) -> None:
     path = tmp_path / "keyguard.toml"
     path.write_text(
         'listen = "0.0.0.0:50051"\n'
+        "allow_plaintext = true\n"
         "[[callers]]\n"
         'name = "gateway"\nrole = "authorizer"\n'
         f'token_sha256 = "{token_sha256(GATEWAY_TOKEN)}"\n'

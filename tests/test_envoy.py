@@ -123,8 +123,10 @@ class Upstream(BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def keyguard(start_server: StartServer) -> RunningServer:
-    return start_server(envoy_routes=ROUTES)
+def keyguard(launch: StartServer) -> Iterator[RunningServer]:
+    running = launch(envoy_routes=ROUTES)
+    yield running
+    running.stop()
 
 
 @pytest.fixture(scope="module")

@@ -68,8 +68,10 @@ def checker(server: RunningServer) -> Iterator[Check]:
 
 
 @pytest.fixture(scope="module")
-def keyguard(start_server: StartServer) -> RunningServer:
-    return start_server(envoy_routes=ROUTES, failure_burst=100_000)
+def keyguard(launch: StartServer) -> Iterator[RunningServer]:
+    running = launch(envoy_routes=ROUTES, failure_burst=100_000)
+    yield running
+    running.stop()
 
 
 @pytest.fixture(scope="module")

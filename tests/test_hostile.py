@@ -68,8 +68,10 @@ def row_counts(server: RunningServer) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def target(start_server: StartServer) -> RunningServer:
-    return start_server(max_keys_per_account=4)
+def target(launch: StartServer) -> Iterator[RunningServer]:
+    running = launch(max_keys_per_account=4)
+    yield running
+    running.stop()
 
 
 @pytest.fixture(scope="module")

@@ -185,3 +185,20 @@ def test_rotating_an_ed25519_key(server: RunningServer, client: Client, ed_key: 
     assert (mine.private_key, mine.key.public_key) == ("", public_pem)
     assert with_key(own_pem) is Decision.ALLOW
     assert with_key(rotated.private_key) is Decision.BAD_SIGNATURE
+
+
+def test_pruning_nonces_never_holds_up_signed_requests(start_server: StartServer, account: str) -> None:
+    """Forgetting old nonces runs every flush on the nonce connection itself: it must never wait
+    for a lock of its own making, nor hold up the signed requests recording theirs."""
+    server = start_server(last_used_flush_seconds=0.05, database_lock_timeout_seconds=1.0)
+    with server.client() as client:
+        key = client.create_key(account, "signer", "trade", [BOT_IP], key_type=KeyType.ED25519)
+        slowest = 0.0
+        for i in range(20):
+            started = time.monotonic()
+            assert authorize(client, key, sign_request(key.private_key, key.key.access_key, f"{ORDER}&n={i}")) is (
+                Decision.ALLOW
+            )
+            slowest = max(slowest, time.monotonic() - started)
+            time.sleep(0.02)
+    assert slowest < 0.5, f"a signed request took {slowest:.2f} s"

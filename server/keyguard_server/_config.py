@@ -113,8 +113,8 @@ class Config:
     # PostgreSQL TCP keepalive idle time; a silent peer is dropped after ~3x it.
     database_keepalive_seconds: float = 5.0
     # Threads (each with its own connection) for reads and for changes.
-    database_read_threads: int = 8
-    database_write_threads: int = 4
+    database_read_threads: int = 4
+    database_write_threads: int = 2
     max_keys_per_account: int = 16
     max_allowed_ips: int = 30
     # Refuse WITHDRAW keys with an empty IP allowlist (what exchanges do).

@@ -17,12 +17,29 @@ from playhouse import migrate as pw_migrate
 from playhouse.shortcuts import ThreadSafeDatabaseMetadata
 
 
+class _ThreadBoundMetadata(ThreadSafeDatabaseMetadata):  # type: ignore[misc]
+    """A model's database, per thread: the store binds the models once per database thread
+    (each thread its own connection), so stores on different databases share a process.
+
+    peewee's ``set_database`` also stores the database on the model's
+    ``SchemaManager``, which every thread shares: schema operations
+    (``create_tables``, migrations) would then follow whichever thread bound
+    last. Left unset, the SchemaManager asks this metadata, so they follow
+    the calling thread's binding like every query does.
+    """
+
+    def set_database(self, database: pw.Database) -> None:
+        with self._lock:
+            self.database = database
+            del self.table
+            for hook in self._db_hooks:
+                hook(database)
+
+
 class _Model(pw.Model):
     class Meta:
         legacy_table_names = False
-        # The store binds the models once per database thread (each thread its
-        # own connection), so stores on different databases can share a process.
-        model_metadata_class = ThreadSafeDatabaseMetadata
+        model_metadata_class = _ThreadBoundMetadata
 
 
 class SchemaVersion(_Model):

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import peewee as pw
+import psycopg2
 from playhouse import db_url
 
 from keyguard import (
@@ -144,8 +145,8 @@ class DatabaseSettings:
     lock_timeout: float = 2.0
     # PostgreSQL TCP keepalives: a silent peer is declared dead after about 3x this.
     keepalive_seconds: float = 5.0
-    read_threads: int = 8
-    write_threads: int = 4
+    read_threads: int = 4
+    write_threads: int = 2
 
     @property
     def is_sqlite(self) -> bool:
@@ -310,7 +311,7 @@ def _mapped(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
             ) from exc
         if code == _QUERY_CANCELED:
             raise Unavailable("the database did not answer in time (statement timeout); nothing was changed") from exc
-        if code is None:  # no SQLSTATE: the connection failed, not the statement
+        if code is None and isinstance(original, psycopg2.Error):  # no SQLSTATE: the connection failed
             raise _ConnectionLost from exc
         raise
 
@@ -366,11 +367,6 @@ class _Queries:
     def whitelisted(self, account_id: str, asset: str, address: str, memo: str) -> bool:
         params = (account_id, asset, address, memo)
         return _execute(self.db, self.whitelisted_sql, params).fetchone() is not None
-
-    def prune_nonces(self, before_us: int) -> int:
-        """Forgets nonces older than the receive window: their requests are stale anyway."""
-        with _transaction(self.db):
-            return int(NonceModel.delete().where(NonceModel.seen_at_us < before_us).execute())
 
     def record_last_used(self, usage: dict[str, tuple[int, str]]) -> None:
         """Batch of access key -> (time, ip); never moves a last-used time backwards."""
@@ -740,7 +736,13 @@ class Store:
         return True
 
     async def prune_nonces(self, before_us: int) -> int:
-        return await self._nonces.call(self._timeout, self._q.prune_nonces, before_us)
+        """Forgets nonces older than the receive window: their requests are stale anyway."""
+        return await self._nonces.call(self._timeout, self._prune_nonces, before_us)
+
+    def _prune_nonces(self, before_us: int) -> int:
+        # On the nonce threads the models are bound to the nonce connection: one connection, one lock.
+        with _transaction(self._nonce_db):
+            return int(NonceModel.delete().where(NonceModel.seen_at_us < before_us).execute())
 
     async def record_last_used(self, usage: dict[str, tuple[int, str]]) -> None:
         await self._writes.call(self._timeout, self._q.record_last_used, usage)
