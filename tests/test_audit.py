@@ -14,7 +14,7 @@ def actions(client: Client, account: str) -> list[tuple[AuditAction, str]]:
 
 
 def test_every_change_is_recorded_with_caller_and_details(client: Client, account: str) -> None:
-    created = client.create_key(account, "bot", "withdraw", ["192.0.2.1", "10.0.0.0/8"])
+    created = client.create_key(account, "bot", "withdraw", ["192.0.2.1", "10.0.0.0/24"])
     ak = created.key.access_key
     other = client.create_key(account, "other", "read").key.access_key
     client.set_address_management(account, True)
@@ -42,7 +42,7 @@ def test_every_change_is_recorded_with_caller_and_details(client: Client, accoun
     newest = events[0]
     assert newest.details == {"count": "1", "access_keys": ak}
     first = events[-1]
-    assert first.details == {"name": "bot", "permission": "WITHDRAW", "allowed_ips": "192.0.2.1 10.0.0.0/8"}
+    assert first.details == {"name": "bot", "permission": "WITHDRAW", "allowed_ips": "192.0.2.1 10.0.0.0/24"}
     added = events[4]
     assert added.details == {"id": str(entry.id), "asset": "BTC", "address": "bc1q", "memo": "7"}
     for event in events:

@@ -16,13 +16,14 @@ import pytest
 from keyguard import ApiKey, Client, CreatedKey, Decision
 from keyguard_server import Config
 from keyguard_server._schema import VERSION
+from keyguard_server._secrets import new_private_key
 from keyguard_server._store import Store
 from keyguard_server._verify import FailureLimiter
 from tests.conftest import RunningServer, StartServer
 from tests.processes import ServeProcess
 
 BOT_IP = "203.0.113.7"
-WRONG = "kgsk_" + "A" * 43 + "_000000"  # well-formed shape, bad checksum
+WRONG = new_private_key()  # well-formed, checksum and all: only argon2 can tell it is wrong
 # Slow enough that a test can act while one verification is running.
 SLOW_ARGON2 = {"argon2_time_cost": 6, "argon2_memory_kib": 65536, "argon2_parallelism": 1}
 
@@ -82,18 +83,23 @@ def test_key_deleted_while_argon2_runs_is_refused(start_server: StartServer, acc
     assert results == [Decision.UNKNOWN_KEY]
 
 
-def test_failures_are_limited_per_key_and_recover(start_server: StartServer, account: str) -> None:
+def test_failures_are_limited_per_key_and_network_and_recover(start_server: StartServer, account: str) -> None:
     server = start_server(failure_burst=3, failure_refill_per_second=2.0)
     with server.client() as client:
         key = client.create_key(account, "bot", "trade", [])
-        for i in range(3):
-            assert allow(client, key, WRONG, ip=f"192.0.2.{i}") is Decision.BAD_SECRET
+        for _ in range(3):
+            assert allow(client, key, WRONG, ip="192.0.2.1") is Decision.BAD_SECRET
         before = verifications(server)
-        # Refused without looking at the secret, even the right one, from any IP.
-        assert allow(client, key, ip="198.51.100.1") is Decision.RATE_LIMITED
+        # From that network, refused without looking at the secret, even the right one...
+        assert allow(client, key, ip="192.0.2.1") is Decision.RATE_LIMITED
         assert verifications(server) == before
         time.sleep(0.6)  # refills one attempt
-        assert allow(client, key, ip="198.51.100.1") is Decision.ALLOW
+        assert allow(client, key, ip="192.0.2.1") is Decision.ALLOW
+        # ...while another network's attempts were never limited by those failures.
+        other = client.create_key(account, "other", "trade", [])
+        for _ in range(3):
+            assert allow(client, other, WRONG, ip="192.0.2.2") is Decision.BAD_SECRET
+        assert allow(client, other, ip="198.51.100.1") is Decision.ALLOW
 
 
 def test_failures_are_limited_per_client_network(start_server: StartServer, account: str) -> None:
@@ -119,16 +125,16 @@ def test_a_flood_does_not_lock_out_the_bot_that_holds_the_secret(start_server: S
         key = client.create_key(account, "bot", "trade", [])
         assert allow(client, key) is Decision.ALLOW  # the bot, verified once
         for i in range(20):
-            assert allow(client, key, WRONG, ip=f"198.51.100.{i}") in (Decision.BAD_SECRET, Decision.RATE_LIMITED)
-        assert allow(client, key, WRONG) is Decision.RATE_LIMITED
-        assert allow(client, key) is Decision.ALLOW
+            assert allow(client, key, WRONG, ip=f"198.51.100.{i % 4}") in (Decision.BAD_SECRET, Decision.RATE_LIMITED)
+        assert allow(client, key, WRONG, ip="198.51.100.1") is Decision.RATE_LIMITED
+        assert allow(client, key, ip="198.51.100.1") is Decision.ALLOW  # cached: no limit applies
 
 
 def test_malformed_secrets_never_reach_argon2(server: RunningServer, client: Client, account: str) -> None:
     key = client.create_key(account, "bot", "trade", [BOT_IP])
     before = verifications(server)
     body = key.private_key[5:48]
-    for secret in ("", "nonsense", WRONG, f"kgsk_{body}_zzzzzz", key.private_key[:-1]):
+    for secret in ("", "nonsense", "kgsk_" + "A" * 43 + "_000000", f"kgsk_{body}_zzzzzz", key.private_key[:-1]):
         assert allow(client, key, secret) is Decision.BAD_SECRET
     assert verifications(server) == before
 
@@ -173,29 +179,36 @@ def test_key_creation_never_delays_verification(start_server: StartServer, accou
 def test_limiter_refills_by_the_clock() -> None:
     now = [0.0]
     limiter = FailureLimiter(burst=2, per_second=0.5, clock=lambda: now[0])
-    assert not limiter.exhausted("k")
-    limiter.failed("k")
-    limiter.failed("k")
-    assert limiter.exhausted("k")
+    assert limiter.spend("k") and limiter.spend("k")
+    assert limiter.hold("k") is False
     now[0] = 1.9
-    assert limiter.exhausted("k")
+    assert limiter.hold("k") is False
     now[0] = 2.0
-    assert not limiter.exhausted("k")
-    limiter.failed("k")
-    assert limiter.exhausted("k")
+    assert limiter.hold("k") is True
+    limiter.release("k", failed=True)
+    assert limiter.hold("k") is False
     now[0] = 100.0  # refills to the burst, not beyond
-    limiter.failed("k")
-    limiter.failed("k")
-    assert limiter.exhausted("k")
-    assert not limiter.exhausted("other")
+    assert limiter.spend("k") and limiter.spend("k")
+    assert not limiter.spend("k")
+    assert limiter.hold("other") is True
+
+
+def test_limiter_holds_tokens_of_every_bucket_or_none() -> None:
+    limiter = FailureLimiter(burst=1, per_second=0.0)
+    assert limiter.hold("key net", "net") is True
+    assert limiter.hold("other-key net", "net") is None  # the network's token is held: wait, don't refuse
+    limiter.release("key net", "net", failed=False)  # the attempt succeeded: the token comes back
+    assert limiter.hold("other-key net", "net") is True
+    limiter.release("other-key net", "net", failed=True)
+    assert limiter.hold("key net", "net") is False  # that failure spent the network's only token
 
 
 def test_limiter_memory_is_bounded() -> None:
     limiter = FailureLimiter(burst=1, per_second=0.0, max_buckets=100)
     for i in range(1000):
-        limiter.failed(f"k{i}")
-    assert limiter.exhausted("k999")
-    assert not limiter.exhausted("k0")  # dropped: treated as a full bucket
+        assert limiter.spend(f"k{i}")
+    assert limiter.hold("k999") is False
+    assert limiter.hold("k0") is True  # dropped: treated as a full bucket
 
 
 def test_last_used_is_recorded_in_batches(start_server: StartServer, account: str) -> None:
@@ -272,6 +285,22 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     assert (key.name, key.last_used_at, key.last_used_ip, key.enabled, key.expires_at) == ("old", None, "", True, None)
     with sqlite3.connect(tmp_path / "keyguard.db") as db:
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(VERSION,)]
+
+
+def test_stores_opening_together_in_one_process_each_migrate_their_own_database(tmp_path: Path) -> None:
+    """Models are bound per database thread: schema creation on one store's threads never lands
+    in another store's database (peewee's shared SchemaManager once made it do so)."""
+    configs = [Config(data_dir=str(tmp_path / f"store-{i}")) for i in range(8)]
+
+    async def open_all() -> None:
+        stores = await asyncio.gather(*(Store.open(c.database_settings) for c in configs))
+        await asyncio.gather(*(store.close() for store in stores))
+
+    for _ in range(3):
+        asyncio.run(open_all())
+    for config in configs:
+        with sqlite3.connect(Path(config.data_dir) / "keyguard.db") as db:
+            assert db.execute("SELECT version FROM schema_version").fetchall() == [(VERSION,)]
 
 
 def test_a_newer_database_is_refused(tmp_path: Path) -> None:

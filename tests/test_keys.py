@@ -106,7 +106,7 @@ def test_allowed_ips_are_normalised_and_deduplicated(client: Client, account: st
             "192.0.2.1/32",
             "2001:db8:abcd::/48",
             "::ffff:198.51.100.7",
-            " 10.0.0.0/8 ",
+            "10.0.0.0/8",
         ],
     ).key
     assert key.allowed_ips == ("2001:db8::1", "10.0.0.0/8", "192.0.2.1", "2001:db8:abcd::/48", "198.51.100.7")
@@ -172,3 +172,27 @@ def test_keys_survive_a_restart(start_server: StartServer, account: str) -> None
         assert client.list_keys(account) == [created.key]
         result = client.authorize(created.key.access_key, created.private_key, "192.0.2.1", "trade")
         assert result.allowed
+
+
+@pytest.mark.parametrize(
+    ("allowed_ips", "fields"),
+    [
+        (["0.0.0.0/1", "128.0.0.0/1"], ("allowed_ips[0]", "allowed_ips[1]")),  # the IPv4 internet in two halves
+        (["::/1", "8000::/1"], ("allowed_ips[0]", "allowed_ips[1]")),
+        (["192.0.2.1", "10.0.0.0/23"], ("allowed_ips[1]",)),
+        (["2001:db8::/47"], ("allowed_ips[0]",)),
+    ],
+    ids=["ipv4-halves", "ipv6-halves", "ipv4-/23", "ipv6-/47"],
+)
+def test_a_withdraw_key_allowlist_must_restrict(
+    client: Client, account: str, allowed_ips: list[str], fields: tuple[str, ...]
+) -> None:
+    """ "WITHDRAW needs an IP allowlist" cannot be met with networks that cover the internet."""
+    with pytest.raises(InvalidArgument) as err:
+        client.create_key(account, "withdrawer", "withdraw", allowed_ips)
+    assert err.value.fields == fields
+    trade = client.create_key(account, "trader", "trade", allowed_ips)  # other permissions may be broad
+    with pytest.raises(InvalidArgument):
+        client.update_key(account, trade.key.access_key, permission="withdraw")
+    narrow = client.create_key(account, "narrow", "withdraw", ["10.0.0.0/24", "2001:db8::/48", "192.0.2.7"])
+    assert narrow.key.permission is Permission.WITHDRAW

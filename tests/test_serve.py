@@ -70,12 +70,12 @@ def test_readme_walkthrough(serve: ServeProcess) -> None:
         "--permission",
         "withdraw",
         "--ip",
-        "203.0.113.7,2001:db8::/32",
+        "203.0.113.7,2001:db8::/48",
         "--json",
     )
     assert out.returncode == 0, out.stderr
     withdrawer = json.loads(out.stdout)
-    assert withdrawer["allowed_ips"] == ["203.0.113.7", "2001:db8::/32"]
+    assert withdrawer["allowed_ips"] == ["203.0.113.7", "2001:db8::/48"]
     assert serve.cli("address-management", "on", "acct-42").stdout.strip().endswith("is on.")
     assert (
         serve.cli(

@@ -9,16 +9,22 @@ random guess is refused without spending argon2 time on it.
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
+import hmac
 import re
 import secrets
 import string
+import time
 import zlib
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import argon2
 
 from keyguard_server._metrics import ARGON2_PENDING, ARGON2_VERIFICATIONS
+from keyguard_server._verify import VerificationCache
 
 _BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
 ACCESS_KEY_PREFIX = "kg_"
@@ -64,19 +70,38 @@ class Argon2Params:
 
 
 class HasherBusy(Exception):
-    """Too many verifications are already waiting for argon2."""
+    """argon2 cannot take this job in time (or its queue is full)."""
+
+
+@dataclass
+class _Job:
+    stored_hash: str
+    secret: str
+    result: asyncio.Future[bool]
+    cache: VerificationCache | None
 
 
 class SecretHasher:
-    """argon2id hashing and verification on a bounded thread pool.
+    """argon2id hashing and verification off the event loop, fair and bounded.
 
     argon2 costs tens of milliseconds by design; argon2-cffi releases the GIL,
-    so running it on a small pool keeps the event loop answering other calls.
-    Verifications (driven by untrusted bots) may queue at most ``max_pending``
-    deep; past that :meth:`verify` raises :class:`HasherBusy` at once, so a
-    flood of wrong secrets cannot build an unbounded backlog. Hashing new
-    secrets has its own thread and queue (at most ``max_pending_hashes``), so
-    a burst of key creations or rotations never delays a verification.
+    so its threads leave the event loop free. Verifications are driven by
+    untrusted bots, so:
+
+    - Concurrent verifications of the same secret against the same hash are
+      *coalesced*: one argon2 run, every asker gets its result (a restart
+      does not turn 5 concurrent requests per bot into 5 runs).
+    - Jobs wait in one queue per *share* (the key's account) and the threads
+      take the shares in turn, so one account's flood (its own keys, many
+      networks) delays other accounts by at most one turn each.
+    - A job is refused at once (:class:`HasherBusy`) when its expected wait
+      (jobs ahead of it in that order x the measured argon2 time / threads)
+      is too long, or it could not finish before its caller's deadline,
+      rather than by a fixed queue length: a
+      correct secret is not refused merely because others are being
+      verified. ``max_pending`` bounds memory (running + queued).
+    - Hashing new secrets has its own thread and queue (at most
+      ``max_pending_hashes``), so creating keys never delays a verification.
     """
 
     def __init__(self, params: Argon2Params, threads: int, max_pending: int, max_pending_hashes: int = 64) -> None:
@@ -88,11 +113,22 @@ class SecretHasher:
         )
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="argon2")
         self._hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="argon2-hash")
+        self._threads = threads
         self._max_pending = max_pending
         self._max_pending_hashes = max_pending_hashes
-        self.pending = 0
+        self._queues: OrderedDict[str, deque[_Job]] = OrderedDict()  # share -> its jobs, in turn order
+        self._running = 0
+        self._coalesce_key = secrets.token_bytes(32)
+        self._in_flight: dict[tuple[str, bytes], asyncio.Future[bool]] = {}
+        # argon2's time per verification, measured as it runs; first guess: one hash now.
+        self._seconds = self._timed_verify(self._hasher.hash("calibration"), "calibration")[1]
         self.pending_hashes = 0
         self.verifications = 0
+
+    @property
+    def pending(self) -> int:
+        """Verifications running or queued."""
+        return self._running + sum(len(q) for q in self._queues.values())
 
     async def hash(self, secret: str) -> str:
         """The argon2id hash of a new secret; :class:`HasherBusy` if too many are queued."""
@@ -104,25 +140,98 @@ class SecretHasher:
         finally:
             self.pending_hashes -= 1
 
-    async def verify(self, stored_hash: str, secret: str) -> bool:
-        if self.pending >= self._max_pending:
-            raise HasherBusy
-        self.pending += 1
-        self.verifications += 1
-        ARGON2_VERIFICATIONS.inc()
-        ARGON2_PENDING.inc()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, self._verify, stored_hash, secret)
-        finally:
-            self.pending -= 1
-            ARGON2_PENDING.dec()
+    def _run_key(self, stored_hash: str, secret: str) -> tuple[str, bytes]:
+        return stored_hash, hmac.new(self._coalesce_key, secret.encode(), hashlib.sha256).digest()
 
-    def _verify(self, stored_hash: str, secret: str) -> bool:
+    def is_running(self, stored_hash: str, secret: str) -> bool:
+        """Whether a verification of this secret against this hash is under way (a new ask joins it)."""
+        return self._run_key(stored_hash, secret) in self._in_flight
+
+    async def verify(
+        self,
+        stored_hash: str,
+        secret: str,
+        *,
+        share: str = "",
+        time_left: float = 10.0,
+        max_queue_wait: float = 1.0,
+        cache: VerificationCache | None = None,
+    ) -> bool:
+        """Whether ``secret`` matches ``stored_hash``; :class:`HasherBusy` if it cannot be known in
+        time: when it would queue longer than ``max_queue_wait``, or not finish within ``time_left``.
+
+        A match is remembered in ``cache`` the moment argon2 finds it, before any asker
+        resumes, so no request arriving after that runs argon2 for it again."""
+        key = self._run_key(stored_hash, secret)
+        result = self._in_flight.get(key)
+        if result is None:
+            queue_wait = self._queue_wait(share)
+            if (
+                self.pending >= self._max_pending
+                or queue_wait > max_queue_wait
+                or queue_wait + self._seconds > time_left
+            ):
+                raise HasherBusy
+            result = asyncio.get_running_loop().create_future()
+            self._in_flight[key] = result
+            result.add_done_callback(lambda _: self._in_flight.pop(key, None))
+            self._queues.setdefault(share, deque()).append(_Job(stored_hash, secret, result, cache))
+            ARGON2_PENDING.inc()
+            self._dispatch()
+        # One asker giving up (its RPC cancelled) must not cancel the others' answer.
+        return await asyncio.shield(result)
+
+    def _queue_wait(self, share: str) -> float:
+        """Seconds until a new job of ``share`` would start, by the turn order."""
+        mine = len(self._queues.get(share, ()))
+        ahead = mine + sum(min(len(q), mine + 1) for s, q in self._queues.items() if s != share)
+        ahead += max(0, self._running - self._threads + 1)  # a free thread starts it now
+        return ahead / self._threads * self._seconds
+
+    def _dispatch(self) -> None:
+        while self._running < self._threads and self._queues:
+            share, queue = next(iter(self._queues.items()))
+            job = queue.popleft()
+            if queue:
+                self._queues.move_to_end(share)
+            else:
+                del self._queues[share]
+            self._running += 1
+            self.verifications += 1
+            ARGON2_VERIFICATIONS.inc()
+            loop = asyncio.get_running_loop()
+            run = loop.run_in_executor(self._pool, self._timed_verify, job.stored_hash, job.secret)
+            run.add_done_callback(functools.partial(self._finished, job))
+
+    def _finished(self, job: _Job, run: asyncio.Future[tuple[bool, float]]) -> None:
+        self._running -= 1
+        ARGON2_PENDING.dec()
+        if not job.result.done():
+            if run.cancelled():
+                job.result.cancel()
+            elif (error := run.exception()) is not None:
+                job.result.set_exception(error)
+            else:
+                ok, seconds = run.result()
+                self._seconds = 0.8 * self._seconds + 0.2 * seconds
+                if ok and job.cache is not None:
+                    job.cache.remember(job.stored_hash, job.secret)
+                job.result.set_result(ok)
+        self._dispatch()
+
+    def _timed_verify(self, stored_hash: str, secret: str) -> tuple[bool, float]:
+        started = time.perf_counter()
+        ok: bool
         try:
-            return self._hasher.verify(stored_hash, secret)
+            ok = self._hasher.verify(stored_hash, secret)
         except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
-            return False
+            ok = False
+        return ok, time.perf_counter() - started
 
     def close(self) -> None:
+        for queue in self._queues.values():
+            for job in queue:
+                job.result.cancel()
+        self._queues.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._hash_pool.shutdown(wait=True, cancel_futures=True)

@@ -48,6 +48,7 @@ from keyguard_server._validation import (
     IPAddress,
     IPNetwork,
     Violations,
+    ed25519_public_key,
     parse_allowed_ip,
 )
 from keyguard_server._verify import FailureLimiter, VerificationCache, client_network
@@ -208,13 +209,24 @@ class KeyManager:
             private_pem, public_pem = signing.new_key_pair()
             return private_pem, "", public_pem
         try:
-            return "", "", signing.public_pem(signing.load_public_key(public_key))
+            return "", "", signing.public_pem(ed25519_public_key(public_key))
         except ValueError as exc:
             raise InvalidArgument([FieldViolation("public_key", str(exc))]) from None
 
     def _withdraw_policy(self, v: Violations, level: Permission, ips: list[str]) -> None:
-        if level is Permission.WITHDRAW and not ips and self._config.withdraw_requires_ip_allowlist:
+        """WITHDRAW keys need an allowlist, and one that restricts: without a minimum prefix,
+        0.0.0.0/1 + 128.0.0.0/1 would be "restricted" to the whole internet."""
+        if level is not Permission.WITHDRAW or not self._config.withdraw_requires_ip_allowlist:
+            return
+        if not ips:
             v.add("allowed_ips", "a WITHDRAW key must be restricted to at least one IP address or network")
+        for i, entry in enumerate(ips):
+            network = ipaddress.ip_network(entry)
+            shortest = (
+                self._config.withdraw_min_prefix_ipv4 if network.version == 4 else self._config.withdraw_min_prefix_ipv6
+            )
+            if network.prefixlen < shortest:
+                v.add(f"allowed_ips[{i}]", f"a WITHDRAW key's networks must be /{shortest} or narrower")
 
     @staticmethod
     def _future(v: Violations, moment: datetime | None, field: str = "expires_at") -> int | None:
@@ -309,7 +321,9 @@ class KeyManager:
             v.account_id(account_id)
         if page_size > MAX_AUDIT_PAGE:
             v.add("page_size", f"must be at most {MAX_AUDIT_PAGE}")
-        if page_token and not (page_token.isdigit() and len(page_token) < 20 and int(page_token) <= MAX_ID):
+        if page_token and not (
+            page_token.isascii() and page_token.isdigit() and len(page_token) < 20 and int(page_token) <= MAX_ID
+        ):
             v.add("page_token", "is not a token this server returned")
         v.raise_if_any()
         limit = page_size or DEFAULT_AUDIT_PAGE
@@ -382,6 +396,7 @@ class Authorizer:
         self.cache_hits = 0
         self._window_ms = config.signature_window_ms
         self._read_timeout = config.database_statement_timeout_seconds
+        self._argon2_max_wait = config.argon2_max_wait_seconds
 
     @property
     def argon2_verifications(self) -> int:
@@ -426,16 +441,16 @@ class Authorizer:
 
         if not ACCESS_KEY_RE.fullmatch(access_key):
             return _deny(Decision.UNKNOWN_KEY)
-        started = time.monotonic()
-        timeout = self._read_timeout if time_left is None else min(self._read_timeout, max(0.001, 0.9 * time_left))
-        row = await self._store.auth_lookup(access_key, timeout)
+        # Every wait below ends before the caller's deadline (with a margin to answer in).
+        deadline = time.monotonic() + (self._read_timeout if time_left is None else 0.9 * time_left)
+        row = await self._store.auth_lookup(access_key, self._read_budget(deadline))
         if row is None:
             return _deny(Decision.UNKNOWN_KEY)
         now = now_us()
         if (refusal := _state_refusal(row, ip, now)) is not None:
             return refusal
         if row.key_type is KeyType.ED25519:
-            return await self._check_signature(access_key, row, ip, level, destination, signed, timeout)
+            return await self._check_signature(access_key, row, ip, level, destination, signed, deadline)
         in_grace = row.in_grace(now)
         if self.cache.hit(row.secret_hash, private_key) or (
             in_grace and self.cache.hit(row.previous_secret_hash, private_key)
@@ -445,32 +460,19 @@ class Authorizer:
             # lock out the bot that holds the secret).
             self.cache_hits += 1
             CACHE_HITS.inc()
-            return await self._after_secret(access_key, row, ip, level, destination, timeout)
+            return await self._after_secret(access_key, row, ip, level, destination, deadline)
+        if not is_well_formed_private_key(private_key):
+            return _deny(Decision.BAD_SECRET)  # costs nothing, so it counts against nothing
 
-        network = client_network(ip)
-        if self._failures.exhausted(access_key) or self._failures.exhausted(network):
-            return _deny(Decision.RATE_LIMITED)
         candidates = [row.secret_hash] + ([row.previous_secret_hash] if in_grace else [])
-        matched = ""
-        try:
-            if is_well_formed_private_key(private_key):
-                for candidate in candidates:
-                    if await self._hasher.verify(candidate, private_key):
-                        matched = candidate
-                        break
-        except HasherBusy:
+        matched = await self._verify(access_key, row.account_id, ip, private_key, candidates, deadline)
+        if matched is None:
             return _deny(Decision.RATE_LIMITED)
         if not matched:
-            self._failures.failed(access_key)
-            self._failures.failed(network)
             return _deny(Decision.BAD_SECRET)
-        self.cache.remember(matched, private_key)
         # argon2 ran off the loop: the key may have been deleted, re-keyed,
         # disabled or restricted meanwhile. Decide on the state as it is now.
-        # The read's budget: whatever argon2 left of the caller's deadline.
-        if time_left is not None:
-            timeout = min(timeout, max(0.001, 0.9 * time_left - (time.monotonic() - started)))
-        current = await self._store.auth_lookup(access_key, timeout)
+        current = await self._store.auth_lookup(access_key, self._read_budget(deadline))
         if current is None:
             return _deny(Decision.UNKNOWN_KEY)
         now = now_us()
@@ -478,7 +480,54 @@ class Authorizer:
             return refusal
         if not current.accepts_hash(matched, now):
             return _deny(Decision.BAD_SECRET)
-        return await self._after_secret(access_key, current, ip, level, destination, timeout)
+        return await self._after_secret(access_key, current, ip, level, destination, deadline)
+
+    def _read_budget(self, deadline: float) -> float:
+        return min(self._read_timeout, max(0.001, deadline - time.monotonic()))
+
+    async def _verify(
+        self, access_key: str, account_id: str, ip: IPAddress, secret: str, candidates: list[str], deadline: float
+    ) -> str | None:
+        """The candidate hash ``secret`` matches, "" if none, None if it cannot be checked now.
+
+        Each argon2 run holds a failure token of the (key, client network)
+        bucket and of the network's own one, spent only if the run fails:
+        failures from one network never use up another network's tokens,
+        concurrent attempts never fail more often than there are tokens, and
+        joining a run already under way for the same secret costs nothing.
+        """
+        network = client_network(ip)
+        buckets = (f"{access_key} {network}", network)
+        for candidate in candidates:
+            while True:  # until this secret is known good, joins a run, or holds its tokens
+                if self.cache.hit(candidate, secret):  # verified while this call waited
+                    return candidate
+                if joining := self._hasher.is_running(candidate, secret):
+                    break
+                held = self._failures.hold(*buckets)
+                if held is False or (left := deadline - time.monotonic()) <= 0:
+                    return None
+                if held:
+                    break
+                await self._failures.settled(left)
+            try:
+                ok = await self._hasher.verify(
+                    candidate,
+                    secret,
+                    share=account_id,
+                    time_left=deadline - time.monotonic(),
+                    max_queue_wait=self._argon2_max_wait,
+                    cache=self.cache,
+                )
+            except HasherBusy:
+                if not joining:
+                    self._failures.release(*buckets, failed=False)  # a run that could not be had costs nothing
+                return None
+            if not joining:
+                self._failures.release(*buckets, failed=not ok)
+            if ok:
+                return candidate
+        return ""
 
     async def _check_signature(
         self,
@@ -488,13 +537,11 @@ class Authorizer:
         required: Permission,
         destination: WithdrawalDestination | None,
         signed: SignedRequest | None,
-        within: float,
+        deadline: float,
     ) -> AuthorizeResult:
         """ED25519: fresh timestamp, valid signature, unused nonce (recorded in the database,
-        so a replay is refused by every replica)."""
-        network = client_network(ip)
-        if self._failures.exhausted(access_key) or self._failures.exhausted(network):
-            return _deny(Decision.RATE_LIMITED)
+        so a replay is refused by every replica). The signature is checked (cheaply) before any
+        limit, so only bad signatures are ever limited, per (key, client network)."""
         if signed is None:
             return _deny(Decision.BAD_SIGNATURE)
         if abs(time.time_ns() // 1_000_000 - signed.timestamp_ms) > self._window_ms:
@@ -503,12 +550,12 @@ class Authorizer:
             [row.previous_public_key] if row.previous_public_key and row.in_grace(now_us()) else []
         )
         if not any(signing.verify(_public_key(pem), access_key, signed) for pem in keys):
-            self._failures.failed(access_key)
-            self._failures.failed(network)
-            return _deny(Decision.BAD_SIGNATURE)
-        if not await self._store.use_nonce(access_key, signed.nonce, within):
+            network = client_network(ip)
+            limited = not self._failures.spend(f"{access_key} {network}", network)
+            return _deny(Decision.RATE_LIMITED if limited else Decision.BAD_SIGNATURE)
+        if not await self._store.use_nonce(access_key, signed.nonce, self._read_budget(deadline)):
             return _deny(Decision.REPLAYED_REQUEST)
-        return await self._after_secret(access_key, row, ip, required, destination, within)
+        return await self._after_secret(access_key, row, ip, required, destination, deadline)
 
     async def forget_old_nonces(self) -> int:
         """Nonces older than twice the window can go: their timestamps are stale anyway."""
@@ -521,7 +568,7 @@ class Authorizer:
         ip: IPAddress,
         required: Permission,
         destination: WithdrawalDestination | None,
-        within: float,
+        deadline: float,
     ) -> AuthorizeResult:
         def answer(decision: Decision) -> AuthorizeResult:
             return AuthorizeResult(decision is Decision.ALLOW, decision, row.account_id, row.name, row.permission)
@@ -532,7 +579,7 @@ class Authorizer:
             destination is not None
             and row.address_management
             and not await self._store.is_whitelisted(
-                row.account_id, destination.asset, destination.address, destination.memo, within
+                row.account_id, destination.asset, destination.address, destination.memo, self._read_budget(deadline)
             )
         ):
             return answer(Decision.ADDRESS_NOT_WHITELISTED)

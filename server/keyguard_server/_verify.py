@@ -5,20 +5,27 @@
   argon2 hash string. Later calls compare digests in constant time. Deleting
   or re-keying a key removes or changes its stored hash, so the cache can
   never keep a dead secret alive: a lookup needs the *current* hash.
-- :class:`FailureLimiter`: token buckets of failures per access key and per
-  client network; an empty bucket refuses without looking at the secret.
-- :class:`SecretHasher` (``_secrets``) bounds the argon2 queue: when it is
-  full a verification is refused at once instead of queueing without bound.
+- :class:`FailureLimiter`: token buckets of failures per (access key, client
+  network) and per client network, reserved before argon2 runs. Limits must
+  never become a weapon: failures from one network never refuse another
+  network's correct credential, a malformed secret (free to send) counts
+  against nothing, and a cached good secret skips the limits altogether.
+- :class:`SecretHasher` (``_secrets``) runs argon2 fairly: one run per
+  distinct (hash, secret) however many callers ask, accounts served in turn,
+  and a verification refused at once only when its expected wait would
+  outlast its caller's deadline.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import ipaddress
 import secrets
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 
 
@@ -49,7 +56,15 @@ class VerificationCache:
 
 
 class FailureLimiter:
-    """Token buckets: ``burst`` failures at once, refilled at ``per_second``.
+    """Token buckets of failures: ``burst`` at once, refilled at ``per_second``.
+
+    An attempt that may fail expensively *holds* a token of every bucket it
+    is charged to while it runs, and spends it only if it fails: so N
+    concurrent attempts can never fail more often than there are tokens
+    (checking first and charging after would let them all run). A bucket whose
+    tokens are all held by attempts still running is not empty: the next
+    attempt waits for one of them to settle instead of being refused, so
+    correct credentials arriving together (a restart) are served in turn.
 
     Bounded in memory: the least recently touched buckets are dropped first
     (a dropped bucket is a full one, which errs towards letting a caller try).
@@ -67,20 +82,57 @@ class FailureLimiter:
         self._max = max_buckets
         self._clock = clock
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, at)
+        self._held: Counter[str] = Counter()
+        self._settled: list[asyncio.Future[None]] = []
 
     def _tokens(self, key: str, now: float) -> float:
         tokens, at = self._buckets.get(key, (self._burst, now))
         return min(self._burst, tokens + (now - at) * self._rate)
 
-    def exhausted(self, key: str) -> bool:
-        return key in self._buckets and self._tokens(key, self._clock()) < 1.0
-
-    def failed(self, key: str) -> None:
+    def hold(self, *keys: str) -> bool | None:
+        """Holds a token of each bucket: True; False if failures emptied one of them (refuse);
+        None if only attempts still running hold its tokens (wait for :meth:`settled`, retry)."""
         now = self._clock()
-        self._buckets[key] = (max(0.0, self._tokens(key, now) - 1.0), now)
-        self._buckets.move_to_end(key)
+        tokens = [self._tokens(key, now) for key in keys]
+        if any(t < 1.0 for t in tokens):
+            return False
+        if any(t - self._held[key] < 1.0 for key, t in zip(keys, tokens, strict=True)):
+            return None
+        self._held.update(keys)
+        return True
+
+    def release(self, *keys: str, failed: bool) -> None:
+        """Settles a :meth:`hold`: the attempt failed (the tokens are spent) or not (given back)."""
+        self._held.subtract(keys)
+        for key in keys:
+            if self._held[key] <= 0:
+                del self._held[key]
+        if failed:
+            self.spend(*keys)
+        for waiter in self._settled:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._settled.clear()
+
+    def spend(self, *keys: str) -> bool:
+        """Charges a failure that has already happened; False if a bucket was already empty."""
+        now = self._clock()
+        empty = False
+        for key in keys:
+            tokens = self._tokens(key, now)
+            empty = empty or tokens < 1.0
+            self._buckets[key] = (max(0.0, tokens - 1.0), now)
+            self._buckets.move_to_end(key)
         while len(self._buckets) > self._max:
             self._buckets.popitem(last=False)
+        return not empty
+
+    async def settled(self, within: float) -> None:
+        """Returns when some held attempt settles, or after ``within`` seconds."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._settled.append(waiter)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(waiter, within)
 
 
 def client_network(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:

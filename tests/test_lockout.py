@@ -1,0 +1,137 @@
+"""Limits never become a weapon: attacks on the failure limits and the argon2 queue.
+
+Each test replays an attack from the security review: knowing a bot's access
+key must not let anyone lock the bot out; concurrent or rotation-time attempts
+must not buy more argon2 than the limits allow; one account's flood must not
+starve other accounts; and a restart's stampede of correct secrets must not be
+refused.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from keyguard import Client, CreatedKey, Decision, KeyType, sign_request
+from keyguard_server._secrets import new_private_key
+from tests.conftest import RunningServer, StartServer
+
+BOT_IP = "203.0.113.7"
+ATTACKER_IP = "198.51.100.66"
+MALFORMED = "kgsk_" + "A" * 43 + "_000000"  # the right shape, a wrong checksum: free to send
+# argon2 slow enough (~10-30 ms) that concurrent attempts overlap, fast enough for a test.
+MODERATE_ARGON2 = {"argon2_time_cost": 2, "argon2_memory_kib": 16384, "argon2_parallelism": 1}
+
+
+def verifications(server: RunningServer) -> int:
+    assert server.server.authorizer is not None
+    return server.server.authorizer.argon2_verifications
+
+
+def decide(client: Client, key: CreatedKey, secret: str, ip: str) -> Decision:
+    return client.authorize(key.key.access_key, secret, ip, "read").decision
+
+
+def test_an_attacker_who_knows_the_access_key_cannot_lock_out_the_bot(start_server: StartServer, account: str) -> None:
+    """Wrong and malformed secrets for the bot's key from another address, far more than the
+    failure burst: the bot's first-ever (uncached) request is still ALLOW."""
+    server = start_server(failure_burst=3, failure_refill_per_second=0.001)
+    with server.client() as client:
+        key = client.create_key(account, "bot", "trade", [])
+        for _ in range(30):
+            assert decide(client, key, MALFORMED, ATTACKER_IP) is Decision.BAD_SECRET
+            assert decide(client, key, new_private_key(), ATTACKER_IP) in (Decision.BAD_SECRET, Decision.RATE_LIMITED)
+        assert decide(client, key, new_private_key(), ATTACKER_IP) is Decision.RATE_LIMITED  # the attacker is limited
+        assert decide(client, key, key.private_key, BOT_IP) is Decision.ALLOW
+
+
+def test_malformed_secrets_count_against_nothing(start_server: StartServer, account: str) -> None:
+    """A malformed secret costs nothing, so even the attacker's own network is not limited by it."""
+    server = start_server(failure_burst=2, failure_refill_per_second=0.001)
+    with server.client() as client:
+        key = client.create_key(account, "bot", "trade", [])
+        for _ in range(20):
+            assert decide(client, key, MALFORMED, BOT_IP) is Decision.BAD_SECRET
+        assert decide(client, key, key.private_key, BOT_IP) is Decision.ALLOW
+
+
+def test_bad_signatures_cannot_lock_out_an_ed25519_key(start_server: StartServer, account: str) -> None:
+    """Signatures are checked (cheaply) before any limit: an attacker's bad signatures are limited,
+    the owner's good signature from anywhere, their own network included, never is."""
+    server = start_server(failure_burst=3, failure_refill_per_second=0.001)
+    with server.client() as client:
+        key = client.create_key(account, "signer", "trade", [], key_type=KeyType.ED25519)
+        forger = client.create_key(account, "forger", "trade", [], key_type=KeyType.ED25519)
+        decisions = set()
+        for i in range(10):
+            forged = sign_request(forger.private_key, key.key.access_key, f"GET /api/v3/account n={i}")
+            decisions.add(client.authorize(key.key.access_key, "", ATTACKER_IP, "read", signed=forged).decision)
+        assert decisions == {Decision.BAD_SIGNATURE, Decision.RATE_LIMITED}
+        for ip in (BOT_IP, ATTACKER_IP):
+            good = sign_request(key.private_key, key.key.access_key, "GET /api/v3/account")
+            assert client.authorize(key.key.access_key, "", ip, "read", signed=good).decision is Decision.ALLOW
+
+
+def test_concurrent_attempts_never_buy_more_argon2_than_the_burst(start_server: StartServer, account: str) -> None:
+    """Twelve different wrong secrets at once from one network: the burst of 3 is reserved before
+    argon2 runs, so exactly 3 reach argon2 and the rest are refused without it."""
+    server = start_server(failure_burst=3, failure_refill_per_second=0.001, **MODERATE_ARGON2)
+    with server.client() as client:
+        key = client.create_key(account, "bot", "trade", [])
+        before = verifications(server)
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(lambda _: decide(client, key, new_private_key(), ATTACKER_IP), range(12)))
+        assert sorted(results) == sorted([Decision.BAD_SECRET] * 3 + [Decision.RATE_LIMITED] * 9)
+        assert verifications(server) - before == 3
+
+
+def test_a_rotation_grace_charges_each_argon2_run(start_server: StartServer, account: str) -> None:
+    """In a rotation's grace period a wrong secret costs two argon2 runs (new and old hash), and
+    it is charged two tokens: the budget holds in grace too."""
+    server = start_server(failure_burst=4, failure_refill_per_second=0.001)
+    with server.client() as client:
+        key = client.create_key(account, "bot", "trade", [])
+        client.rotate_key(account, key.key.access_key, grace_seconds=3600)
+        before = verifications(server)
+        assert decide(client, key, new_private_key(), ATTACKER_IP) is Decision.BAD_SECRET
+        assert decide(client, key, new_private_key(), ATTACKER_IP) is Decision.BAD_SECRET
+        assert decide(client, key, new_private_key(), ATTACKER_IP) is Decision.RATE_LIMITED
+        assert verifications(server) - before == 4
+        assert decide(client, key, key.private_key, BOT_IP) is Decision.ALLOW  # the old secret, in grace
+
+
+def test_a_restart_stampede_of_correct_secrets_is_served(start_server: StartServer, account: str) -> None:
+    """50 bots with cold keys (a fresh server), each sending 5 requests at once: identical
+    verifications share one argon2 run, and no correct secret is refused."""
+    server = start_server(argon2_threads=2, **MODERATE_ARGON2)
+    with server.client() as client:
+        keys = [client.create_key(f"{account}-{i // 10}", f"bot-{i}", "read", []) for i in range(50)]
+        before = verifications(server)
+        started = time.monotonic()
+        with ThreadPoolExecutor(250) as pool:
+            results = list(
+                pool.map(lambda i: decide(client, keys[i // 5], keys[i // 5].private_key, BOT_IP), range(250))
+            )
+        took = time.monotonic() - started
+    assert results == [Decision.ALLOW] * 250, {d: results.count(d) for d in set(results)}
+    assert verifications(server) - before == 50
+    assert took < 8
+
+
+def test_one_accounts_flood_does_not_starve_other_accounts(start_server: StartServer, account: str) -> None:
+    """One customer floods argon2 with wrong secrets for its own 16 keys from 16 IPv6 /64s; other
+    accounts' first verifications take their turn and are served, not refused."""
+    server = start_server(argon2_threads=1, failure_burst=10, **MODERATE_ARGON2)
+    with server.client() as client:
+        own = [client.create_key(f"{account}-flooder", f"key-{i}", "read", []) for i in range(16)]
+        others = [client.create_key(f"{account}-other-{i}", "bot", "read", []) for i in range(6)]
+        with ThreadPoolExecutor(64) as pool:
+            flood = [
+                pool.submit(decide, client, own[i % 16], new_private_key(), f"2001:db8:{i % 16}::{i}")
+                for i in range(160)
+            ]
+            time.sleep(0.1)  # the flood fills the queue
+            victims = [pool.submit(decide, client, key, key.private_key, BOT_IP) for key in others]
+            assert [v.result() for v in victims] == [Decision.ALLOW] * len(others)
+            for f in flood:
+                assert f.result() in (Decision.BAD_SECRET, Decision.RATE_LIMITED)
