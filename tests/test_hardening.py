@@ -287,7 +287,9 @@ def test_a_connection_carries_at_most_100_streams(server: RunningServer) -> None
         frame = read_frame(sock)
     assert frame is not None and frame[0] == SETTINGS
     settings = {int.from_bytes(frame[1][i : i + 2], "big"): frame[1][i + 2 : i + 6] for i in range(0, len(frame[1]), 6)}
-    assert int.from_bytes(settings[SETTINGS_MAX_CONCURRENT_STREAMS], "big") == 100
+    assert (
+        int.from_bytes(settings[SETTINGS_MAX_CONCURRENT_STREAMS], "big") == GRPC_LIMITS["grpc.max_concurrent_streams"]
+    )
 
 
 @on_sqlite

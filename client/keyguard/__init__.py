@@ -32,7 +32,7 @@ from keyguard._models import (
     WithdrawalAddress,
     WithdrawalDestination,
 )
-from keyguard._signing import sign_request
+from keyguard._signing import envoy_payload, sign_request
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -60,5 +60,6 @@ __all__ = [
     "Unavailable",
     "WithdrawalAddress",
     "WithdrawalDestination",
+    "envoy_payload",
     "sign_request",
 ]
