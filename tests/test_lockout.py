@@ -9,10 +9,16 @@ refused.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
+import pytest
+
 from keyguard import Client, CreatedKey, Decision, KeyType, sign_request
+from keyguard.v1 import keyguard_pb2 as pb
+from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._secrets import new_private_key
 from tests.conftest import RunningServer, StartServer
 
@@ -135,3 +141,57 @@ def test_one_accounts_flood_does_not_starve_other_accounts(start_server: StartSe
             assert [v.result() for v in victims] == [Decision.ALLOW] * len(others)
             for f in flood:
                 assert f.result() in (Decision.BAD_SECRET, Decision.RATE_LIMITED)
+
+
+def test_callers_who_hang_up_mid_argon2_are_charged_and_block_nothing_for_ever(
+    start_server: StartServer, account: str
+) -> None:
+    """Wrong secrets whose callers hang up while argon2 runs: each run is still settled when it
+    ends (spent as a failure), and once the bucket refills the network is served again; tokens
+    held by cancelled calls used to stay held for ever, locking the network out."""
+    server = start_server(failure_burst=3, failure_refill_per_second=5.0, **MODERATE_ARGON2)
+    with server.client() as client:
+        key = client.create_key(account, "bot", "trade", [])
+    with grpc.insecure_channel(server.target) as channel:
+        authorize = pb_grpc.AuthorizationStub(channel).Authorize
+        for _ in range(3):
+            request = pb.AuthorizeRequest(
+                access_key=key.key.access_key,
+                private_key=new_private_key(),
+                client_ip=ATTACKER_IP,
+                required_permission=pb.PERMISSION_READ,
+            )
+            call = authorize.future(request, timeout=10, metadata=(("authorization", f"Bearer {server.admin_token}"),))
+            time.sleep(0.005)  # argon2 is running now
+            call.cancel()  # the caller hangs up
+    time.sleep(1.0)  # the runs end and are charged; then the bucket refills
+    with server.client() as client:
+        assert decide(client, key, key.private_key, ATTACKER_IP) is Decision.ALLOW
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["same-process", "after-restart"])
+def test_a_flood_from_many_networks_queues_behind_the_keys_owner(
+    start_server: StartServer, account: str, restart: bool
+) -> None:
+    """Wrong secrets for a key with no allowlist from 40 IPv6 /64s at once fill argon2's queue;
+    the owner's bot, uncached after a rotation (or a restart), still gets ALLOW: its network has
+    proven the key before (in this process, or as the key's last-used address), and such
+    verifications go first."""
+    settings = {"argon2_threads": 1, "last_used_flush_seconds": 0.05, **MODERATE_ARGON2}
+    server = start_server(**settings)
+    with server.client() as client:
+        key = client.create_key(account, "bot", "trade", [])
+        assert decide(client, key, key.private_key, BOT_IP) is Decision.ALLOW
+        if restart:
+            time.sleep(0.3)  # the last-used address is flushed
+            server.stop()
+            server = start_server(data_dir=server.config.data_dir, **settings)
+        else:
+            key = dataclasses.replace(key, private_key=client.rotate_key(account, key.key.access_key).private_key)
+    with server.client() as client, ThreadPoolExecutor(64) as pool:
+        flood = [pool.submit(decide, client, key, new_private_key(), f"2001:db8:{i % 40:x}::{i}") for i in range(200)]
+        time.sleep(0.2)  # the queue is full of the flood
+        with Client(server.target, token=server.admin_token, timeout=0.5) as gateway:  # Envoy's deadline
+            assert decide(gateway, key, key.private_key, BOT_IP) is Decision.ALLOW
+        for f in flood:
+            assert f.result() in (Decision.BAD_SECRET, Decision.RATE_LIMITED)

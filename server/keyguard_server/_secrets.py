@@ -91,9 +91,10 @@ class SecretHasher:
     - Concurrent verifications of the same secret against the same hash are
       *coalesced*: one argon2 run, every asker gets its result (a restart
       does not turn 5 concurrent requests per bot into 5 runs).
-    - Jobs wait in one queue per *share* (the key's account) and the threads
-      take the shares in turn, so one account's flood (its own keys, many
-      networks) delays other accounts by at most one turn each.
+    - Jobs from client networks that have proven the key before go first;
+      then jobs wait in one queue per *share* (the key's account) and the
+      threads take the shares in turn, so one account's flood (its own keys,
+      many networks) delays other accounts by at most one turn each.
     - A job is refused at once (:class:`HasherBusy`) when its expected wait
       (jobs ahead of it in that order x the measured argon2 time / threads)
       is too long, or it could not finish before its caller's deadline,
@@ -116,7 +117,8 @@ class SecretHasher:
         self._threads = threads
         self._max_pending = max_pending
         self._max_pending_hashes = max_pending_hashes
-        self._queues: OrderedDict[str, deque[_Job]] = OrderedDict()  # share -> its jobs, in turn order
+        # proven? -> share -> its jobs, in turn order
+        self._queues: dict[bool, OrderedDict[str, deque[_Job]]] = {True: OrderedDict(), False: OrderedDict()}
         self._running = 0
         self._coalesce_key = secrets.token_bytes(32)
         self._in_flight: dict[tuple[str, bytes], asyncio.Future[bool]] = {}
@@ -128,7 +130,7 @@ class SecretHasher:
     @property
     def pending(self) -> int:
         """Verifications running or queued."""
-        return self._running + sum(len(q) for q in self._queues.values())
+        return self._running + sum(len(q) for queues in self._queues.values() for q in queues.values())
 
     async def hash(self, secret: str) -> str:
         """The argon2id hash of a new secret; :class:`HasherBusy` if too many are queued."""
@@ -147,55 +149,61 @@ class SecretHasher:
         """Whether a verification of this secret against this hash is under way (a new ask joins it)."""
         return self._run_key(stored_hash, secret) in self._in_flight
 
-    async def verify(
+    def submit(
         self,
         stored_hash: str,
         secret: str,
         *,
         share: str = "",
+        proven: bool = False,
         time_left: float = 10.0,
         max_queue_wait: float = 1.0,
         cache: VerificationCache | None = None,
-    ) -> bool:
-        """Whether ``secret`` matches ``stored_hash``; :class:`HasherBusy` if it cannot be known in
-        time: when it would queue longer than ``max_queue_wait``, or not finish within ``time_left``.
+    ) -> asyncio.Future[bool]:
+        """The future verdict of ``secret`` against ``stored_hash``: a run already under way for
+        them, or a new one. Raises :class:`HasherBusy` if a new one would queue longer than
+        ``max_queue_wait`` or not finish within ``time_left``.
 
-        A match is remembered in ``cache`` the moment argon2 finds it, before any asker
-        resumes, so no request arriving after that runs argon2 for it again."""
+        ``proven`` jobs (from a client network that has proven this key's credential before)
+        are served before all others: however many networks an attacker sends wrong secrets
+        from, they queue behind the key's owner, never ahead. A match is remembered in
+        ``cache`` the moment argon2 finds it, before any asker resumes. Await the result
+        through ``asyncio.shield``: one asker giving up must not cancel the others' answer.
+        """
         key = self._run_key(stored_hash, secret)
         result = self._in_flight.get(key)
-        if result is None:
-            queue_wait = self._queue_wait(share)
-            if (
-                self.pending >= self._max_pending
-                or queue_wait > max_queue_wait
-                or queue_wait + self._seconds > time_left
-            ):
-                raise HasherBusy
-            result = asyncio.get_running_loop().create_future()
-            self._in_flight[key] = result
-            result.add_done_callback(lambda _: self._in_flight.pop(key, None))
-            self._queues.setdefault(share, deque()).append(_Job(stored_hash, secret, result, cache))
-            ARGON2_PENDING.inc()
-            self._dispatch()
-        # One asker giving up (its RPC cancelled) must not cancel the others' answer.
-        return await asyncio.shield(result)
+        if result is not None:
+            return result
+        queue_wait = self._queue_wait(share, proven)
+        if self.pending >= self._max_pending or queue_wait > max_queue_wait or queue_wait + self._seconds > time_left:
+            raise HasherBusy
+        result = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = result
+        result.add_done_callback(lambda _: self._in_flight.pop(key, None))
+        self._queues[proven].setdefault(share, deque()).append(_Job(stored_hash, secret, result, cache))
+        ARGON2_PENDING.inc()
+        self._dispatch()
+        return result
 
-    def _queue_wait(self, share: str) -> float:
-        """Seconds until a new job of ``share`` would start, by the turn order."""
-        mine = len(self._queues.get(share, ()))
-        ahead = mine + sum(min(len(q), mine + 1) for s, q in self._queues.items() if s != share)
+    def _queue_wait(self, share: str, proven: bool) -> float:
+        """Seconds until a new job of ``share`` would start: every proven job goes first, then
+        the shares of its class take turns."""
+        queues = self._queues[proven]
+        mine = len(queues.get(share, ()))
+        ahead = mine + sum(min(len(q), mine + 1) for s, q in queues.items() if s != share)
+        if not proven:
+            ahead += sum(len(q) for q in self._queues[True].values())
         ahead += max(0, self._running - self._threads + 1)  # a free thread starts it now
         return ahead / self._threads * self._seconds
 
     def _dispatch(self) -> None:
-        while self._running < self._threads and self._queues:
-            share, queue = next(iter(self._queues.items()))
+        while self._running < self._threads and (queues := self._queues[True] or self._queues[False]):
+            share, queue = next(iter(queues.items()))
             job = queue.popleft()
             if queue:
-                self._queues.move_to_end(share)
+                queues.move_to_end(share)
             else:
-                del self._queues[share]
+                del queues[share]
             self._running += 1
             self.verifications += 1
             ARGON2_VERIFICATIONS.inc()
@@ -229,9 +237,10 @@ class SecretHasher:
         return ok, time.perf_counter() - started
 
     def close(self) -> None:
-        for queue in self._queues.values():
-            for job in queue:
-                job.result.cancel()
-        self._queues.clear()
+        for queues in self._queues.values():
+            for queue in queues.values():
+                for job in queue:
+                    job.result.cancel()
+            queues.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._hash_pool.shutdown(wait=True, cancel_futures=True)

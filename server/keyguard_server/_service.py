@@ -6,10 +6,12 @@ input is validated before storage or argon2 is touched.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any
@@ -397,6 +399,10 @@ class Authorizer:
         self._window_ms = config.signature_window_ms
         self._read_timeout = config.database_statement_timeout_seconds
         self._argon2_max_wait = config.argon2_max_wait_seconds
+        # Client networks that proved a key's credential in this process (the database
+        # remembers the last one across restarts): their verifications go first.
+        self._proven: OrderedDict[str, set[str]] = OrderedDict()
+        self._max_proven = config.verify_cache_size
 
     @property
     def argon2_verifications(self) -> int:
@@ -465,7 +471,9 @@ class Authorizer:
             return _deny(Decision.BAD_SECRET)  # costs nothing, so it counts against nothing
 
         candidates = [row.secret_hash] + ([row.previous_secret_hash] if in_grace else [])
-        matched = await self._verify(access_key, row.account_id, ip, private_key, candidates, deadline)
+        matched = await self._verify(
+            access_key, row.account_id, ip, private_key, candidates, deadline, row.last_used_ip
+        )
         if matched is None:
             return _deny(Decision.RATE_LIMITED)
         if not matched:
@@ -486,7 +494,14 @@ class Authorizer:
         return min(self._read_timeout, max(0.001, deadline - time.monotonic()))
 
     async def _verify(
-        self, access_key: str, account_id: str, ip: IPAddress, secret: str, candidates: list[str], deadline: float
+        self,
+        access_key: str,
+        account_id: str,
+        ip: IPAddress,
+        secret: str,
+        candidates: list[str],
+        deadline: float,
+        last_used_ip: str = "",
     ) -> str | None:
         """The candidate hash ``secret`` matches, "" if none, None if it cannot be checked now.
 
@@ -498,6 +513,9 @@ class Authorizer:
         """
         network = client_network(ip)
         buckets = (f"{access_key} {network}", network)
+        proven = network in self._proven.get(access_key, ()) or (
+            bool(last_used_ip) and network == client_network(ipaddress.ip_address(last_used_ip))
+        )
         for candidate in candidates:
             while True:  # until this secret is known good, joins a run, or holds its tokens
                 if self.cache.hit(candidate, secret):  # verified while this call waited
@@ -511,10 +529,11 @@ class Authorizer:
                     break
                 await self._failures.settled(left)
             try:
-                ok = await self._hasher.verify(
+                run = self._hasher.submit(
                     candidate,
                     secret,
                     share=account_id,
+                    proven=proven,
                     time_left=deadline - time.monotonic(),
                     max_queue_wait=self._argon2_max_wait,
                     cache=self.cache,
@@ -524,10 +543,20 @@ class Authorizer:
                     self._failures.release(*buckets, failed=False)  # a run that could not be had costs nothing
                 return None
             if not joining:
-                self._failures.release(*buckets, failed=not ok)
-            if ok:
+                # Settled when argon2 is done, whatever becomes of this call (a caller who
+                # hangs up mid-run is charged like one who waits).
+                run.add_done_callback(functools.partial(self._settle, buckets))
+            if await asyncio.shield(run):
+                self._proven.setdefault(access_key, set()).add(network)
+                self._proven.move_to_end(access_key)
+                while len(self._proven) > self._max_proven:
+                    self._proven.popitem(last=False)
                 return candidate
         return ""
+
+    def _settle(self, buckets: tuple[str, str], run: asyncio.Future[bool]) -> None:
+        failed = not run.cancelled() and run.exception() is None and not run.result()
+        self._failures.release(*buckets, failed=failed)
 
     async def _check_signature(
         self,

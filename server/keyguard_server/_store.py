@@ -109,6 +109,8 @@ class AuthRow:
     key_type: KeyType
     public_key: str
     previous_public_key: str
+    # Where the key was last used from (as last flushed): that network has proven the credential.
+    last_used_ip: str = ""
 
     def in_grace(self, now: int) -> bool:
         """Whether the rotated-out credential is still accepted."""
@@ -348,6 +350,7 @@ class _Queries:
             KeyModel.key_type,
             KeyModel.public_key,
             KeyModel.previous_public_key,
+            KeyModel.last_used_ip,
         ).join(AccountModel, pw.JOIN.LEFT_OUTER, on=AccountModel.account_id == KeyModel.account_id)
         self.auth_sql = key_and_account.where(KeyModel.access_key == "").sql()[0]
         # PostgreSQL: every lookup waiting at once, in one statement (see _LookupBatcher).
@@ -809,7 +812,7 @@ class Store:
         if row is None:
             return None
         (account_id, name, permission, allowed_ips, secret_hash, address_management, enabled, expires, prev, until,
-         key_type, public_key, previous_public_key) = row  # fmt: skip
+         key_type, public_key, previous_public_key, last_used_ip) = row  # fmt: skip
         return AuthRow(
             account_id,
             name,
@@ -824,6 +827,7 @@ class Store:
             KeyType(key_type),
             public_key,
             previous_public_key,
+            last_used_ip,
         )
 
     async def is_whitelisted(self, account_id: str, asset: str, address: str, memo: str, within: float) -> bool:
