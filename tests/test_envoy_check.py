@@ -120,6 +120,8 @@ def signed(key: CreatedKey, payload: str, timestamp_ms: int | None = None) -> di
         "/sapi/v1/withdraw/..",
         "/sapi/v1/withdraw/...",
         "/sapi/v1/withdraw%00",
+        "/sapi/v1/withdraw.",  # servers that trim trailing dots serve /sapi/v1/withdraw
+        "/sapi/v1/withdraw..",
         "sapi/v1/withdraw",
         "*",
         "",
@@ -137,6 +139,9 @@ def test_prefixes_match_whole_segments_in_any_case(check: Check, client: Client,
     for path in ("/sapi/v1/Withdraw", "/SAPI/V1/WITHDRAW", "/sapi/v1/withdraw/", "/sapi/v1/withdraw/apply"):
         answer = check("POST", path, {**secret(reader), "x-withdraw-asset": "BTC", "x-withdraw-address": "bc1q"})
         assert (answer.status, answer.body["error"]) == (403, "PERMISSION_DENIED"), path
+    for path in ("/sapi/v1/withdraw.json", "/sapi/v1/Withdraw.xml/apply"):  # suffix-matching frameworks
+        answer = check("POST", path, {**secret(reader), "x-withdraw-asset": "BTC", "x-withdraw-address": "bc1q"})
+        assert (answer.status, answer.body["error"]) == (403, "PERMISSION_DENIED"), path
     answer = check("GET", "/api/v3/accountTransfer", secret(reader))  # not below /api/v3/account
     assert (answer.status, answer.body["error"]) == (403, "ROUTE_NOT_MAPPED")
     assert check("GET", "/api/v3/account/", secret(reader)).status == 200
@@ -151,13 +156,41 @@ def test_prefixes_match_whole_segments_in_any_case(check: Check, client: Client,
         ("x_http_method_override", ""),  # what a proxy that keeps underscores passes on
         ("x-original-url", ""),
         ("x-rewrite-url", ""),
+        ("x-forwarded-method", ""),
+        ("x-original-method", ""),
+        ("x-original-uri", ""),
         ("", "?symbol=BTCUSDT&_method=DELETE"),
+        ("", "?_Method=DELETE"),
+        ("", "?_method[]=DELETE"),
+        ("", "?_method%00=DELETE"),
     ],
 )
 def test_method_overrides_are_refused(check: Check, client: Client, account: str, header: str, query: str) -> None:
     reader = client.create_key(account, "reader", "read", ["127.0.0.1"])
     assert check("GET", "/api/v3/order", secret(reader)).status == 200  # reading orders needs only READ
     answer = check("GET", f"/api/v3/order{query}", {**secret(reader), **({header: "DELETE"} if header else {})})
+    assert (answer.status, answer.body["error"]) == (403, "METHOD_OVERRIDE")
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/x-www-form-urlencoded", "symbol=BTCUSDT&_method=DELETE"),
+        (
+            "multipart/form-data; boundary=b",
+            '--b\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--b--',
+        ),
+    ],
+    ids=["urlencoded", "multipart"],
+)
+def test_method_overrides_in_a_form_body_are_refused(
+    check: Check, client: Client, account: str, content_type: str, body: str
+) -> None:
+    """Rails, Laravel and Symfony honour ``_method`` in a POST form: a READ route's GET must not
+    become a DELETE upstream."""
+    reader = client.create_key(account, "reader", "read", ["127.0.0.1"])
+    headers = {**secret(reader), "content-type": content_type, "content-length": str(len(body))}
+    answer = check("GET", "/api/v3/order", headers, body=body.encode())
     assert (answer.status, answer.body["error"]) == (403, "METHOD_OVERRIDE")
 
 

@@ -196,3 +196,14 @@ def test_a_withdraw_key_allowlist_must_restrict(
         client.update_key(account, trade.key.access_key, permission="withdraw")
     narrow = client.create_key(account, "narrow", "withdraw", ["10.0.0.0/24", "2001:db8::/48", "192.0.2.7"])
     assert narrow.key.permission is Permission.WITHDRAW
+
+
+@pytest.mark.parametrize("entry", ["64:ff9b::/96", "64:ff9b::/64", "::/96", "64:ff9b:1::/48"])
+def test_a_withdraw_key_cannot_allow_all_of_ipv4_through_nat64(client: Client, account: str, entry: str) -> None:
+    """64:ff9b::/96 is only a /96, but behind NAT64 it is every IPv4 client: such prefixes need the
+    IPv4 minimum in their last 32 bits (/120 for /24)."""
+    with pytest.raises(InvalidArgument) as err:
+        client.create_key(account, "withdrawer", "withdraw", [entry])
+    assert err.value.fields == ("allowed_ips[0]",)
+    narrow = client.create_key(account, "narrow", "withdraw", ["64:ff9b::c000:200/120"])
+    assert narrow.key.allowed_ips == ("64:ff9b::c000:200/120",)

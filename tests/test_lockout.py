@@ -195,3 +195,15 @@ def test_a_flood_from_many_networks_queues_behind_the_keys_owner(
             assert decide(gateway, key, key.private_key, BOT_IP) is Decision.ALLOW
         for f in flood:
             assert f.result() in (Decision.BAD_SECRET, Decision.RATE_LIMITED)
+
+
+def test_clients_behind_nat64_are_limited_one_ipv4_address_each(start_server: StartServer, account: str) -> None:
+    """64:ff9b::/96 addresses are IPv4 clients: an attacker behind one of them drains its own
+    bucket, not that of every NAT64 client (they would all share one /64)."""
+    server = start_server(failure_burst=3, failure_refill_per_second=0.001)
+    with server.client() as client:
+        key = client.create_key(account, "bot", "trade", [])
+        for _ in range(3):
+            assert decide(client, key, new_private_key(), "64:ff9b::c633:6442") is Decision.BAD_SECRET
+        assert decide(client, key, new_private_key(), "64:ff9b::c633:6442") is Decision.RATE_LIMITED
+        assert decide(client, key, key.private_key, "64:ff9b::cb00:7107") is Decision.ALLOW

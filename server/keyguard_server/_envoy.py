@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import Mapping
 from urllib.parse import parse_qsl, quote
 
@@ -56,9 +57,22 @@ _OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # Headers and query parameters that make some frameworks (Rails, Laravel,
 # Express, Symfony, IIS...) act on another method or path than the one routed.
 _OVERRIDE_HEADERS = frozenset(
-    {"x-http-method-override", "x-http-method", "x-method-override", "x-original-url", "x-rewrite-url"}
+    {
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-forwarded-method",
+        "x-original-method",
+        "x-original-url",
+        "x-original-uri",
+        "x-rewrite-url",
+    }
 )
-_OVERRIDE_PARAMETERS = frozenset({"_method"})
+# Any parameter whose name starts so, in any case and with any suffix ("_method[]",
+# "_Method", "_method\0"): frameworks disagree on how they read such names. Form
+# bodies count too, when Envoy forwards the body.
+_OVERRIDE_PARAMETER = "_method"
+_FORM = re.compile(rb'name\s*=\s*"?\s*_method', re.IGNORECASE)
 _UNAUTHENTICATED = (http_status.Unauthorized, code_pb2.UNAUTHENTICATED)
 _FORBIDDEN = (http_status.Forbidden, code_pb2.PERMISSION_DENIED)
 # Decisions that may be told as they are; any other refusal reached Authorize
@@ -95,9 +109,7 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
         path, _, query = http.path.partition("?")
         if not CANONICAL_PATH.fullmatch(path):
             return _deny("PATH_NOT_CANONICAL", f"the request path must be {CANONICAL_PATH_RULE}")
-        if _OVERRIDE_HEADERS & {name.replace("_", "-") for name in headers} or _OVERRIDE_PARAMETERS & {
-            name for name, _ in parse_qsl(query, keep_blank_values=True)
-        }:
+        if _overrides(http, query):
             return _deny("METHOD_OVERRIDE", "method or URL override headers and parameters are not accepted")
         route = self._route(http.method, path)
         if route is None:
@@ -175,6 +187,21 @@ _REASONS = {
     Decision.PERMISSION_DENIED: "this API key lacks the permission for this request",
     Decision.ADDRESS_NOT_WHITELISTED: "withdrawal address is not on the account's whitelist",
 }
+
+
+def _overrides(http: AttributeContext.HttpRequest, query: str) -> bool:
+    """Whether the request asks, in a header, a query or a form body, to be taken for another
+    method or path than the one routed."""
+    if _OVERRIDE_HEADERS & {name.replace("_", "-") for name in http.headers}:
+        return True
+    body = http.raw_body or http.body.encode()
+    form = http.headers.get("content-type", "").lower()
+    fields = [name for name, _ in parse_qsl(query, keep_blank_values=True)]
+    if form.startswith("application/x-www-form-urlencoded"):
+        fields += [name for name, _ in parse_qsl(body.decode(errors="replace"), keep_blank_values=True)]
+    elif form.startswith("multipart/") and _FORM.search(body):
+        return True
+    return any(name.strip().lower().startswith(_OVERRIDE_PARAMETER) for name in fields)
 
 
 def _whole_body(http: AttributeContext.HttpRequest) -> bytes | None:

@@ -53,7 +53,7 @@ from keyguard_server._validation import (
     ed25519_public_key,
     parse_allowed_ip,
 )
-from keyguard_server._verify import FailureLimiter, VerificationCache, client_network
+from keyguard_server._verify import IPV4_EMBEDDING, FailureLimiter, VerificationCache, client_network
 
 log = logging.getLogger("keyguard.service")
 
@@ -222,11 +222,15 @@ class KeyManager:
             return
         if not ips:
             v.add("allowed_ips", "a WITHDRAW key must be restricted to at least one IP address or network")
+        v4, v6 = self._config.withdraw_min_prefix_ipv4, self._config.withdraw_min_prefix_ipv6
         for i, entry in enumerate(ips):
             network = ipaddress.ip_network(entry)
-            shortest = (
-                self._config.withdraw_min_prefix_ipv4 if network.version == 4 else self._config.withdraw_min_prefix_ipv6
-            )
+            if network.version == 4:
+                shortest = v4
+            elif any(network.overlaps(prefix) for prefix in IPV4_EMBEDDING):
+                shortest = 128 - 32 + v4  # e.g. 64:ff9b::/96 is all of IPv4 behind NAT64
+            else:
+                shortest = v6
             if network.prefixlen < shortest:
                 v.add(f"allowed_ips[{i}]", f"a WITHDRAW key's networks must be /{shortest} or narrower")
 

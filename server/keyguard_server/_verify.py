@@ -135,8 +135,19 @@ class FailureLimiter:
             await asyncio.wait_for(waiter, within)
 
 
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits (NAT64, RFC 6052 and
+# RFC 8215; IPv4-compatible): whoever is behind them is that IPv4 client.
+IPV4_EMBEDDING = (
+    ipaddress.IPv6Network("64:ff9b::/96"),
+    ipaddress.IPv6Network("64:ff9b:1::/48"),
+    ipaddress.IPv6Network("::/96"),
+)
+
+
 def client_network(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
-    """What one attacker controls: an IPv4 address, or an IPv6 /64."""
+    """What one attacker controls: an IPv4 address (also behind NAT64), or an IPv6 /64."""
     if ip.version == 6:
+        if any(ip in prefix for prefix in IPV4_EMBEDDING):
+            return str(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
         return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
     return str(ip)
