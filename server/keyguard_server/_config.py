@@ -57,11 +57,19 @@ class Caller:
 # ".." but also "...", which some servers trim), "%" escapes (decoding,
 # double decoding), "\\" (a separator to some servers) and ";" (path
 # parameters that Java servers strip: "/withdraw;x" is "/withdraw" to them).
-CANONICAL_PATH = re.compile(r"/|(?:/(?!\.+(?:/|$))[A-Za-z0-9\-._~!$&'()*+,=:@]+)+/?")
+CANONICAL_PATH = re.compile(r"/|(?:/[A-Za-z0-9\-._~!$&'()*+,=:@]*[A-Za-z0-9\-_~!$&'()*+,=:@])+/?")
 CANONICAL_PATH_RULE = (
     "a canonical path: segments of letters, digits and -._~!$&'()*+,=:@ between single slashes, "
-    "no '.' or '..' segments, no '%' escapes, no '\\' or ';'"
+    "none ending in '.' ('.', '..', 'withdraw.': some servers trim trailing dots), "
+    "no '%' escapes, no '\\' or ';'"
 )
+
+
+def route_key(path: str) -> str:
+    """What a route matches a canonical path by: lower case (an upstream may route
+    "/Withdraw" to "/withdraw"), and each segment up to its first dot (frameworks that
+    match suffixes serve "/withdraw.json" as "/withdraw")."""
+    return "/".join(segment.partition(".")[0] for segment in path.lower().split("/"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +97,8 @@ class EnvoyRoute:
 
     def matches(self, method: str, path: str) -> bool:
         """``path`` is canonical (the caller refuses any other)."""
-        base = self.path_prefix.rstrip("/")
-        path = path.lower()
+        base = route_key(self.path_prefix.rstrip("/"))
+        path = route_key(path)
         return (path == base or path.startswith(base + "/")) and self.method in ("*", method.upper())
 
 
@@ -140,6 +148,11 @@ class Config:
     # own, so key creation never delays verification; past this many waiting
     # hashes a create answers UNAVAILABLE at once.
     argon2_max_pending_hashes: int = 64
+    # AuthorizeStream: messages of one stream decided (or answered and waiting
+    # to be written) at a time. At this many the server stops reading that
+    # stream until one is answered, so a fast sender is held back by HTTP/2
+    # flow control instead of filling the server's memory.
+    authorize_stream_max_in_flight: int = 64
     # Secrets remembered (as HMAC digests) after argon2 accepted them.
     verify_cache_size: int = 100_000
     # Failed Authorize attempts allowed per access key and per client IP
@@ -239,6 +252,7 @@ class Config:
             "database_read_threads",
             "database_write_threads",
             "verify_cache_size",
+            "authorize_stream_max_in_flight",
             "failure_burst",
             "workers",
         )
