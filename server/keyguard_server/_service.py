@@ -371,6 +371,10 @@ class UsageRecorder:
         return len(batch)
 
 
+# One counter child per decision, bound once: labels() per call costs a lock and a lookup.
+_DECISION_COUNTERS = {decision: DECISIONS.labels(decision.name) for decision in Decision}
+
+
 def _counted(
     decide: Callable[..., Coroutine[Any, Any, AuthorizeResult]],
 ) -> Callable[..., Coroutine[Any, Any, AuthorizeResult]]:
@@ -379,7 +383,7 @@ def _counted(
     @functools.wraps(decide)
     async def counted(*args: Any, **kwargs: Any) -> AuthorizeResult:
         result = await decide(*args, **kwargs)
-        DECISIONS.labels(result.decision.name).inc()
+        _DECISION_COUNTERS[result.decision].inc()
         return result
 
     return counted

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import ipaddress
 import secrets
@@ -36,7 +35,7 @@ class VerificationCache:
         self._max = max_entries
 
     def _digest(self, secret: str) -> bytes:
-        return hmac.new(self._key, secret.encode(), hashlib.sha256).digest()
+        return hmac.digest(self._key, secret.encode(), "sha256")
 
     def hit(self, stored_hash: str, secret: str) -> bool:
         known = self._digests.get(stored_hash)
