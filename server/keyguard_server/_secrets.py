@@ -122,8 +122,11 @@ class SecretHasher:
         self._running = 0
         self._coalesce_key = secrets.token_bytes(32)
         self._in_flight: dict[tuple[str, bytes], asyncio.Future[bool]] = {}
-        # argon2's time per verification, measured as it runs; first guess: one hash now.
-        self._seconds = self._timed_verify(self._hasher.hash("calibration"), "calibration")[1]
+        # argon2's time per verification, measured as it runs. First guess: one run on each
+        # thread at once, as under load (with parallelism > 1 the runs share the cores).
+        calibration = self._hasher.hash("calibration")
+        runs = [self._pool.submit(self._timed_verify, calibration, "calibration") for _ in range(threads)]
+        self._seconds = max(run.result()[1] for run in runs)
         self.pending_hashes = 0
         self.verifications = 0
 
