@@ -1,4 +1,5 @@
-"""Clients in other languages come from protos/: a Node.js client (@grpc/grpc-js) against the real server."""
+"""Clients in other languages come from protos/: a Node.js client (@grpc/grpc-js) against the real server,
+unary Authorize and the AuthorizeStream stream alike."""
 
 from __future__ import annotations
 
@@ -49,5 +50,22 @@ def test_node_client_creates_a_key_and_authorizes(node_client: Path, server: Run
     assert result["denied"]["decision"] == "DECISION_PERMISSION_DENIED"
     assert result["invalid"]["code"] == 3  # INVALID_ARGUMENT
     assert "name" in result["invalid"]["details"]
+    # Four messages on one AuthorizeStream stream, each answered under its own id.
+    streamed = result["streamed"]
+    assert set(streamed) == {"18446744073709551615", "2", "3", "4"}
+    assert {k: a["result"] for k, a in streamed.items()} == {
+        "18446744073709551615": "response",
+        "2": "response",
+        "3": "error",
+        "4": "response",
+    }
+    assert streamed["18446744073709551615"]["response"]["decision"] == "DECISION_ALLOW"
+    assert streamed["18446744073709551615"]["response"]["key_name"] == "node bot"
+    assert streamed["2"]["response"]["decision"] == "DECISION_PERMISSION_DENIED"
+    assert streamed["4"]["response"]["decision"] == "DECISION_ALLOW"
+    error = streamed["3"]["error"]  # a malformed message: an error for its id, and the stream went on
+    assert error["code"] == 3  # INVALID_ARGUMENT
+    assert error["message"].startswith("client_ip: ")
+    assert error["details"] == ["type.googleapis.com/google.rpc.BadRequest"]
     with server.client() as client:
         assert [k.name for k in client.list_keys(account)] == ["node bot"]

@@ -1,10 +1,11 @@
 """keyguard: API keys for a crypto exchange's trading bots.
 
-``keyguard.Client`` talks to a keyguard server; the dataclasses, enums and
+``keyguard.Client`` talks to a keyguard server (``Client.authorizer()`` gives a
+``StreamingAuthorizer`` for high-rate Authorize calls); the dataclasses, enums and
 errors here are the vocabulary shared by client and server.
 """
 
-from keyguard._client import DEFAULT_TARGET, Client
+from keyguard._client import DEFAULT_TARGET, Client, StreamingAuthorizer
 from keyguard._errors import (
     Aborted,
     AlreadyExists,
@@ -56,6 +57,7 @@ __all__ = [
     "PermissionDenied",
     "ServerError",
     "SignedRequest",
+    "StreamingAuthorizer",
     "Unauthenticated",
     "Unavailable",
     "WithdrawalAddress",

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import itertools
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import timestamp_pb2
+from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -63,8 +67,12 @@ class Client:
         self._timeout = timeout
         self._keys = pb_grpc.KeyManagementStub(self._channel)
         self._auth = pb_grpc.AuthorizationStub(self._channel)
+        self._authorizers: list[StreamingAuthorizer] = []
 
     def close(self) -> None:
+        """Closes the authorizers made by :meth:`authorizer`, then the channel."""
+        for authorizer in self._authorizers:
+            authorizer.close()
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -223,47 +231,232 @@ class Client:
         signed: SignedRequest | None = None,
     ) -> AuthorizeResult:
         """A refusal is a result with ``allowed=False``, not an exception."""
-        request = pb.AuthorizeRequest(
-            access_key=access_key,
-            private_key=private_key,
-            client_ip=client_ip,
-            required_permission=pb.Permission.ValueType(Permission.parse(required_permission)),
-        )
-        if destination is not None:
-            request.destination.CopyFrom(
-                pb.WithdrawalDestination(asset=destination.asset, address=destination.address, memo=destination.memo)
+        request = _authorize_request(access_key, private_key, client_ip, required_permission, destination, signed)
+        return _authorize_result(self._call(self._auth.Authorize, request))
+
+    def authorizer(self, streams: int = 2) -> StreamingAuthorizer:
+        """:meth:`authorize` for high-rate callers, over ``streams`` long-lived AuthorizeStream streams
+        shared by every thread (see :class:`StreamingAuthorizer`); closed with this client."""
+        authorizer = StreamingAuthorizer(self._auth, self._metadata, self._timeout, streams)
+        self._authorizers.append(authorizer)
+        return authorizer
+
+
+class StreamingAuthorizer:
+    """``authorize`` for gateways and other high-rate callers: concurrent calls from any number of
+    threads share a few long-lived ``AuthorizeStream`` streams instead of one RPC each.
+
+    Get one from :meth:`Client.authorizer`. :meth:`authorize` takes the arguments of
+    :meth:`Client.authorize`, returns the same :class:`AuthorizeResult` and raises the same errors:
+    :class:`InvalidArgument` with its violations for a malformed request, :class:`Unavailable`
+    when the server cannot answer. Each call is tagged with an id and its answer matched by that
+    id, so a slow argon2 verification never delays the calls sent after it. Calls take turns over
+    the streams; when a stream ends (the server shutting down, a lost connection, a refused
+    caller) every call waiting on it raises that error and the next call opens a new stream.
+
+    Thread-safe. :meth:`close` (or leaving a ``with`` block) half-closes the streams, so calls
+    already sent still get their answers, and waits for them; after it ``authorize`` raises
+    ``ValueError``. Each call waits at most the client's ``timeout`` (then ``ServerError`` with
+    code ``DEADLINE_EXCEEDED``, as a unary call would), and the server is told so: it bounds the
+    work for that call as for a unary call with that deadline.
+    """
+
+    def __init__(
+        self, stub: pb_grpc.AuthorizationStub, metadata: tuple[tuple[str, str], ...], timeout: float, streams: int
+    ) -> None:
+        if streams < 1:
+            raise ValueError("streams must be at least 1")
+        self._stub = stub
+        self._metadata = metadata
+        self._timeout = timeout
+        self._streams: list[_AuthorizeStream | None] = [None] * streams
+        self._turns = itertools.count()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def authorize(
+        self,
+        access_key: str,
+        private_key: str,
+        client_ip: str,
+        required_permission: Permission | str | int,
+        destination: WithdrawalDestination | None = None,
+        signed: SignedRequest | None = None,
+    ) -> AuthorizeResult:
+        """The same as :meth:`Client.authorize`, over a shared stream."""
+        request = _authorize_request(access_key, private_key, client_ip, required_permission, destination, signed)
+        stream, call_id = self._stream(), 0
+        try:
+            with self._lock:
+                call_id = next(self._ids)
+            answer = stream.send(call_id, request, self._timeout).result(self._timeout)
+        except TimeoutError:
+            stream.forget(call_id)
+            error = ServerError(f"DEADLINE_EXCEEDED: no answer within {self._timeout:g} s")
+            error.code = grpc.StatusCode.DEADLINE_EXCEEDED
+            raise error from None
+        if answer.HasField("error"):
+            status = answer.error
+            code = _STATUS_CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+            raise _error(code, status.message or code.name, status.details)
+        return _authorize_result(answer.response)
+
+    def _stream(self) -> _AuthorizeStream:
+        """The next stream in turn, opened (again) if it is not running."""
+        with self._lock:
+            if self._closed:
+                raise ValueError("this StreamingAuthorizer is closed")
+            slot = next(self._turns) % len(self._streams)
+            stream = self._streams[slot]
+            if stream is None or stream.ended:
+                stream = self._streams[slot] = _AuthorizeStream(self._stub, self._metadata)
+            return stream
+
+    def close(self) -> None:
+        """Half-closes every stream and waits (up to the client's timeout) for the answers still due."""
+        with self._lock:
+            self._closed = True
+            streams = [s for s in self._streams if s is not None]
+        for stream in streams:
+            stream.close()
+        for stream in streams:
+            stream.wait(self._timeout)
+
+    def __enter__(self) -> StreamingAuthorizer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class _AuthorizeStream:
+    """One AuthorizeStream call: requests go out through a queue (grpc's sending thread drains it),
+    a reader thread hands each answer to the future waiting under its id."""
+
+    def __init__(self, stub: pb_grpc.AuthorizationStub, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._outgoing: queue.SimpleQueue[pb.AuthorizeStreamRequest | None] = queue.SimpleQueue()
+        self._waiting: dict[int, Future[pb.AuthorizeStreamResponse]] = {}
+        self._lock = threading.Lock()
+        self._error: KeyguardError | None = None
+        # No deadline: the stream lives as long as it is used; each message carries its own.
+        self._call = stub.AuthorizeStream(self._requests(), metadata=metadata)
+        self._reader = threading.Thread(target=self._read, name="keyguard-authorize-stream", daemon=True)
+        self._reader.start()
+
+    @property
+    def ended(self) -> bool:
+        return self._error is not None
+
+    def send(self, call_id: int, request: pb.AuthorizeRequest, timeout: float) -> Future[pb.AuthorizeStreamResponse]:
+        future: Future[pb.AuthorizeStreamResponse] = Future()
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            self._waiting[call_id] = future
+        self._outgoing.put(
+            pb.AuthorizeStreamRequest(
+                id=call_id, request=request, timeout_ms=min(max(1, int(timeout * 1000)), 2**32 - 1)
             )
-        if signed is not None:
-            request.signed.CopyFrom(
-                pb.SignedRequest(
-                    payload=signed.payload,
-                    timestamp_ms=signed.timestamp_ms,
-                    nonce=signed.nonce,
-                    signature=signed.signature,
-                )
-            )
-        response = self._call(self._auth.Authorize, request)
-        return AuthorizeResult(
-            allowed=response.allowed,
-            decision=Decision(response.decision),
-            account_id=response.account_id,
-            key_name=response.key_name,
-            permission=Permission(response.permission) if response.permission else None,
         )
+        return future
+
+    def forget(self, call_id: int) -> None:
+        with self._lock:
+            self._waiting.pop(call_id, None)
+
+    def close(self) -> None:
+        self._outgoing.put(None)  # half-close: the server answers what it read, then ends the stream
+
+    def wait(self, timeout: float) -> None:
+        self._reader.join(timeout)
+        if self._reader.is_alive():
+            self._call.cancel()
+            self._reader.join(timeout)
+
+    def _requests(self) -> Iterator[pb.AuthorizeStreamRequest]:
+        while (request := self._outgoing.get()) is not None:
+            yield request
+
+    def _read(self) -> None:
+        error: KeyguardError
+        try:
+            for answer in self._call:
+                with self._lock:
+                    future = self._waiting.pop(answer.id, None)
+                if future is not None:
+                    future.set_result(answer)
+            error = ServerError("the stream ended")  # after our half-close: nothing is waiting
+        except grpc.RpcError as exc:
+            error = domain_error(exc)
+        with self._lock:
+            self._error = error
+            waiting, self._waiting = self._waiting, {}
+        self._outgoing.put(None)  # lets grpc's sending thread finish
+        for future in waiting.values():
+            future.set_exception(error)
+
+
+def _authorize_request(
+    access_key: str,
+    private_key: str,
+    client_ip: str,
+    required_permission: Permission | str | int,
+    destination: WithdrawalDestination | None,
+    signed: SignedRequest | None,
+) -> pb.AuthorizeRequest:
+    request = pb.AuthorizeRequest(
+        access_key=access_key,
+        private_key=private_key,
+        client_ip=client_ip,
+        required_permission=pb.Permission.ValueType(Permission.parse(required_permission)),
+    )
+    if destination is not None:
+        request.destination.CopyFrom(
+            pb.WithdrawalDestination(asset=destination.asset, address=destination.address, memo=destination.memo)
+        )
+    if signed is not None:
+        request.signed.CopyFrom(
+            pb.SignedRequest(
+                payload=signed.payload,
+                timestamp_ms=signed.timestamp_ms,
+                nonce=signed.nonce,
+                signature=signed.signature,
+            )
+        )
+    return request
+
+
+def _authorize_result(response: pb.AuthorizeResponse) -> AuthorizeResult:
+    return AuthorizeResult(
+        allowed=response.allowed,
+        decision=Decision(response.decision),
+        account_id=response.account_id,
+        key_name=response.key_name,
+        permission=Permission(response.permission) if response.permission else None,
+    )
+
+
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def domain_error(exc: grpc.RpcError) -> KeyguardError:
     """The keyguard error a failed call stands for (INVALID_ARGUMENT with its field violations)."""
     assert isinstance(exc, grpc.Call)
     code = exc.code()
-    message = exc.details() or code.name
+    status = rpc_status.from_call(exc) if code is grpc.StatusCode.INVALID_ARGUMENT else None
+    return _error(code, exc.details() or code.name, status.details if status else ())
+
+
+def _error(code: grpc.StatusCode, message: str, details: Iterable[any_pb2.Any]) -> KeyguardError:
+    """The keyguard error for a status: a failed call's, or a stream answer's ``error``."""
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         violations: list[FieldViolation] = []
-        status = rpc_status.from_call(exc)
-        for detail in status.details if status else ():
-            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad_request = error_details_pb2.BadRequest()
-                detail.Unpack(bad_request)
+        for detail in details:
+            bad_request = error_details_pb2.BadRequest()
+            if detail.Unpack(bad_request):  # False for any other kind of detail
                 violations += [FieldViolation(v.field, v.description) for v in bad_request.field_violations]
         return InvalidArgument(violations, message)
     cls = ERRORS_BY_CODE.get(code)

@@ -13,10 +13,12 @@ interceptor wraps each handler rather than deciding from the call details.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import errno
 import functools
 import hashlib
+import inspect
 import logging
 import os
 import secrets
@@ -24,7 +26,7 @@ import stat
 import string
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +208,11 @@ Admit = Callable[[grpc.aio.ServicerContext[Any, Any]], "tuple[grpc.StatusCode, s
 
 
 def _guarded(method: str, handler: grpc.RpcMethodHandler[Any, Any], admit: Admit) -> grpc.RpcMethodHandler[Any, Any]:
-    """The same handler, refusing unadmitted callers and unparseable requests first, and timed."""
+    """The same handler, refusing unadmitted callers and unparseable requests first.
+
+    Unary calls are timed here; a stream's caller is checked once, when it starts, and its
+    messages are timed one by one where they are answered (_stream), not the stream as a whole.
+    """
     deserialize = _lenient(handler.request_deserializer)
     latency = RPC_SECONDS.labels(method)
 
@@ -230,7 +236,38 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler[Any, Any], admit: Admit
                 latency.observe(time.perf_counter() - started)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, handler.response_serializer)
-    raise TypeError("only unary keyguard methods sit behind caller checks")
+    if handler.stream_stream is not None and inspect.isasyncgenfunction(handler.stream_stream):
+        inner_ss: Any = handler.stream_stream
+
+        # A coroutine (grpc's reader-writer API), so that cancellation reaches the handler's own
+        # code and the inner generator is closed at once, not whenever it is collected.
+        async def stream_stream(request_iterator: None, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            # The caller once per stream, before any message is read: a refusal ends it at once.
+            verdict = admit(context)
+            if isinstance(verdict, tuple):
+                await context.abort(*verdict)
+            _caller.set(str(verdict))
+            try:
+                async with contextlib.aclosing(inner_ss(_messages(context), context)) as responses:
+                    async for response in responses:
+                        await context.write(response)
+            except _Unparseable as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"message does not parse: {exc}")
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, handler.response_serializer)
+    raise TypeError("only unary keyguard methods and async-generator bidi streams sit behind caller checks")
+
+
+class _Unparseable(Exception):
+    """A stream's message did not parse: there is no id to answer, so the stream ends."""
+
+
+async def _messages(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+    """A stream's requests, read one at a time as the handler asks for them."""
+    while (message := await context.read()) is not grpc.aio.EOF:
+        if isinstance(message, _Malformed):
+            raise _Unparseable(str(message.error))
+        yield message
 
 
 def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:

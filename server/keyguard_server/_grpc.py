@@ -7,9 +7,10 @@ INVALID_ARGUMENT carries a ``google.rpc.BadRequest`` naming each field.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -34,6 +35,7 @@ from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._auth import current_caller
 from keyguard_server._service import Authorizer, KeyManager
+from keyguard_server._stream import StreamDecider
 
 log = logging.getLogger("keyguard.grpc")
 
@@ -44,6 +46,11 @@ Handler = Callable[[S, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp
 
 
 def error_status(exc: KeyguardError) -> grpc.Status:
+    return rpc_status.to_status(status_message(exc))
+
+
+def status_message(exc: KeyguardError) -> status_pb2.Status:
+    """The google.rpc.Status an error travels as (in a call's trailers, or in a stream's answer)."""
     details = []
     if isinstance(exc, InvalidArgument):
         bad_request = error_details_pb2.BadRequest(
@@ -56,7 +63,7 @@ def error_status(exc: KeyguardError) -> grpc.Status:
         detail.Pack(bad_request)
         details.append(detail)
     code: int = exc.code.value[0]
-    return rpc_status.to_status(status_pb2.Status(code=code, message=exc.message, details=details))
+    return status_pb2.Status(code=code, message=exc.message, details=details)
 
 
 def maps_errors(handler: Handler[S, Req, Resp]) -> Handler[S, Req, Resp]:
@@ -281,14 +288,53 @@ class KeyManagementServicer(pb_grpc.KeyManagementServicer):
         return pb.ListAuditEventsResponse(events=[_event(e) for e in events], next_page_token=next_token)
 
 
+AUTHORIZE_STREAM = "/keyguard.v1.Authorization/AuthorizeStream"
+
+
 class AuthorizationServicer(pb_grpc.AuthorizationServicer):
-    def __init__(self, authorizer: Authorizer) -> None:
+    def __init__(self, authorizer: Authorizer, stream_max_in_flight: int = 64) -> None:
         self._authorizer = authorizer
+        self._streams = StreamDecider(stream_max_in_flight, AUTHORIZE_STREAM)
+
+    def end_streams(self) -> None:
+        """Shutdown: streams stop reading, answer what they read and end (UNAVAILABLE)."""
+        self._streams.stop()
 
     @maps_errors
     async def Authorize(
         self, request: pb.AuthorizeRequest, context: Context[pb.AuthorizeRequest, pb.AuthorizeResponse]
     ) -> pb.AuthorizeResponse:
+        return await self._decide(request, context.time_remaining())
+
+    async def AuthorizeStream(
+        self,
+        request_iterator: AsyncIterator[pb.AuthorizeStreamRequest],
+        context: Context[pb.AuthorizeStreamRequest, pb.AuthorizeStreamResponse],
+    ) -> AsyncIterator[pb.AuthorizeStreamResponse]:
+        """Authorize per message (see _stream); each error is an answer, as maps_errors maps it."""
+
+        async def answer(message: pb.AuthorizeStreamRequest) -> pb.AuthorizeStreamResponse:
+            time_left = context.time_remaining()
+            if message.timeout_ms:  # the message's own deadline, within the stream's
+                limit = message.timeout_ms / 1000
+                time_left = limit if time_left is None else min(limit, time_left)
+            try:
+                response = await self._decide(message.request, time_left)
+            except KeyguardError as exc:
+                status = status_message(exc)
+                error = pb.RpcStatus(code=status.code, message=status.message, details=status.details)
+                return pb.AuthorizeStreamResponse(id=message.id, error=error)
+            except Exception:
+                log.exception("unexpected error in AuthorizeStream")
+                error = pb.RpcStatus(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
+                return pb.AuthorizeStreamResponse(id=message.id, error=error)
+            return pb.AuthorizeStreamResponse(id=message.id, response=response)
+
+        async with contextlib.aclosing(self._streams.serve(request_iterator, context, answer)) as answers:
+            async for response in answers:
+                yield response
+
+    async def _decide(self, request: pb.AuthorizeRequest, time_left: float | None) -> pb.AuthorizeResponse:
         destination = None
         if request.HasField("destination"):
             d = request.destination
@@ -304,7 +350,7 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
             request.required_permission,
             destination,
             signed,
-            context.time_remaining(),
+            time_left,
         )
         return pb.AuthorizeResponse(
             allowed=result.allowed,

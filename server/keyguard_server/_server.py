@@ -86,6 +86,7 @@ class KeyguardServer:
         self._metrics_server: Any = None
         self.metrics_port = 0
         self.authorizer: Authorizer | None = None
+        self._authorization: AuthorizationServicer | None = None
         self._stopped = False
 
     async def start(self) -> int:
@@ -111,7 +112,8 @@ class KeyguardServer:
         pb_grpc.add_KeyManagementServicer_to_server(
             KeyManagementServicer(KeyManager(self._store, self._hasher, config)), server
         )
-        pb_grpc.add_AuthorizationServicer_to_server(AuthorizationServicer(self.authorizer), server)
+        self._authorization = AuthorizationServicer(self.authorizer, config.authorize_stream_max_in_flight)
+        pb_grpc.add_AuthorizationServicer_to_server(self._authorization, server)
         ext_grpc.add_AuthorizationServicer_to_server(EnvoyAuthorizationServicer(self.authorizer, config), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -150,6 +152,8 @@ class KeyguardServer:
             return
         self._stopped = True
         await self._health.enter_graceful_shutdown()
+        if self._authorization is not None:
+            self._authorization.end_streams()  # they answer what they read, then end within the grace
         if self._server is not None:
             await self._server.stop(grace)
         for task in self._background:

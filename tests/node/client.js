@@ -1,4 +1,5 @@
-// Creates a key and authorizes with it, through stubs loaded from protos/ at run time.
+// Creates a key and authorizes with it, through stubs loaded from protos/ at run time: with
+// Authorize, and with several messages on one AuthorizeStream stream (answers keyed by id).
 // Usage: node client.js TARGET TOKEN ACCOUNT_ID  -> prints one JSON line with the results.
 "use strict";
 const path = require("path");
@@ -12,6 +13,7 @@ const definition = protoLoader.loadSync("keyguard/v1/keyguard.proto", {
   enums: String,
   longs: String,
   defaults: true,
+  oneofs: true,
 });
 const v1 = grpc.loadPackageDefinition(definition).keyguard.v1;
 const credentials = grpc.credentials.createInsecure();
@@ -22,6 +24,21 @@ function call(client, method, request) {
   return new Promise((resolve, reject) =>
     client[method](request, metadata, (error, response) => (error ? reject(error) : resolve(response))),
   );
+}
+
+// Sends every message on one AuthorizeStream stream, half-closes, and resolves with the answers by id.
+function stream(client, messages) {
+  return new Promise((resolve, reject) => {
+    const answers = {};
+    const call = client.AuthorizeStream(metadata);
+    call.on("data", (answer) => {
+      answers[answer.id] = answer;
+    });
+    call.on("error", reject);
+    call.on("end", () => resolve(answers));
+    for (const message of messages) call.write(message);
+    call.end();
+  });
 }
 
 async function main() {
@@ -49,7 +66,26 @@ async function main() {
   } catch (error) {
     invalid = { code: error.code, details: error.details };
   }
-  console.log(JSON.stringify({ created: created.key, allowed, denied, invalid }));
+  const request = (permission, clientIp, destination) => ({
+    access_key: created.key.access_key,
+    private_key: created.private_key,
+    client_ip: clientIp,
+    required_permission: permission,
+    destination,
+  });
+  // ids are uint64: strings here (longs: String), so any 64-bit id survives JavaScript.
+  const streamed = await stream(auth, [
+    { id: "18446744073709551615", request: request("PERMISSION_TRADE", "2001:db8::1") },
+    { id: "2", request: request("PERMISSION_WITHDRAW", "2001:db8::1", { asset: "BTC", address: "bc1q" }) },
+    { id: "3", request: request("PERMISSION_READ", "not an ip") },
+    { id: "4", request: request("PERMISSION_READ", "2001:db8::2") },
+  ]);
+  for (const answer of Object.values(streamed)) {
+    if (answer.error) {
+      answer.error.details = answer.error.details.map((d) => d.type_url);
+    }
+  }
+  console.log(JSON.stringify({ created: created.key, allowed, denied, invalid, streamed }));
   keys.close();
   auth.close();
 }

@@ -5,8 +5,8 @@ Keyguard: API keys for a crypto exchange's trading bots.
 
 Two services share one port. KeyManagement is for admin tooling and the
 website backend (create, list, delete keys; withdrawal-address whitelist).
-Authorization is for the API gateway, which calls Authorize on every bot
-request.
+Authorization is for the API gateway, which calls Authorize (or sends an
+AuthorizeStream message) on every bot request.
 
 Errors: malformed requests fail with INVALID_ARGUMENT carrying a
 google.rpc.BadRequest detail that names each offending field. A refused
@@ -15,6 +15,7 @@ a Decision saying why.
 """
 
 from collections import abc as _abc
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -1199,3 +1200,109 @@ class AuthorizeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AuthorizeResponse: _TypeAlias = AuthorizeResponse  # noqa: Y015
+
+@_typing.final
+class AuthorizeStreamRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Chosen by the caller and echoed in the answer, e.g. a counter. The server
+    does not look at it: ids of messages in flight at the same time should
+    differ, or the caller cannot tell their answers apart.
+    """
+    timeout_ms: _builtins.int
+    """How long the caller waits for this answer, counted from when the server
+    reads the message; the unary call's deadline, per message. Bounds the
+    key's row read and the wait for argon2 (RATE_LIMITED if argon2 cannot
+    answer in time). 0: the stream's deadline, if any, else the server's own
+    bounds.
+    """
+    @_builtins.property
+    def request(self) -> Global___AuthorizeRequest: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        request: Global___AuthorizeRequest | None = ...,
+        timeout_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "request", b"request", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthorizeStreamRequest: _TypeAlias = AuthorizeStreamRequest  # noqa: Y015
+
+@_typing.final
+class AuthorizeStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """The id of the request this answers."""
+    @_builtins.property
+    def response(self) -> Global___AuthorizeResponse:
+        """The decision, exactly as Authorize returns it."""
+
+    @_builtins.property
+    def error(self) -> Global___RpcStatus:
+        """The status Authorize would have failed with (INVALID_ARGUMENT for a
+        malformed request, UNAVAILABLE when the key's row cannot be read in
+        time, INTERNAL). Never OK.
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        response: Global___AuthorizeResponse | None = ...,
+        error: Global___RpcStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "response", b"response", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___AuthorizeStreamResponse: _TypeAlias = AuthorizeStreamResponse  # noqa: Y015
+
+@_typing.final
+class RpcStatus(_message.Message):
+    """The same fields and numbers as google.rpc.Status, so its bytes parse as one
+    (declared here because this module has no dependency on googleapis). For
+    INVALID_ARGUMENT, details holds a google.rpc.BadRequest naming each
+    offending field, as in a unary call's grpc-status-details-bin.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """A google.rpc.Code (a gRPC status code)."""
+    message: _builtins.str
+    @_builtins.property
+    def details(self) -> _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]: ...
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        details: _abc.Iterable[_any_pb2.Any] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "details", b"details", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RpcStatus: _TypeAlias = RpcStatus  # noqa: Y015

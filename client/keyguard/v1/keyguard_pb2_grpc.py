@@ -643,6 +643,11 @@ class AuthorizationStub:
                 request_serializer=keyguard_dot_v1_dot_keyguard__pb2.AuthorizeRequest.SerializeToString,
                 response_deserializer=keyguard_dot_v1_dot_keyguard__pb2.AuthorizeResponse.FromString,
                 _registered_method=True)
+        self.AuthorizeStream = channel.stream_stream(
+                '/keyguard.v1.Authorization/AuthorizeStream',
+                request_serializer=keyguard_dot_v1_dot_keyguard__pb2.AuthorizeStreamRequest.SerializeToString,
+                response_deserializer=keyguard_dot_v1_dot_keyguard__pb2.AuthorizeStreamResponse.FromString,
+                _registered_method=True)
 
 
 class AuthorizationServicer:
@@ -656,6 +661,36 @@ class AuthorizationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AuthorizeStream(self, request_iterator, context):
+        """Authorize for gateways that keep long-lived connections: one stream carries
+        many requests, each tagged with an id of the caller's choosing, and each
+        answer carries the id of its request. The caller is checked once, when the
+        stream starts (UNAUTHENTICATED / PERMISSION_DENIED end it at once); each
+        message then gets the decision Authorize would give, in the same order of
+        checks.
+
+        Messages are decided concurrently and answered as soon as each is decided,
+        so answers may come in any order: a secret that needs argon2 never holds up
+        the cached ones behind it. At most authorize_stream_max_in_flight (server
+        config, default 64) messages per stream are decided or waiting to be
+        written at a time; beyond that the server stops reading the stream until
+        one is answered (HTTP/2 flow control then holds the sender back).
+
+        A malformed request is answered with an error for its id (INVALID_ARGUMENT
+        with the BadRequest detail Authorize would give, field paths relative to
+        the AuthorizeRequest) and the stream goes on; so does an UNAVAILABLE for
+        one message. The stream itself ends: OK after the caller half-closes and
+        every message read has been answered; INVALID_ARGUMENT if a message does
+        not parse as AuthorizeStreamRequest at all (there is no id to answer);
+        UNAVAILABLE when the server shuts down, after answering every message it
+        had read. Unless the stream was cancelled (by the caller, or by a shutdown
+        whose grace ran out), a message without an answer when the stream ends was
+        never read: send it again on a new stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthorizationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -663,6 +698,11 @@ def add_AuthorizationServicer_to_server(servicer, server):
                     servicer.Authorize,
                     request_deserializer=keyguard_dot_v1_dot_keyguard__pb2.AuthorizeRequest.FromString,
                     response_serializer=keyguard_dot_v1_dot_keyguard__pb2.AuthorizeResponse.SerializeToString,
+            ),
+            'AuthorizeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.AuthorizeStream,
+                    request_deserializer=keyguard_dot_v1_dot_keyguard__pb2.AuthorizeStreamRequest.FromString,
+                    response_serializer=keyguard_dot_v1_dot_keyguard__pb2.AuthorizeStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -692,6 +732,33 @@ class Authorization:
             '/keyguard.v1.Authorization/Authorize',
             keyguard_dot_v1_dot_keyguard__pb2.AuthorizeRequest.SerializeToString,
             keyguard_dot_v1_dot_keyguard__pb2.AuthorizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuthorizeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/keyguard.v1.Authorization/AuthorizeStream',
+            keyguard_dot_v1_dot_keyguard__pb2.AuthorizeStreamRequest.SerializeToString,
+            keyguard_dot_v1_dot_keyguard__pb2.AuthorizeStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,8 +5,8 @@ Keyguard: API keys for a crypto exchange's trading bots.
 
 Two services share one port. KeyManagement is for admin tooling and the
 website backend (create, list, delete keys; withdrawal-address whitelist).
-Authorization is for the API gateway, which calls Authorize on every bot
-request.
+Authorization is for the API gateway, which calls Authorize (or sends an
+AuthorizeStream message) on every bot request.
 
 Errors: malformed requests fail with INVALID_ARGUMENT carrying a
 google.rpc.BadRequest detail that names each offending field. A refused
@@ -236,6 +236,32 @@ class AuthorizationStub:
     """May this key do this, from this IP, now? Answers with a Decision;
     fails only for malformed requests (INVALID_ARGUMENT) and server faults.
     """
+    AuthorizeStream: _grpc.StreamStreamMultiCallable[_keyguard_pb2.AuthorizeStreamRequest, _keyguard_pb2.AuthorizeStreamResponse]
+    """Authorize for gateways that keep long-lived connections: one stream carries
+    many requests, each tagged with an id of the caller's choosing, and each
+    answer carries the id of its request. The caller is checked once, when the
+    stream starts (UNAUTHENTICATED / PERMISSION_DENIED end it at once); each
+    message then gets the decision Authorize would give, in the same order of
+    checks.
+
+    Messages are decided concurrently and answered as soon as each is decided,
+    so answers may come in any order: a secret that needs argon2 never holds up
+    the cached ones behind it. At most authorize_stream_max_in_flight (server
+    config, default 64) messages per stream are decided or waiting to be
+    written at a time; beyond that the server stops reading the stream until
+    one is answered (HTTP/2 flow control then holds the sender back).
+
+    A malformed request is answered with an error for its id (INVALID_ARGUMENT
+    with the BadRequest detail Authorize would give, field paths relative to
+    the AuthorizeRequest) and the stream goes on; so does an UNAVAILABLE for
+    one message. The stream itself ends: OK after the caller half-closes and
+    every message read has been answered; INVALID_ARGUMENT if a message does
+    not parse as AuthorizeStreamRequest at all (there is no id to answer);
+    UNAVAILABLE when the server shuts down, after answering every message it
+    had read. Unless the stream was cancelled (by the caller, or by a shutdown
+    whose grace ran out), a message without an answer when the stream ends was
+    never read: send it again on a new stream.
+    """
 
 @_typing.type_check_only
 class AuthorizationAsyncStub(AuthorizationStub):
@@ -243,6 +269,32 @@ class AuthorizationAsyncStub(AuthorizationStub):
     Authorize: _aio.UnaryUnaryMultiCallable[_keyguard_pb2.AuthorizeRequest, _keyguard_pb2.AuthorizeResponse]  # type: ignore[assignment]
     """May this key do this, from this IP, now? Answers with a Decision;
     fails only for malformed requests (INVALID_ARGUMENT) and server faults.
+    """
+    AuthorizeStream: _aio.StreamStreamMultiCallable[_keyguard_pb2.AuthorizeStreamRequest, _keyguard_pb2.AuthorizeStreamResponse]  # type: ignore[assignment]
+    """Authorize for gateways that keep long-lived connections: one stream carries
+    many requests, each tagged with an id of the caller's choosing, and each
+    answer carries the id of its request. The caller is checked once, when the
+    stream starts (UNAUTHENTICATED / PERMISSION_DENIED end it at once); each
+    message then gets the decision Authorize would give, in the same order of
+    checks.
+
+    Messages are decided concurrently and answered as soon as each is decided,
+    so answers may come in any order: a secret that needs argon2 never holds up
+    the cached ones behind it. At most authorize_stream_max_in_flight (server
+    config, default 64) messages per stream are decided or waiting to be
+    written at a time; beyond that the server stops reading the stream until
+    one is answered (HTTP/2 flow control then holds the sender back).
+
+    A malformed request is answered with an error for its id (INVALID_ARGUMENT
+    with the BadRequest detail Authorize would give, field paths relative to
+    the AuthorizeRequest) and the stream goes on; so does an UNAVAILABLE for
+    one message. The stream itself ends: OK after the caller half-closes and
+    every message read has been answered; INVALID_ARGUMENT if a message does
+    not parse as AuthorizeStreamRequest at all (there is no id to answer);
+    UNAVAILABLE when the server shuts down, after answering every message it
+    had read. Unless the stream was cancelled (by the caller, or by a shutdown
+    whose grace ran out), a message without an answer when the stream ends was
+    never read: send it again on a new stream.
     """
 
 class AuthorizationServicer(metaclass=_abc_1.ABCMeta):
@@ -254,6 +306,38 @@ class AuthorizationServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_keyguard_pb2.AuthorizeResponse, _abc.Awaitable[_keyguard_pb2.AuthorizeResponse]]:
         """May this key do this, from this IP, now? Answers with a Decision;
         fails only for malformed requests (INVALID_ARGUMENT) and server faults.
+        """
+
+    @_abc_1.abstractmethod
+    def AuthorizeStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_keyguard_pb2.AuthorizeStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_keyguard_pb2.AuthorizeStreamResponse], _abc.AsyncIterator[_keyguard_pb2.AuthorizeStreamResponse]]:
+        """Authorize for gateways that keep long-lived connections: one stream carries
+        many requests, each tagged with an id of the caller's choosing, and each
+        answer carries the id of its request. The caller is checked once, when the
+        stream starts (UNAUTHENTICATED / PERMISSION_DENIED end it at once); each
+        message then gets the decision Authorize would give, in the same order of
+        checks.
+
+        Messages are decided concurrently and answered as soon as each is decided,
+        so answers may come in any order: a secret that needs argon2 never holds up
+        the cached ones behind it. At most authorize_stream_max_in_flight (server
+        config, default 64) messages per stream are decided or waiting to be
+        written at a time; beyond that the server stops reading the stream until
+        one is answered (HTTP/2 flow control then holds the sender back).
+
+        A malformed request is answered with an error for its id (INVALID_ARGUMENT
+        with the BadRequest detail Authorize would give, field paths relative to
+        the AuthorizeRequest) and the stream goes on; so does an UNAVAILABLE for
+        one message. The stream itself ends: OK after the caller half-closes and
+        every message read has been answered; INVALID_ARGUMENT if a message does
+        not parse as AuthorizeStreamRequest at all (there is no id to answer);
+        UNAVAILABLE when the server shuts down, after answering every message it
+        had read. Unless the stream was cancelled (by the caller, or by a shutdown
+        whose grace ran out), a message without an answer when the stream ends was
+        never read: send it again on a new stream.
         """
 
 def add_AuthorizationServicer_to_server(servicer: AuthorizationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
