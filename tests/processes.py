@@ -23,14 +23,14 @@ FAST_ARGON2_ENV = {
 class ServeProcess:
     """`keyguard serve --listen 127.0.0.1:0` in ``cwd``; its port is read from its log."""
 
-    def __init__(self, cwd: Path, *args: str, log_name: str = "serve.log") -> None:
+    def __init__(self, cwd: Path, *args: str, log_name: str = "serve.log", env: dict[str, str] | None = None) -> None:
         self.cwd = cwd
         self.log = cwd / log_name
         self._log_file = self.log.open("w")
         self.proc = subprocess.Popen(
             [KEYGUARD, "serve", "--listen", "127.0.0.1:0", *args],
             cwd=cwd,
-            env={**os.environ, **FAST_ARGON2_ENV},
+            env={**os.environ, **FAST_ARGON2_ENV, **(env or {})},
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
         )
