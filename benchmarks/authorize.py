@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import multiprocessing
 import multiprocessing.queues
 import os
@@ -366,6 +367,20 @@ class Setup:
     access_key: str
     private_key: str
 
+    @property
+    def stream_body(self) -> bytes:
+        """STREAM_BATCH framed AuthorizeStream messages: one h2load request, that many decisions."""
+        request = pb.AuthorizeRequest(
+            access_key=self.access_key,
+            private_key=self.private_key,
+            client_ip=BOT_IP,
+            required_permission=pb.PERMISSION_TRADE,
+        )
+        return b"".join(
+            grpc_frame(pb.AuthorizeStreamRequest(id=i, request=request).SerializeToString())
+            for i in range(STREAM_BATCH)
+        )
+
 
 def create_key(client: Client, account: str, name: str, permission: str, ips: list[str] | None = None) -> CreatedKey:
     """``client.create_key``, retried when it meets a lock timeout (seen on SQLite while the server prunes nonces)."""
@@ -401,6 +416,8 @@ def set_up(server: Server, workers: int, others: int = OTHER_ACCOUNTS) -> Setup:
 
 HEALTH = "/grpc.health.v1.Health/Check"
 AUTH = "/keyguard.v1.Authorization/Authorize"
+STREAM = "/keyguard.v1.Authorization/AuthorizeStream"
+STREAM_BATCH = 100  # AuthorizeStream messages per h2load request (g)
 
 
 def main() -> None:
@@ -422,6 +439,13 @@ def main() -> None:
         backend = setup.server.backend
         started = time.strftime("%H:%M:%S")
         result = h2load(setup.server, path, body, f"{name}/{backend}", requests, streams, work)
+        if path == STREAM:  # per decision, not per h2load request of STREAM_BATCH of them
+            result = dataclasses.replace(
+                result,
+                rps=result.rps * STREAM_BATCH,
+                cpu_us=result.cpu_us / STREAM_BATCH,
+                pg_cpu_us=None if result.pg_cpu_us is None else result.pg_cpu_us / STREAM_BATCH,
+            )
         print(f"  {started} {result.name}: {result.rps:.0f} req/s, p99 {result.p99_ms:.2f} ms", file=sys.stderr)
         rows[row, backend].append(result)
 
@@ -440,6 +464,7 @@ def main() -> None:
                 server, body = setup.server, setup.body
                 measure("a", "a-noop", setup, HEALTH, grpc_frame(b""), args.requests, args.streams)
                 measure("b", "b-authorize", setup, AUTH, body, args.requests, args.streams)
+                measure("g", "g-stream-decision", setup, STREAM, setup.stream_body, args.requests // STREAM_BATCH, 4)
                 if server.backend == "sqlite":
                     stop = multiprocessing.Event()
                     flooder = multiprocessing.Process(
@@ -504,6 +529,12 @@ def report_results(
         print(f"\n{backend}:")
         print(f"  b/a = {b.rps / a.rps:.2f} by req/s{goal}, {a.cpu_us / b.cpu_us:.2f} by server CPU per request")
         print(f"  keyguard CPU per Authorize = cpu(b) - cpu(a) = {b.cpu_us - a.cpu_us:.0f} us")
+        g = results["g", backend]
+        print(
+            f"  AuthorizeStream: {g.rps:.0f} decisions/s at {g.cpu_us:.0f} us server CPU per decision: "
+            f"CPU/decision = {g.cpu_us / b.cpu_us:.2f} of unary (goal <= 0.33), "
+            f"decisions/s = {g.rps / b.rps:.1f}x unary (goal >= 3)"
+        )
         print(f"  p99(b)/p99(a) = {b.p99_ms / a.p99_ms:.2f} ({b.p99_ms:.2f} / {a.p99_ms:.2f} ms)")
         print(
             f"  p99(f)/p99(b) = {f.p99_ms / b.p99_ms:.2f} (goal <= 1.5); f/b = {f.rps / b.rps:.2f} by req/s; "
