@@ -122,13 +122,22 @@ class SecretHasher:
         self._running = 0
         self._coalesce_key = secrets.token_bytes(32)
         self._in_flight: dict[tuple[str, bytes], asyncio.Future[bool]] = {}
-        # argon2's time per verification, measured as it runs. First guess: one run on each
-        # thread at once, as under load (with parallelism > 1 the runs share the cores).
-        calibration = self._hasher.hash("calibration")
-        runs = [self._pool.submit(self._timed_verify, calibration, "calibration") for _ in range(threads)]
-        self._seconds = max(run.result()[1] for run in runs)
+        # argon2's time per verification, measured as it runs; see calibrate().
+        self._seconds = 0.1
         self.pending_hashes = 0
         self.verifications = 0
+
+    async def calibrate(self) -> None:
+        """Measures argon2's time per verification before the first one counts on it: one run on
+        each thread at once, as under load (with parallelism > 1 the runs share the cores; a
+        lone run takes about half as long, and admitting by it lets verifications miss their
+        deadlines after a restart)."""
+        loop = asyncio.get_running_loop()
+        sample = await loop.run_in_executor(self._hash_pool, self._hasher.hash, "calibration")
+        runs = [
+            loop.run_in_executor(self._pool, self._timed_verify, sample, "calibration") for _ in range(self._threads)
+        ]
+        self._seconds = max(seconds for _, seconds in await asyncio.gather(*runs))
 
     @property
     def pending(self) -> int:

@@ -99,6 +99,7 @@ class KeyguardServer:
         self._hasher = SecretHasher(
             config.argon2, config.argon2_threads, config.argon2_max_pending, config.argon2_max_pending_hashes
         )
+        await self._hasher.calibrate()
         self.authorizer = Authorizer(self._store, self._hasher, config)
         server = grpc.aio.server(
             interceptors=[CallerInterceptor(callers)],
