@@ -68,6 +68,10 @@ class RunningServer:
         """A client with the generated admin token unless other credentials are given."""
         return Client(self.target, timeout=10, **(credentials or {"token": self.admin_token}))
 
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Runs a coroutine on the server's own loop (to call its domain directly)."""
+        return self._loop.run(coro)
+
     def stop(self) -> None:
         self._loop.run(self.server.stop(0))
 

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from keyguard import Client, CreatedKey, Decision, KeyType, sign_request
+from keyguard import Client, CreatedKey, Decision, KeyType, Unavailable, sign_request
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._secrets import new_private_key
@@ -207,3 +207,33 @@ def test_clients_behind_nat64_are_limited_one_ipv4_address_each(start_server: St
             assert decide(client, key, new_private_key(), "64:ff9b::c633:6442") is Decision.BAD_SECRET
         assert decide(client, key, new_private_key(), "64:ff9b::c633:6442") is Decision.RATE_LIMITED
         assert decide(client, key, key.private_key, "64:ff9b::cb00:7107") is Decision.ALLOW
+
+
+def test_calls_out_of_time_hold_no_tokens(start_server: StartServer, account: str) -> None:
+    """A call whose deadline has passed by the time it would verify gives up without keeping the
+    tokens it would have held (three such calls once locked their network out for good)."""
+    server = start_server(failure_burst=3, failure_refill_per_second=0.001)
+    authorizer = server.server.authorizer
+    assert authorizer is not None
+    with server.client() as client:
+        key = client.create_key(account, "bot", "trade", [])
+        for _ in range(3):
+            try:
+                result = server.run(
+                    authorizer.authorize(key.key.access_key, new_private_key(), BOT_IP, 1, None, None, 1e-6)
+                )
+            except Unavailable:
+                continue  # the row read ran out of time first (PostgreSQL's round trip): fine too
+            assert result.decision is Decision.RATE_LIMITED
+        assert decide(client, key, key.private_key, BOT_IP) is Decision.ALLOW
+
+
+def test_the_old_secret_in_a_rotation_grace_is_no_failure(start_server: StartServer, account: str) -> None:
+    """In a grace period the old secret first fails against the new hash; when it then matches the
+    old one, that first run is not charged: bots on old secrets never drain their network's bucket."""
+    server = start_server(failure_burst=3, failure_refill_per_second=0.001)
+    with server.client() as client:
+        keys = [client.create_key(account, f"bot-{i}", "trade", []) for i in range(5)]
+        for key in keys:
+            client.rotate_key(account, key.key.access_key, grace_seconds=3600)
+        assert [decide(client, key, key.private_key, BOT_IP) for key in keys] == [Decision.ALLOW] * 5

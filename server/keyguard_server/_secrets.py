@@ -126,6 +126,7 @@ class SecretHasher:
         self._seconds = 0.1
         self.pending_hashes = 0
         self.verifications = 0
+        self._closed = False
 
     async def calibrate(self) -> None:
         """Measures argon2's time per verification before the first one counts on it: one run on
@@ -146,7 +147,7 @@ class SecretHasher:
 
     async def hash(self, secret: str) -> str:
         """The argon2id hash of a new secret; :class:`HasherBusy` if too many are queued."""
-        if self.pending_hashes >= self._max_pending_hashes:
+        if self._closed or self.pending_hashes >= self._max_pending_hashes:
             raise HasherBusy
         self.pending_hashes += 1
         try:
@@ -186,6 +187,8 @@ class SecretHasher:
         result = self._in_flight.get(key)
         if result is not None:
             return result
+        if self._closed:
+            raise HasherBusy
         queue_wait = self._queue_wait(share, proven)
         if self.pending >= self._max_pending or queue_wait > max_queue_wait or queue_wait + self._seconds > time_left:
             raise HasherBusy
@@ -249,10 +252,14 @@ class SecretHasher:
         return ok, time.perf_counter() - started
 
     def close(self) -> None:
+        """Refuses new work and cancels what waits; runs under way finish on their own (this
+        never waits for them: it is called on the event loop)."""
+        self._closed = True
         for queues in self._queues.values():
             for queue in queues.values():
                 for job in queue:
                     job.result.cancel()
+                    ARGON2_PENDING.dec()
             queues.clear()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._hash_pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._hash_pool.shutdown(wait=False, cancel_futures=True)

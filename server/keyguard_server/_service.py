@@ -58,6 +58,7 @@ from keyguard_server._verify import IPV4_EMBEDDING, FailureLimiter, Verification
 log = logging.getLogger("keyguard.service")
 
 DEFAULT_AUDIT_PAGE = 50
+MAX_PROVEN_NETWORKS = 8  # per key: client networks whose verifications go first
 MAX_AUDIT_PAGE = 500
 MAX_ID = 2**63 - 1  # row ids are signed 64-bit in SQLite and PostgreSQL
 DEFAULT_ROTATION_GRACE = 24 * 3600
@@ -524,14 +525,17 @@ class Authorizer:
         proven = network in self._proven.get(access_key, ()) or (
             bool(last_used_ip) and network == client_network(ipaddress.ip_address(last_used_ip))
         )
+        charged = 0  # failed runs of earlier candidates this call started
         for candidate in candidates:
             while True:  # until this secret is known good, joins a run, or holds its tokens
                 if self.cache.hit(candidate, secret):  # verified while this call waited
                     return candidate
                 if joining := self._hasher.is_running(candidate, secret):
                     break
+                if (left := deadline - time.monotonic()) <= 0:
+                    return None
                 held = self._failures.hold(*buckets)
-                if held is False or (left := deadline - time.monotonic()) <= 0:
+                if held is False:
                     return None
                 if held:
                     break
@@ -555,11 +559,16 @@ class Authorizer:
                 # hangs up mid-run is charged like one who waits).
                 run.add_done_callback(functools.partial(self._settle, buckets))
             if await asyncio.shield(run):
-                self._proven.setdefault(access_key, set()).add(network)
+                for _ in range(charged):  # in a rotation's grace, the old secret is no failure
+                    self._failures.refund(*buckets)
+                networks = self._proven.setdefault(access_key, set())
+                if len(networks) < MAX_PROVEN_NETWORKS:
+                    networks.add(network)
                 self._proven.move_to_end(access_key)
                 while len(self._proven) > self._max_proven:
                     self._proven.popitem(last=False)
                 return candidate
+            charged += not joining
         return ""
 
     def _settle(self, buckets: tuple[str, str], run: asyncio.Future[bool]) -> None:

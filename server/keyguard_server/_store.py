@@ -89,6 +89,8 @@ MIGRATION_TIMEOUT = 120.0
 # PostgreSQL SQLSTATEs: lock_timeout and statement_timeout expired.
 _LOCK_NOT_AVAILABLE = "55P03"
 _QUERY_CANCELED = "57014"
+_CONFLICTS = ("40P01", "40001")  # deadlock detected, serialization failure: rolled back, retry
+_READ_ONLY = "25006"  # a primary turned standby (failover): a new connection finds the new primary
 
 
 @dataclass(frozen=True)
@@ -226,17 +228,19 @@ class _DatabaseThreads:
     is running is abandoned to finish (or fail) on its own.
     """
 
-    def __init__(self, db: pw.Database, name: str, threads: int) -> None:
+    def __init__(self, db: pw.Database, name: str, threads: int, *, changes: bool) -> None:
         self.db = db
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix=name, initializer=db.bind, initargs=(MODELS,))
+        self._changes = changes  # whether a call that ran past its bound may have changed something
         self._connections: set[Any] = set()  # every thread's connection, to close them all at the end
+        self._lock = threading.Lock()
 
     async def call(self, within: float, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         future = self._pool.submit(functools.partial(self._reconnecting, fn, *args, **kwargs))
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), within)
         except TimeoutError:
-            if future.cancel():
+            if future.cancel() or not self._changes:
                 raise Unavailable(f"the database did not answer within {within:g} s; nothing was changed") from None
             raise Unavailable(
                 f"the database did not answer within {within:g} s; a change may or may not have been applied"
@@ -246,9 +250,7 @@ class _DatabaseThreads:
         """``fn``, retried once on a fresh connection if the old one turned out to be dead."""
         _thread.committing = False
         try:
-            result = _mapped(fn, *args, **kwargs)
-            self._connections.add(_connection(self.db))
-            return result
+            return _mapped(fn, *args, **kwargs)
         except _ConnectionLost as lost:
             self._discard_connection()
             if _thread.committing:
@@ -260,6 +262,13 @@ class _DatabaseThreads:
         except _ConnectionLost as lost:
             self._discard_connection()
             raise Unavailable("the database is unreachable; nothing was changed") from lost.__cause__
+        finally:
+            self._remember_connection()
+
+    def _remember_connection(self) -> None:
+        if not self.db.is_closed():
+            with self._lock:
+                self._connections.add(_connection(self.db))
 
     def _discard_connection(self) -> None:
         _discard_connection(self.db)
@@ -268,7 +277,9 @@ class _DatabaseThreads:
         """Cancels queued calls and closes every connection (a thread still running a statement
         gets an error, which nobody waits for any more)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
-        for connection in self._connections:
+        with self._lock:
+            connections, self._connections = self._connections, set()
+        for connection in connections:
             with contextlib.suppress(Exception):
                 connection.close()
 
@@ -319,7 +330,9 @@ def _mapped(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
             ) from exc
         if code == _QUERY_CANCELED:
             raise Unavailable("the database did not answer in time (statement timeout); nothing was changed") from exc
-        if code is None and isinstance(original, psycopg2.Error):  # no SQLSTATE: the connection failed
+        if code in _CONFLICTS:
+            raise Aborted("the change met a concurrent one and was rolled back; nothing was changed") from exc
+        if (code is None or code == _READ_ONLY) and isinstance(original, psycopg2.Error):  # the connection failed
             raise _ConnectionLost from exc
         raise
 
@@ -381,7 +394,7 @@ class _Queries:
     def record_last_used(self, usage: dict[str, tuple[int, str]]) -> None:
         """Batch of access key -> (time, ip); never moves a last-used time backwards."""
         with _transaction(self.db):
-            for access_key, (at_us, ip) in usage.items():
+            for access_key, (at_us, ip) in sorted(usage.items()):  # one order: replicas never deadlock
                 KeyModel.update(last_used_at_us=at_us, last_used_ip=ip).where(
                     (KeyModel.access_key == access_key)
                     & (KeyModel.last_used_at_us.is_null() | (KeyModel.last_used_at_us < at_us))
@@ -720,6 +733,16 @@ class _LookupBatcher:
                 self._connection.close()
 
 
+@contextlib.contextmanager
+def _unavailable_when_locked() -> Iterator[None]:
+    """For Authorize: a lock it cannot get in time is the database being unavailable to it
+    (the gateway fails closed on UNAVAILABLE); ABORTED is for changes a caller may retry."""
+    try:
+        yield
+    except Aborted as exc:
+        raise Unavailable(exc.message) from None
+
+
 def _answer(
     batch: list[tuple[str, asyncio.Future[tuple[Any, ...] | None]]], rows: dict[str, tuple[Any, ...]] | BaseException
 ) -> None:
@@ -745,10 +768,10 @@ class Store:
         """Use :meth:`open`, which also migrates the schema."""
         self.settings = settings
         self.db = open_database(settings)
-        self._reads = _DatabaseThreads(self.db, "db-read", settings.read_threads)
-        self._writes = _DatabaseThreads(self.db, "db-write", settings.write_threads)
+        self._reads = _DatabaseThreads(self.db, "db-read", settings.read_threads, changes=False)
+        self._writes = _DatabaseThreads(self.db, "db-write", settings.write_threads, changes=True)
         self._nonce_db = open_database(settings, role="nonces")
-        self._nonces = _DatabaseThreads(self._nonce_db, "db-nonce", 1)
+        self._nonces = _DatabaseThreads(self._nonce_db, "db-nonce", 1, changes=True)
         self._inline = open_database(settings, role="inline") if settings.is_sqlite else None
         self._q = _Queries(self.db)
         self._lookups = None if settings.is_sqlite else _LookupBatcher(open_database(settings, role="lookups"))
@@ -805,10 +828,11 @@ class Store:
 
     async def auth_lookup(self, access_key: str, within: float) -> AuthRow | None:
         """The key's current state, read within ``within`` seconds (else ``Unavailable``)."""
-        if self._lookups is not None:
-            row = await self._lookups.lookup(self._q.auth_many_sql, access_key, within)
-        else:
-            row = await self._read_one(self._q.auth_sql, (access_key,), within)
+        with _unavailable_when_locked():
+            if self._lookups is not None:
+                row = await self._lookups.lookup(self._q.auth_many_sql, access_key, within)
+            else:
+                row = await self._read_one(self._q.auth_sql, (access_key,), within)
         if row is None:
             return None
         (account_id, name, permission, allowed_ips, secret_hash, address_management, enabled, expires, prev, until,
@@ -832,15 +856,20 @@ class Store:
 
     async def is_whitelisted(self, account_id: str, asset: str, address: str, memo: str, within: float) -> bool:
         params = (account_id, asset, address, memo)
-        return await self._read_one(self._q.whitelisted_sql, params, within) is not None
+        with _unavailable_when_locked():
+            return await self._read_one(self._q.whitelisted_sql, params, within) is not None
 
     async def use_nonce(self, access_key: str, nonce: str, within: float) -> bool:
         """Records a signed request's nonce; False if this key already used it (a replay)."""
-        return await self._nonces.call(within, self._insert_nonce, access_key, nonce)
+        with _unavailable_when_locked():
+            return await self._nonces.call(within, self._insert_nonce, access_key, nonce)
 
     def _insert_nonce(self, access_key: str, nonce: str) -> bool:
+        # In a transaction, so that a connection lost while committing is reported as such,
+        # not retried into a replay of the caller's own nonce.
         try:
-            _execute(self._nonce_db, self._q.nonce_sql, (access_key, nonce, now_us()))
+            with _transaction(self._nonce_db):
+                _execute(self._nonce_db, self._q.nonce_sql, (access_key, nonce, now_us()))
         except pw.IntegrityError:
             return False
         return True

@@ -113,6 +113,12 @@ class FailureLimiter:
                 waiter.set_result(None)
         self._settled.clear()
 
+    def refund(self, *keys: str) -> None:
+        """Gives back a token a failure spent, once the failure turned out not to be one."""
+        now = self._clock()
+        for key in keys:
+            self._buckets[key] = (min(self._burst, self._tokens(key, now) + 1.0), now)
+
     def spend(self, *keys: str) -> bool:
         """Charges a failure that has already happened; False if a bucket was already empty."""
         now = self._clock()
