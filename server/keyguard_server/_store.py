@@ -53,12 +53,12 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import peewee as pw
 import psycopg2
@@ -755,6 +755,30 @@ def _answer(
             answer.set_result(rows.get(key))
 
 
+Query = Callable[Concatenate["_Queries", P], T]
+OffLoop = Callable[Concatenate["Store", P], Coroutine[Any, Any, T]]
+
+
+def _on_writes(query: Query[P, T]) -> OffLoop[P, T]:
+    """A :class:`Store` method running ``query`` on the write threads (one transaction each)."""
+
+    @functools.wraps(query)
+    async def method(store: Store, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await store._writes.call(store._timeout, query, store._q, *args, **kwargs)
+
+    return method
+
+
+def _on_reads(query: Query[P, T]) -> OffLoop[P, T]:
+    """A :class:`Store` method running ``query`` on the read threads."""
+
+    @functools.wraps(query)
+    async def method(store: Store, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await store._reads.call(store._timeout, query, store._q, *args, **kwargs)
+
+    return method
+
+
 class Store:
     """keyguard's database for the event loop: every method is a coroutine that never blocks it.
 
@@ -886,130 +910,22 @@ class Store:
     async def record_last_used(self, usage: dict[str, tuple[int, str]]) -> None:
         await self._writes.call(self._timeout, self._q.record_last_used, usage)
 
-    # -- management -----------------------------------------------------------
+    # -- management: _Queries' methods, each on the pool its work needs ----------
 
-    async def insert_key(
-        self,
-        *,
-        caller: str,
-        account_id: str,
-        access_key: str,
-        name: str,
-        permission: Permission,
-        allowed_ips: list[str],
-        secret_hash: str,
-        max_keys: int,
-        expires_at_us: int | None = None,
-        key_type: KeyType = KeyType.SECRET,
-        public_key: str = "",
-    ) -> ApiKey:
-        return await self._writes.call(
-            self._timeout,
-            self._q.insert_key,
-            caller=caller,
-            account_id=account_id,
-            access_key=access_key,
-            name=name,
-            permission=permission,
-            allowed_ips=allowed_ips,
-            secret_hash=secret_hash,
-            max_keys=max_keys,
-            expires_at_us=expires_at_us,
-            key_type=key_type,
-            public_key=public_key,
-        )
-
-    async def check_key_room(self, account_id: str, name: str, max_keys: int) -> None:
-        """Raises what :meth:`insert_key` would for a full account or a taken name, without writing."""
-        await self._reads.call(self._timeout, self._q.check_key_room, account_id, name, max_keys)
-
-    async def list_keys(self, account_id: str) -> list[ApiKey]:
-        return await self._reads.call(self._timeout, self._q.list_keys, account_id)
-
-    async def get_key(self, account_id: str, access_key: str) -> ApiKey:
-        return await self._reads.call(self._timeout, self._q.get_key, account_id, access_key)
-
-    async def update_key(
-        self,
-        *,
-        caller: str,
-        account_id: str,
-        access_key: str,
-        changes: dict[str, Any],
-        check: Callable[[ApiKey], None],
-    ) -> ApiKey:
-        return await self._writes.call(
-            self._timeout,
-            self._q.update_key,
-            caller=caller,
-            account_id=account_id,
-            access_key=access_key,
-            changes=changes,
-            check=check,
-        )
-
-    async def rotate_key(
-        self,
-        *,
-        caller: str,
-        account_id: str,
-        access_key: str,
-        grace_us: int,
-        secret_hash: str = "",
-        public_key: str = "",
-    ) -> ApiKey:
-        return await self._writes.call(
-            self._timeout,
-            self._q.rotate_key,
-            caller=caller,
-            account_id=account_id,
-            access_key=access_key,
-            grace_us=grace_us,
-            secret_hash=secret_hash,
-            public_key=public_key,
-        )
-
-    async def delete_key(self, *, caller: str, account_id: str, access_key: str) -> None:
-        await self._writes.call(
-            self._timeout, self._q.delete_key, caller=caller, account_id=account_id, access_key=access_key
-        )
-
-    async def delete_all_keys(self, *, caller: str, account_id: str) -> int:
-        return await self._writes.call(self._timeout, self._q.delete_all_keys, caller=caller, account_id=account_id)
-
-    async def account_settings(self, account_id: str) -> tuple[bool, int]:
-        return await self._reads.call(self._timeout, self._q.account_settings, account_id)
-
-    async def set_address_management(self, *, caller: str, account_id: str, enabled: bool) -> None:
-        await self._writes.call(
-            self._timeout, self._q.set_address_management, caller=caller, account_id=account_id, enabled=enabled
-        )
-
-    async def add_address(
-        self, *, caller: str, account_id: str, asset: str, address: str, memo: str, label: str, max_addresses: int
-    ) -> WithdrawalAddress:
-        return await self._writes.call(
-            self._timeout,
-            self._q.add_address,
-            caller=caller,
-            account_id=account_id,
-            asset=asset,
-            address=address,
-            memo=memo,
-            label=label,
-            max_addresses=max_addresses,
-        )
-
-    async def list_addresses(self, account_id: str) -> list[WithdrawalAddress]:
-        return await self._reads.call(self._timeout, self._q.list_addresses, account_id)
-
-    async def remove_address(self, *, caller: str, account_id: str, address_id: int) -> None:
-        await self._writes.call(
-            self._timeout, self._q.remove_address, caller=caller, account_id=account_id, address_id=address_id
-        )
-
-    async def audit_events(self, account_id: str, *, before_id: int | None, limit: int) -> list[AuditEvent]:
-        return await self._reads.call(self._timeout, self._q.audit_events, account_id, before_id=before_id, limit=limit)
+    insert_key = _on_writes(_Queries.insert_key)
+    update_key = _on_writes(_Queries.update_key)
+    rotate_key = _on_writes(_Queries.rotate_key)
+    delete_key = _on_writes(_Queries.delete_key)
+    delete_all_keys = _on_writes(_Queries.delete_all_keys)
+    set_address_management = _on_writes(_Queries.set_address_management)
+    add_address = _on_writes(_Queries.add_address)
+    remove_address = _on_writes(_Queries.remove_address)
+    check_key_room = _on_reads(_Queries.check_key_room)
+    list_keys = _on_reads(_Queries.list_keys)
+    get_key = _on_reads(_Queries.get_key)
+    account_settings = _on_reads(_Queries.account_settings)
+    list_addresses = _on_reads(_Queries.list_addresses)
+    audit_events = _on_reads(_Queries.audit_events)
 
 
 def _key_row(key: Any) -> ApiKey:
