@@ -391,7 +391,7 @@ def _counted(
 
 
 class Authorizer:
-    """Authorization: may this key do this, from this IP, now? (DESIGN.md §4).
+    """Authorization: may this key do this, from this IP, now? (docs/architecture.md, the order of checks).
 
     Every call reads the key's current row (a point lookup), so a delete or a
     restriction holds at once, on every replica. Only the argon2 verdict is
@@ -638,7 +638,7 @@ def _deny(decision: Decision) -> AuthorizeResult:
 
 
 def _state_refusal(row: AuthRow, ip: IPAddress, now: int) -> AuthorizeResult | None:
-    """Steps 3-4 of DESIGN.md §4: disabled, expired, client IP."""
+    """Steps 3-4 of the order of checks (docs/architecture.md): disabled, expired, client IP."""
     if not row.enabled:
         return _deny(Decision.KEY_DISABLED)
     if row.expires_at_us is not None and now >= row.expires_at_us:
