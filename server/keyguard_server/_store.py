@@ -49,7 +49,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import logging
 import threading
 import time
 from collections import deque
@@ -78,8 +77,6 @@ from keyguard import (
     WithdrawalAddress,
 )
 from keyguard_server._schema import MODELS, AccountModel, AddressModel, AuditModel, KeyModel, NonceModel, migrate
-
-log = logging.getLogger("keyguard.store")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -832,9 +829,13 @@ class Store:
             self._lookups.close()
 
     async def ping(self, within: float) -> bool:
-        """Whether the database answers a trivial query within ``within`` seconds."""
+        """Whether the database answers within ``within`` seconds, on the connections Authorize
+        uses too (on PostgreSQL: through the lookup batcher, so health sees what bots see)."""
+        checks: list[Coroutine[Any, Any, object]] = [self._reads.call(within, self._q.ping)]
+        if self._lookups is not None:
+            checks.append(self._lookups.lookup(self._q.auth_many_sql, "", within))
         try:
-            await self._reads.call(within, self._q.ping)
+            await asyncio.gather(*checks)
         except (Unavailable, Aborted, pw.DatabaseError):
             return False
         return True
