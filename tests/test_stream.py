@@ -5,11 +5,8 @@ StreamingAuthorizer that multiplexes threads over a few streams."""
 from __future__ import annotations
 
 import asyncio
-import os
 import queue
-import re
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -42,7 +39,7 @@ from keyguard_server._config import Caller, Role
 from keyguard_server._secrets import new_private_key
 from keyguard_server._stream import SHUTTING_DOWN
 from tests.conftest import LoopThread, RawStubs, RunningServer, StartServer
-from tests.processes import KEYGUARD
+from tests.processes import ServeProcess
 
 BOT_IP = "203.0.113.7"
 WRONG = new_private_key()  # well-formed: only argon2 can tell it is wrong
@@ -347,25 +344,15 @@ def test_stop_answers_what_the_stream_read_and_ends_it_within_the_grace(
 
 
 def test_sigterm_lets_streams_finish_and_the_client_then_raises_unavailable(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
+    slow = {
         "KEYGUARD_ARGON2_TIME_COST": str(SLOW_ARGON2["argon2_time_cost"]),
         "KEYGUARD_ARGON2_MEMORY_KIB": str(SLOW_ARGON2["argon2_memory_kib"]),
         "KEYGUARD_ARGON2_PARALLELISM": "1",
         "KEYGUARD_SHUTDOWN_GRACE": "10",
     }
-    log_path = tmp_path / "serve.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [KEYGUARD, "serve", "--listen", "127.0.0.1:0"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
+    server = ServeProcess(tmp_path, env=slow)
     try:
-        deadline = time.monotonic() + 20
-        while not (match := re.search(r"\(port (\d+)", log_path.read_text())):
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.05)
-        token = (tmp_path / "data" / "admin.token").read_text().strip()
-        with Client(f"127.0.0.1:{match[1]}", token=token, timeout=10) as client:
+        with server.client() as client:
             key = client.create_key("acct-stream-drain", "bot", "read", [BOT_IP])
             authorizer = client.authorizer(streams=1)
             results: list[AuthorizeResult] = []
@@ -375,18 +362,17 @@ def test_sigterm_lets_streams_finish_and_the_client_then_raises_unavailable(tmp_
             worker.start()
             time.sleep(0.1)  # the uncached verification is running now
             signalled = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
+            server.proc.send_signal(signal.SIGTERM)
             worker.join(20)
             assert [r.decision for r in results] == [Decision.ALLOW]
-            assert proc.wait(20) == 0
+            assert server.wait(20) == 0
             assert time.monotonic() - signalled < 5, "shutdown waited for its grace (10 s)"
-            assert "Traceback" not in log_path.read_text()
+            assert "Traceback" not in server.log.read_text()
             with pytest.raises(Unavailable):
                 authorizer.authorize(key.key.access_key, key.private_key, BOT_IP, "read")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        if server.proc.poll() is None:
+            server.kill()
 
 
 # -- the Python client --------------------------------------------------------------
