@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from keyguard import Client, CreatedKey, Decision, InvalidArgument, KeyType, SignedRequest, sign_request
+from keyguard_server._store import now_us
 from tests.conftest import RunningServer, StartServer
 
 BOT_IP = "203.0.113.7"
@@ -202,3 +203,26 @@ def test_pruning_nonces_never_holds_up_signed_requests(start_server: StartServer
             slowest = max(slowest, time.monotonic() - started)
             time.sleep(0.02)
     assert slowest < 0.5, f"a signed request took {slowest:.2f} s"
+
+
+def test_a_replica_with_a_fast_clock_never_prunes_a_nonce_that_can_still_be_replayed(
+    start_server: StartServer, account: str
+) -> None:
+    """A request stamped 4.9 s ahead (inside the 5 s window) stays acceptable until its own
+    timestamp + 5 s. Pruning on a replica whose clock runs 1 s fast must not forget its nonce
+    before then: nonces are kept by the request's timestamp, with a margin for clocks."""
+    server = start_server()
+    authorizer = server.server.authorizer
+    assert authorizer is not None
+    with server.client() as client:
+        key = client.create_key(account, "signer", "trade", [BOT_IP], key_type=KeyType.ED25519)
+        now_ms = time.time_ns() // 1_000_000
+        signed = sign_request(key.private_key, key.key.access_key, ORDER, timestamp_ms=now_ms + 4_900)
+        assert authorize(client, key, signed) is Decision.ALLOW
+        try:
+            authorizer.clock = lambda: (now_ms + 10_500) * 1000  # 9.5 s later, on a clock 1 s fast
+            server.run(authorizer.forget_old_nonces())
+            authorizer.clock = lambda: (now_ms + 9_500) * 1000  # 9.5 s later, an accurate clock
+            assert authorize(client, key, signed) is Decision.REPLAYED_REQUEST
+        finally:
+            authorizer.clock = now_us

@@ -116,6 +116,8 @@ class NonceModel(_Model):
 
     access_key = pw.CharField(max_length=32)
     nonce = pw.CharField(max_length=64)
+    # The signed request's own timestamp (the name is older than that meaning): pruning
+    # goes by it, since a request stamped ahead of time stays acceptable that much longer.
     seen_at_us = pw.BigIntegerField(index=True)
 
     class Meta:

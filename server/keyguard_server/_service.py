@@ -59,6 +59,7 @@ log = logging.getLogger("keyguard.service")
 
 DEFAULT_AUDIT_PAGE = 50
 MAX_PROVEN_NETWORKS = 8  # per key: client networks whose verifications go first
+NONCE_CLOCK_MARGIN_MS = 60_000  # how far replicas' clocks may disagree without a replay slipping through
 MAX_AUDIT_PAGE = 500
 MAX_ID = 2**63 - 1  # row ids are signed 64-bit in SQLite and PostgreSQL
 DEFAULT_ROTATION_GRACE = 24 * 3600
@@ -406,6 +407,8 @@ class Authorizer:
         self.usage = UsageRecorder(store)
         self.cache_hits = 0
         self._window_ms = config.signature_window_ms
+        # Microseconds since the epoch; replaceable, so tests move time instead of waiting.
+        self.clock: Callable[[], int] = now_us
         self._read_timeout = config.database_statement_timeout_seconds
         self._argon2_max_wait = config.argon2_max_wait_seconds
         # Client networks that proved a key's credential in this process (the database
@@ -461,7 +464,7 @@ class Authorizer:
         row = await self._store.auth_lookup(access_key, self._read_budget(deadline))
         if row is None:
             return _deny(Decision.UNKNOWN_KEY)
-        now = now_us()
+        now = self.clock()
         if (refusal := _state_refusal(row, ip, now)) is not None:
             return refusal
         if row.key_type is KeyType.ED25519:
@@ -492,7 +495,7 @@ class Authorizer:
         current = await self._store.auth_lookup(access_key, self._read_budget(deadline))
         if current is None:
             return _deny(Decision.UNKNOWN_KEY)
-        now = now_us()
+        now = self.clock()
         if (refusal := _state_refusal(current, ip, now)) is not None:
             return refusal
         if not current.accepts_hash(matched, now):
@@ -590,22 +593,27 @@ class Authorizer:
         limit, so only bad signatures are ever limited, per (key, client network)."""
         if signed is None:
             return _deny(Decision.BAD_SIGNATURE)
-        if abs(time.time_ns() // 1_000_000 - signed.timestamp_ms) > self._window_ms:
+        if abs(self.clock() // 1000 - signed.timestamp_ms) > self._window_ms:
             return _deny(Decision.STALE_REQUEST)
         keys = [row.public_key] + (
-            [row.previous_public_key] if row.previous_public_key and row.in_grace(now_us()) else []
+            [row.previous_public_key] if row.previous_public_key and row.in_grace(self.clock()) else []
         )
         if not any(signing.verify(_public_key(pem), access_key, signed) for pem in keys):
             network = client_network(ip)
             limited = not self._failures.spend(f"{access_key} {network}", network)
             return _deny(Decision.RATE_LIMITED if limited else Decision.BAD_SIGNATURE)
-        if not await self._store.use_nonce(access_key, signed.nonce, self._read_budget(deadline)):
+        if not await self._store.use_nonce(access_key, signed.nonce, signed.timestamp_ms, self._read_budget(deadline)):
             return _deny(Decision.REPLAYED_REQUEST)
         return await self._after_secret(access_key, row, ip, required, destination, deadline)
 
     async def forget_old_nonces(self) -> int:
-        """Nonces older than twice the window can go: their timestamps are stale anyway."""
-        return await self._store.prune_nonces(now_us() - 2 * self._window_ms * 1000)
+        """Forgets nonces whose requests no replica would accept any more.
+
+        A nonce is kept by its request's own timestamp (not when it arrived: a request
+        stamped up to a window ahead stays acceptable that much longer), for the window,
+        another window, and NONCE_CLOCK_MARGIN for replicas whose clocks disagree.
+        """
+        return await self._store.prune_nonces(self.clock() - (2 * self._window_ms + NONCE_CLOCK_MARGIN_MS) * 1000)
 
     async def _after_secret(
         self,

@@ -884,23 +884,24 @@ class Store:
         with _unavailable_when_locked():
             return await self._read_one(self._q.whitelisted_sql, params, within) is not None
 
-    async def use_nonce(self, access_key: str, nonce: str, within: float) -> bool:
-        """Records a signed request's nonce; False if this key already used it (a replay)."""
+    async def use_nonce(self, access_key: str, nonce: str, timestamp_ms: int, within: float) -> bool:
+        """Records a signed request's nonce with the request's own timestamp; False if this key
+        already used it (a replay)."""
         with _unavailable_when_locked():
-            return await self._nonces.call(within, self._insert_nonce, access_key, nonce)
+            return await self._nonces.call(within, self._insert_nonce, access_key, nonce, timestamp_ms * 1000)
 
-    def _insert_nonce(self, access_key: str, nonce: str) -> bool:
+    def _insert_nonce(self, access_key: str, nonce: str, timestamp_us: int) -> bool:
         # In a transaction, so that a connection lost while committing is reported as such,
         # not retried into a replay of the caller's own nonce.
         try:
             with _transaction(self._nonce_db):
-                _execute(self._nonce_db, self._q.nonce_sql, (access_key, nonce, now_us()))
+                _execute(self._nonce_db, self._q.nonce_sql, (access_key, nonce, timestamp_us))
         except pw.IntegrityError:
             return False
         return True
 
     async def prune_nonces(self, before_us: int) -> int:
-        """Forgets nonces older than the receive window: their requests are stale anyway."""
+        """Forgets nonces of requests timestamped before ``before_us``."""
         return await self._nonces.call(self._timeout, self._prune_nonces, before_us)
 
     def _prune_nonces(self, before_us: int) -> int:
