@@ -42,10 +42,7 @@ import multiprocessing.queues
 import os
 import re
 import secrets
-import shutil
-import signal
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -59,11 +56,11 @@ from typing import Any
 import grpc
 import psycopg2
 
+from _harness import KeyguardProcess, cpu_seconds, ensure_h2load, grpc_frame, pinned
 from keyguard import Aborted, Client, CreatedKey, Decision, KeyguardError
 from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard.v1 import keyguard_pb2 as pb
 
-KEYGUARD = str(Path(sys.executable).parent / "keyguard")
 BOT_IP = "203.0.113.7"
 PG_HOST = "127.0.0.1"
 PG_PORT = 5432
@@ -88,24 +85,6 @@ class Writes:
     done: int
     failed: int
     seconds: float
-
-
-def ensure_h2load() -> str:
-    path = shutil.which("h2load")
-    if path:
-        return path
-    print("h2load not found: installing nghttp2-client", file=sys.stderr)
-    sudo = [] if os.geteuid() == 0 else ["sudo"]
-    subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True)
-    subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "nghttp2-client"], check=True)
-    return shutil.which("h2load") or sys.exit("h2load still missing")
-
-
-def pinned(cpu: int, command: list[str]) -> list[str]:
-    """Runs the command on one core when taskset exists and there are two."""
-    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
-        return ["taskset", "-c", str(cpu), *command]
-    return command
 
 
 def pg_admin() -> Any:
@@ -160,61 +139,24 @@ class PgBackendCpu:
         self.conn.close()
 
 
-class Server:
+class Server(KeyguardProcess):
     def __init__(self, data_dir: Path, workers: int, backend: str, database: str | None = None) -> None:
-        self.data_dir = data_dir
         self.backend = backend
-        self.log_path = data_dir / f"serve-{workers}.log"
-        self.log = self.log_path.open("w")
         config = data_dir / "keyguard.toml"  # the Envoy Check rows need a route
         config.write_text('[[envoy_routes]]\npath_prefix = "/api/v3/order"\npermission = "trade"\n')
-        command = [KEYGUARD, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir), "--config", str(config)]
-        command += ["--workers", str(workers)]
+        args = ["--config", str(config)]
         if database:
-            command += ["--database", f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{database}"]
+            args += ["--database", f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{database}"]
         self.pg = PgBackendCpu(database) if database else None
-        self.proc = subprocess.Popen(
-            pinned(0, command) if workers == 1 else command, stdout=self.log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + 30
-        text = ""
-        while not (match := re.search(r"\(port (\d+)", text)):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                sys.exit(f"keyguard did not start:\n{text}")
-            time.sleep(0.1)
-            text = self.log_path.read_text()
-        self.port = int(match[1])
-        self.token = (data_dir / "admin.token").read_text().strip()
-        time.sleep(0.5 * workers)  # let every worker bind
+        super().__init__(data_dir, *args, workers=workers, log_name=f"serve-{workers}.log")
 
     def client(self) -> Client:
-        return Client(f"127.0.0.1:{self.port}", token=self.token)
+        return Client(self.target, token=self.token)
 
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+    def stop(self, label: str = "") -> None:
+        super().stop(label or f" ({self.backend})")
         if self.pg:
             self.pg.close()
-        odd = [line for line in self.log_path.read_text().splitlines() if re.search(r"WARNING|ERROR|Traceback", line)]
-        if odd:
-            print(f"  server log ({self.backend}): {len(odd)} warning/error lines, e.g.:", file=sys.stderr)
-            for line in odd[:5]:
-                print(f"    {line}", file=sys.stderr)
-
-
-def grpc_frame(message: bytes) -> bytes:
-    return struct.pack(">?I", False, len(message)) + message
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def h2load(server: Server, path: str, body: bytes, name: str, requests: int, streams: int, work: Path) -> Result:

@@ -15,55 +15,32 @@ from __future__ import annotations
 
 import argparse
 import collections
-import re
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from _harness import KeyguardProcess
 from keyguard import Client, CreatedKey, Decision, KeyguardError
 
-KEYGUARD = str(Path(sys.executable).parent / "keyguard")
 REQUESTS_PER_BOT = 5
 RETRY_AFTER = 0.2  # seconds a refused bot waits before it asks again
-
-
-def serve(data: Path, log_name: str) -> tuple[subprocess.Popen[bytes], str, str]:
-    log = data / log_name
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [KEYGUARD, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data)], stdout=out, stderr=out
-        )
-    deadline = time.monotonic() + 30
-    while not (match := re.search(r"\(port (\d+)", log.read_text())):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            sys.exit(f"keyguard did not start:\n{log.read_text()}")
-        time.sleep(0.05)
-    return proc, f"127.0.0.1:{match[1]}", (data / "admin.token").read_text().strip()
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(30)
 
 
 def measure(keys: int) -> str:
     with tempfile.TemporaryDirectory(prefix="keyguard-cold-") as tmp:
         data = Path(tmp)
-        proc, target, token = serve(data, "first.log")
+        server = KeyguardProcess(data, log_name="first.log", pin=False)
         try:
-            with Client(target, token=token, timeout=30) as client:
+            with Client(server.target, token=server.token, timeout=30) as client:
                 created = [client.create_key(f"acct-{i}", "bot", "read", []) for i in range(keys)]
         finally:
-            stop(proc)
-        proc, target, token = serve(data, "second.log")  # a restart: every cache is cold
+            server.stop()
+        server = KeyguardProcess(data, log_name="second.log", pin=False)  # a restart: every cache is cold
         try:
-            return stampede(target, token, created)
+            return stampede(server.target, server.token, created)
         finally:
-            stop(proc)
+            server.stop()
 
 
 def stampede(target: str, token: str, created: list[CreatedKey]) -> str:

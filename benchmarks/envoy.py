@@ -74,10 +74,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from _harness import KeyguardProcess, grpc_frame, pinned
 from keyguard import Aborted, Client, CreatedKey
 
 BIN = Path(sys.executable).parent
-KEYGUARD = str(BIN / "keyguard")
 ENVOY = shutil.which("envoy", path=str(BIN)) or shutil.which("envoy")
 PATH = "/api/v3/account"  # a READ route
 HEALTH = "/grpc.health.v1.Health/Check"
@@ -125,13 +125,6 @@ H2_FRAME_TYPES = {
 
 
 # --- processes and /proc ---------------------------------------------------------------------------
-
-
-def pinned(cpu: int, command: list[str]) -> list[str]:
-    """Runs the command on one core when taskset exists and there are two."""
-    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
-        return ["taskset", "-c", str(cpu), *command]
-    return command
 
 
 def cpu_times(pid: int) -> tuple[float, float]:
@@ -191,30 +184,13 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
 # --- keyguard --------------------------------------------------------------------------------------
 
 
-class Keyguard:
+class Keyguard(KeyguardProcess):
     def __init__(self, work: Path, workers: int) -> None:
-        self.workers = workers
-        self.data_dir = work / f"keyguard-{workers}"
-        self.data_dir.mkdir()
-        config = self.data_dir / "keyguard.toml"
+        data_dir = work / f"keyguard-{workers}"
+        data_dir.mkdir()
+        config = data_dir / "keyguard.toml"
         config.write_text(ROUTES_TOML)
-        self.log_path = self.data_dir / "serve.log"
-        self.log = self.log_path.open("w")
-        command = [KEYGUARD, "serve", "--config", str(config), "--listen", "127.0.0.1:0"]
-        command += ["--data-dir", str(self.data_dir), "--workers", str(workers)]
-        self.proc = subprocess.Popen(
-            pinned(0, command) if workers == 1 else command, stdout=self.log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + 30
-        text = ""
-        while not (match := re.search(r"\(port (\d+)", text)):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"keyguard did not start:\n{text}")
-            time.sleep(0.1)
-            text = self.log_path.read_text()
-        self.port = int(match[1])
-        self.token = (self.data_dir / "admin.token").read_text().strip()
-        time.sleep(0.5 * workers)  # let every worker bind
+        super().__init__(data_dir, "--config", str(config), workers=workers)
         self.pids = [self.proc.pid, *children(self.proc.pid)] if workers > 1 else [self.proc.pid]
 
     def create_key(self) -> CreatedKey:
@@ -231,17 +207,11 @@ class Keyguard:
         """utime+stime per process: the parent, then (with --workers) each worker."""
         return [sum(cpu_times(pid)) for pid in self.pids]
 
-    def stop(self) -> None:
-        stop_process(self.proc, 30)
+    def stop(self, label: str = "") -> None:
+        super().stop(label or f" ({self.workers} workers)")
         for pid in self.pids[1:]:  # workers left behind by a parent that had to be killed
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        self.log.close()
-        odd = [line for line in self.log_path.read_text().splitlines() if re.search(r"WARNING|ERROR|Traceback", line)]
-        if odd:
-            print(f"  keyguard log ({self.workers} workers): {len(odd)} warning/error lines, e.g.:", file=sys.stderr)
-            for line in odd[:5]:
-                print(f"    {line}", file=sys.stderr)
 
 
 # --- Envoy -----------------------------------------------------------------------------------------
@@ -610,10 +580,6 @@ class FrameProxy:
 
 
 # --- main ------------------------------------------------------------------------------------------
-
-
-def grpc_frame(message: bytes) -> bytes:
-    return struct.pack(">?I", False, len(message)) + message
 
 
 def main() -> None:

@@ -1,0 +1,90 @@
+"""What the benchmark scripts share: starting `keyguard serve`, pinning, h2load, gRPC framing."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+KEYGUARD = str(Path(sys.executable).parent / "keyguard")
+
+
+def ensure_h2load() -> str:
+    path = shutil.which("h2load")
+    if path:
+        return path
+    print("h2load not found: installing nghttp2-client", file=sys.stderr)
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    subprocess.run([*sudo, "apt-get", "update", "-qq"], check=True)
+    subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "nghttp2-client"], check=True)
+    return shutil.which("h2load") or sys.exit("h2load still missing")
+
+
+def pinned(cpu: int, command: list[str]) -> list[str]:
+    """Runs the command on one core when taskset exists and there are two."""
+    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+        return ["taskset", "-c", str(cpu), *command]
+    return command
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """One gRPC length-prefixed message, as h2load sends a request body."""
+    return struct.pack(">?I", False, len(message)) + message
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class KeyguardProcess:
+    """`keyguard serve` on a free loopback port in ``data_dir`` (one worker: pinned to core 0 unless
+    ``pin`` is false); its port is read from its log, its admin token from the data dir."""
+
+    def __init__(
+        self, data_dir: Path, *args: str, workers: int = 1, log_name: str = "serve.log", pin: bool = True
+    ) -> None:
+        self.data_dir = data_dir
+        self.workers = workers
+        self.log_path = data_dir / log_name
+        self.log = self.log_path.open("w")
+        command = [KEYGUARD, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir), *args]
+        command += ["--workers", str(workers)]
+        self.proc = subprocess.Popen(
+            pinned(0, command) if workers == 1 and pin else command, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 30
+        text = ""
+        while not (match := re.search(r"\(port (\d+)", text)):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                sys.exit(f"keyguard did not start:\n{text}")
+            time.sleep(0.1)
+            text = self.log_path.read_text()
+        self.port = int(match[1])
+        self.target = f"127.0.0.1:{self.port}"
+        self.token = (data_dir / "admin.token").read_text().strip()
+        time.sleep(0.5 * workers)  # let every worker bind
+
+    def stop(self, label: str = "") -> None:
+        """SIGTERM (SIGKILL after 30 s); prints the warnings and errors its log holds."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        odd = [line for line in self.log_path.read_text().splitlines() if re.search(r"WARNING|ERROR|Traceback", line)]
+        if odd:
+            print(f"  keyguard log{label}: {len(odd)} warning/error lines, e.g.:", file=sys.stderr)
+            for line in odd[:5]:
+                print(f"    {line}", file=sys.stderr)
