@@ -673,6 +673,7 @@ class _LookupBatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._serve, name="db-lookups", daemon=True)
         self._connection: Any = None
+        self._prepared_on: Any = None  # the connection the lookup is prepared on (planned once, not per batch)
 
     async def lookup(self, sql: str, access_key: str, within: float) -> tuple[Any, ...] | None:
         """The key's row (its columns before the access key), or None; ``Unavailable`` after ``within``."""
@@ -708,7 +709,11 @@ class _LookupBatcher:
 
     def _fetch(self, keys: list[str]) -> dict[str, tuple[Any, ...]]:
         def run() -> dict[str, tuple[Any, ...]]:
-            return {row[-1]: row[:-1] for row in _execute(self._db, self._sql, (keys,)).fetchall()}
+            connection = _connection(self._db)
+            if connection is not self._prepared_on:  # a new connection: prepare the lookup once on it
+                _execute(self._db, f"PREPARE keyguard_lookup(text[]) AS {self._sql.replace('%s', '$1')}")
+                self._prepared_on = connection
+            return {row[-1]: row[:-1] for row in _execute(self._db, "EXECUTE keyguard_lookup(%s)", (keys,)).fetchall()}
 
         try:
             result = _mapped(run)
