@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from keyguard import Permission
 from keyguard_server import Config
-from keyguard_server._config import Caller, Role
+from keyguard_server._config import Caller, EnvoyRoute, Role
 
 CALLERS = (Caller("gateway", Role.AUTHORIZER, token_sha256="a" * 64),)
 
@@ -114,3 +115,15 @@ def test_plaintext_beyond_loopback_needs_saying_so() -> None:
     Config(listen="0.0.0.0:50051", callers=CALLERS, allow_plaintext=True)
     Config(listen="0.0.0.0:50051", callers=CALLERS, tls_cert_file="server.crt", tls_key_file="server.key")
     Config(listen="127.0.0.1:50051", callers=CALLERS)  # loopback: no network to see it
+
+
+def test_routes_that_match_the_same_paths_are_refused() -> None:
+    """Routes match each segment up to its first dot: two prefixes that differ only after a dot
+    cover the same requests, and which one won would depend on their lengths."""
+    with pytest.raises(ValueError, match="cover the same paths"):
+        Config(
+            envoy_routes=(
+                EnvoyRoute("/wapi/v3/withdraw.html", Permission.WITHDRAW),
+                EnvoyRoute("/wapi/v3/withdraw.html.history", Permission.READ),
+            )
+        )

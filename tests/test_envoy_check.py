@@ -18,10 +18,11 @@ from typing import Any
 import grpc
 import pytest
 
-from keyguard import Client, CreatedKey, KeyType, WithdrawalDestination, sign_request
+from keyguard import Client, CreatedKey, KeyType, Permission, WithdrawalDestination, sign_request
 from keyguard._signing import envoy_payload
 from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
+from keyguard_server._config import EnvoyRoute
 from tests.conftest import RunningServer, StartServer
 from tests.test_envoy import GENERIC_401, ROUTES
 
@@ -339,3 +340,18 @@ def test_forwarded_for_is_ignored_by_default(check: Check, client: Client, accou
     headers = {**secret(key), "x-forwarded-for": "203.0.113.7", "x-envoy-external-address": "203.0.113.7"}
     assert check("GET", "/api/v3/account", headers, peer="127.0.0.1").refusal == GENERIC_401
     assert check("GET", "/api/v3/account", headers, peer="203.0.113.7").status == 200
+
+
+def test_a_dotted_read_prefix_never_outranks_a_withdraw_route(start_server: StartServer, account: str) -> None:
+    """Specificity is the length of a prefix as matched, so "/sapi/v1.0-legacy" (matched as
+    "/sapi/v1") does not win over "/sapi/v1/withdraw" because its text is longer."""
+    routes = (
+        EnvoyRoute("/sapi/v1/withdraw", Permission.WITHDRAW),
+        EnvoyRoute("/sapi/v1.0-legacy", Permission.READ, method="GET"),
+    )
+    server = start_server(envoy_routes=routes, failure_burst=100_000)
+    with server.client() as client, checker(server) as check:
+        reader = client.create_key(account, "reader", "read", ["127.0.0.1"])
+        headers = {**secret(reader), "x-withdraw-asset": "BTC", "x-withdraw-address": "bc1q"}
+        answer = check("GET", "/sapi/v1/withdraw", headers)
+        assert (answer.status, answer.body["error"]) == (403, "PERMISSION_DENIED")

@@ -9,6 +9,7 @@ refused.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from keyguard import Client, CreatedKey, Decision, KeyType, Unavailable, sign_re
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._secrets import new_private_key
+from keyguard_server._verify import FailureLimiter
 from tests.conftest import RunningServer, StartServer
 
 BOT_IP = "203.0.113.7"
@@ -237,3 +239,48 @@ def test_the_old_secret_in_a_rotation_grace_is_no_failure(start_server: StartSer
         for key in keys:
             client.rotate_key(account, key.key.access_key, grace_seconds=3600)
         assert [decide(client, key, key.private_key, BOT_IP) for key in keys] == [Decision.ALLOW] * 5
+
+
+def test_an_account_flooding_from_networks_it_proved_cannot_starve_other_accounts(
+    start_server: StartServer, account: str
+) -> None:
+    """An attacker proves 8 networks on each of two keys of their own, then floods wrong secrets
+    from them: those runs count as proven, yet other accounts' first verifications (not proven
+    anywhere) take every other turn and are served within a gateway's deadline."""
+    # A wide burst stands for the many networks a determined attacker would spread this over.
+    server = start_server(argon2_threads=1, failure_burst=100_000, **MODERATE_ARGON2)
+    networks = [f"2001:db8:{i:x}::1" for i in range(8)]
+    with server.client() as client:
+        own = [client.create_key(f"{account}-flooder", f"key-{i}", "read", []) for i in range(2)]
+        for key in own:
+            for ip in networks:
+                assert decide(client, key, key.private_key, ip) is Decision.ALLOW  # proves the network
+        others = [client.create_key(f"{account}-other-{i}", "bot", "read", []) for i in range(6)]
+        with ThreadPoolExecutor(64) as pool:
+            flood = [pool.submit(decide, client, own[i % 2], new_private_key(), networks[i % 8]) for i in range(150)]
+            time.sleep(0.1)  # the flood fills the queue
+            with Client(server.target, token=server.admin_token, timeout=0.5) as gateway:
+                victims = [pool.submit(decide, gateway, key, key.private_key, BOT_IP) for key in others]
+                assert [v.result() for v in victims] == [Decision.ALLOW] * len(others)
+            for f in flood:
+                assert f.result() in (Decision.BAD_SECRET, Decision.RATE_LIMITED)
+
+
+def test_a_release_wakes_only_the_attempts_waiting_for_its_buckets() -> None:
+    """Waiting attempts are woken per bucket: an attacker parking thousands of requests on their
+    own network's held tokens cannot make every unrelated argon2 run wake them all."""
+
+    async def scenario() -> None:
+        limiter = FailureLimiter(burst=1, per_second=0.0)
+        assert limiter.hold("key attacker", "attacker") is True
+        assert limiter.hold("key attacker", "attacker") is None  # must wait for that hold
+        waiting = asyncio.ensure_future(limiter.settled(5.0, "key attacker", "attacker"))
+        await asyncio.sleep(0)
+        assert limiter.hold("other bot", "bot") is True
+        limiter.release("other bot", "bot", failed=False)  # someone else's run ends
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        limiter.release("key attacker", "attacker", failed=True)
+        await asyncio.wait_for(waiting, 1.0)
+
+    asyncio.run(scenario())

@@ -95,9 +95,14 @@ class EnvoyRoute:
         object.__setattr__(self, "path_prefix", self.path_prefix.lower())
         object.__setattr__(self, "method", self.method.upper())
 
+    @property
+    def key(self) -> str:
+        """The paths this route covers, as matched (see :func:`route_key`); longer is more specific."""
+        return route_key(self.path_prefix.rstrip("/"))
+
     def matches(self, method: str, path: str) -> bool:
         """``path`` is canonical (the caller refuses any other)."""
-        base = route_key(self.path_prefix.rstrip("/"))
+        base = self.key
         path = route_key(path)
         return (path == base or path.startswith(base + "/")) and self.method in ("*", method.upper())
 
@@ -295,6 +300,14 @@ class Config:
             raise ValueError("config tls_client_ca_file needs tls_cert_file and tls_key_file")
         if self.log_format not in ("text", "json"):
             raise ValueError("config log_format must be text or json")
+        seen: dict[tuple[str, str], EnvoyRoute] = {}
+        for route in self.envoy_routes:
+            other = seen.setdefault((route.key, route.method), route)
+            if other is not route:
+                raise ValueError(
+                    f"config envoy_routes {other.path_prefix!r} and {route.path_prefix!r} ({route.method}) cover the "
+                    f"same paths ({route.key!r}: routes match by each segment up to its first dot): keep one"
+                )
         if not self.callers and not _is_loopback(self.listen):
             raise ValueError(
                 f"refusing to listen on {self.listen} with no callers configured: "

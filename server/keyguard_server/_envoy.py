@@ -96,8 +96,8 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
         self._authorizer = authorizer
         self._config = config
         self._trusted_proxies = trusted_networks(config.envoy_trusted_proxies)
-        # Most specific first: longest prefix, then a named method before "*".
-        self._routes = sorted(config.envoy_routes, key=lambda r: (len(r.path_prefix), r.method != "*"), reverse=True)
+        # Most specific first: longest prefix as matched (route_key), then a named method before "*".
+        self._routes = sorted(config.envoy_routes, key=lambda r: (len(r.key), r.method != "*"), reverse=True)
 
     @maps_errors
     async def Check(

@@ -91,10 +91,12 @@ class SecretHasher:
     - Concurrent verifications of the same secret against the same hash are
       *coalesced*: one argon2 run, every asker gets its result (a restart
       does not turn 5 concurrent requests per bot into 5 runs).
-    - Jobs from client networks that have proven the key before go first;
-      then jobs wait in one queue per *share* (the key's account) and the
-      threads take the shares in turn, so one account's flood (its own keys,
-      many networks) delays other accounts by at most one turn each.
+    - Jobs from client networks that have proven the key before and jobs
+      from others take turns, so however many networks an attacker floods a
+      key from, its owner waits for about one run; within each class, jobs
+      wait in one queue per *share* (the key's account) and the threads take
+      the shares in turn, so one account's flood (its own keys, networks it
+      proved itself) delays other accounts by at most one turn each.
     - A job is refused at once (:class:`HasherBusy`) when its expected wait
       (jobs ahead of it in that order x the measured argon2 time / threads)
       is too long, or it could not finish before its caller's deadline,
@@ -119,6 +121,7 @@ class SecretHasher:
         self._max_pending_hashes = max_pending_hashes
         # proven? -> share -> its jobs, in turn order
         self._queues: dict[bool, OrderedDict[str, deque[_Job]]] = {True: OrderedDict(), False: OrderedDict()}
+        self._proven_next = True
         self._running = 0
         self._coalesce_key = secrets.token_bytes(32)
         self._in_flight: dict[tuple[str, bytes], asyncio.Future[bool]] = {}
@@ -178,8 +181,8 @@ class SecretHasher:
         ``max_queue_wait`` or not finish within ``time_left``.
 
         ``proven`` jobs (from a client network that has proven this key's credential before)
-        are served before all others: however many networks an attacker sends wrong secrets
-        from, they queue behind the key's owner, never ahead. A match is remembered in
+        and the others take turns: however many networks an attacker sends wrong secrets
+        from, the key's owner waits for about one of their runs, not all of them. A match is remembered in
         ``cache`` the moment argon2 finds it, before any asker resumes. Await the result
         through ``asyncio.shield``: one asker giving up must not cancel the others' answer.
         """
@@ -201,18 +204,23 @@ class SecretHasher:
         return result
 
     def _queue_wait(self, share: str, proven: bool) -> float:
-        """Seconds until a new job of ``share`` would start: every proven job goes first, then
-        the shares of its class take turns."""
+        """Seconds until a new job of ``share`` would start: the two classes take turns, and so
+        do the shares within a class."""
         queues = self._queues[proven]
         mine = len(queues.get(share, ()))
         ahead = mine + sum(min(len(q), mine + 1) for s, q in queues.items() if s != share)
-        if not proven:
-            ahead += sum(len(q) for q in self._queues[True].values())
+        ahead += min(ahead + 1, sum(len(q) for q in self._queues[not proven].values()))
         ahead += max(0, self._running - self._threads + 1)  # a free thread starts it now
         return ahead / self._threads * self._seconds
 
     def _dispatch(self) -> None:
-        while self._running < self._threads and (queues := self._queues[True] or self._queues[False]):
+        while self._running < self._threads and (self._queues[True] or self._queues[False]):
+            # The classes take turns while both wait: proven jobs never queue behind a flood of
+            # unproven ones, and no account's proven jobs (its own keys, its own networks) can
+            # keep every other account's first verifications waiting.
+            proven = self._proven_next if self._queues[self._proven_next] else not self._proven_next
+            self._proven_next = not proven
+            queues = self._queues[proven]
             share, queue = next(iter(queues.items()))
             job = queue.popleft()
             if queue:

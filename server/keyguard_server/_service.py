@@ -58,7 +58,7 @@ from keyguard_server._verify import IPV4_EMBEDDING, FailureLimiter, Verification
 log = logging.getLogger("keyguard.service")
 
 DEFAULT_AUDIT_PAGE = 50
-MAX_PROVEN_NETWORKS = 8  # per key: client networks whose verifications go first
+MAX_PROVEN_NETWORKS = 8  # per key: client networks whose verifications take turns with the rest
 NONCE_CLOCK_MARGIN_MS = 60_000  # how far replicas' clocks may disagree without a replay slipping through
 MAX_AUDIT_PAGE = 500
 MAX_ID = 2**63 - 1  # row ids are signed 64-bit in SQLite and PostgreSQL
@@ -412,7 +412,7 @@ class Authorizer:
         self._read_timeout = config.database_statement_timeout_seconds
         self._argon2_max_wait = config.argon2_max_wait_seconds
         # Client networks that proved a key's credential in this process (the database
-        # remembers the last one across restarts): their verifications go first.
+        # remembers the last one across restarts): their verifications take turns with all others.
         self._proven: OrderedDict[str, set[str]] = OrderedDict()
         self._max_proven = config.verify_cache_size
 
@@ -542,7 +542,7 @@ class Authorizer:
                     return None
                 if held:
                     break
-                await self._failures.settled(left)
+                await self._failures.settled(left, *buckets)
             try:
                 run = self._hasher.submit(
                     candidate,

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import ipaddress
 import secrets
@@ -82,7 +81,7 @@ class FailureLimiter:
         self._clock = clock
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, at)
         self._held: Counter[str] = Counter()
-        self._settled: list[asyncio.Future[None]] = []
+        self._settled: dict[str, list[asyncio.Future[None]]] = {}  # bucket -> who waits for it
 
     def _tokens(self, key: str, now: float) -> float:
         tokens, at = self._buckets.get(key, (self._burst, now))
@@ -108,10 +107,10 @@ class FailureLimiter:
                 del self._held[key]
         if failed:
             self.spend(*keys)
-        for waiter in self._settled:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._settled.clear()
+        for key in keys:  # wakes only who waits for these buckets
+            for waiter in self._settled.pop(key, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def refund(self, *keys: str) -> None:
         """Gives back a token a failure spent, once the failure turned out not to be one."""
@@ -132,12 +131,19 @@ class FailureLimiter:
             self._buckets.popitem(last=False)
         return not empty
 
-    async def settled(self, within: float) -> None:
-        """Returns when some held attempt settles, or after ``within`` seconds."""
+    async def settled(self, within: float, *keys: str) -> None:
+        """Returns when an attempt holding one of these buckets settles, or after ``within``."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._settled.append(waiter)
-        with contextlib.suppress(TimeoutError):
+        for key in keys:
+            self._settled.setdefault(key, []).append(waiter)
+        try:
             await asyncio.wait_for(waiter, within)
+        except TimeoutError:
+            for key in keys:  # nobody released these meanwhile: leave no waiter behind
+                if waiter in (waiting := self._settled.get(key, [])):
+                    waiting.remove(waiter)
+                    if not waiting:
+                        del self._settled[key]
 
 
 # IPv6 prefixes that carry an IPv4 address in their last 32 bits (NAT64, RFC 6052 and
