@@ -140,7 +140,8 @@ def test_prefixes_match_whole_segments_in_any_case(check: Check, client: Client,
     for path in ("/sapi/v1/Withdraw", "/SAPI/V1/WITHDRAW", "/sapi/v1/withdraw/", "/sapi/v1/withdraw/apply"):
         answer = check("POST", path, {**secret(reader), "x-withdraw-asset": "BTC", "x-withdraw-address": "bc1q"})
         assert (answer.status, answer.body["error"]) == (403, "PERMISSION_DENIED"), path
-    for path in ("/sapi/v1/withdraw.json", "/sapi/v1/Withdraw.xml/apply"):  # suffix-matching frameworks
+    # Suffix-matching frameworks, and Struts-style "action!method".
+    for path in ("/sapi/v1/withdraw.json", "/sapi/v1/Withdraw.xml/apply", "/sapi/v1/withdraw!execute"):
         answer = check("POST", path, {**secret(reader), "x-withdraw-asset": "BTC", "x-withdraw-address": "bc1q"})
         assert (answer.status, answer.body["error"]) == (403, "PERMISSION_DENIED"), path
     answer = check("GET", "/api/v3/accountTransfer", secret(reader))  # not below /api/v3/account

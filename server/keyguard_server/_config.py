@@ -65,11 +65,15 @@ CANONICAL_PATH_RULE = (
 )
 
 
+_SUFFIX = re.compile(r"[.!].*")
+
+
 def route_key(path: str) -> str:
     """What a route matches a canonical path by: lower case (an upstream may route
-    "/Withdraw" to "/withdraw"), and each segment up to its first dot (frameworks that
-    match suffixes serve "/withdraw.json" as "/withdraw")."""
-    return "/".join(segment.partition(".")[0] for segment in path.lower().split("/"))
+    "/Withdraw" to "/withdraw"), and each segment up to its first dot or "!" (frameworks
+    that match suffixes serve "/withdraw.json" as "/withdraw", and Struts-style ones run
+    "/withdraw!execute" as the withdraw action)."""
+    return "/".join(_SUFFIX.sub("", segment) for segment in path.lower().split("/"))
 
 
 @dataclasses.dataclass(frozen=True)
