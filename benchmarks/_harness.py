@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 KEYGUARD = str(Path(sys.executable).parent / "keyguard")
@@ -42,6 +43,17 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Measured:
+    """What every h2load row reports; scripts add their own CPU columns."""
+
+    name: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    failed: int
 
 
 class KeyguardProcess:

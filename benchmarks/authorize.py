@@ -56,7 +56,7 @@ from typing import Any
 import grpc
 import psycopg2
 
-from _harness import KeyguardProcess, cpu_seconds, ensure_h2load, grpc_frame, pinned
+from _harness import KeyguardProcess, Measured, cpu_seconds, ensure_h2load, grpc_frame, pinned
 from keyguard import Aborted, Client, CreatedKey, Decision, KeyguardError
 from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard.v1 import keyguard_pb2 as pb
@@ -70,12 +70,7 @@ WRITE_STEPS = 6  # per account: disable, enable, add address, remove it, managem
 
 
 @dataclass
-class Result:
-    name: str
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    failed: int
+class Result(Measured):
     cpu_us: float  # server CPU time per request (single-worker rows), steadier than req/s on a noisy VM
     pg_cpu_us: float | None = None  # PostgreSQL backends' CPU time per request
 

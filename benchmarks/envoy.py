@@ -74,7 +74,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from _harness import KeyguardProcess, grpc_frame, pinned
+from _harness import KeyguardProcess, Measured, grpc_frame, pinned
 from keyguard import Aborted, Client, CreatedKey
 
 BIN = Path(sys.executable).parent
@@ -399,12 +399,7 @@ def check_envoy(envoy: Envoy, headers: dict[str, str], filtered: bool) -> None:
 
 
 @dataclass
-class Result:
-    name: str
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    failed: int  # not 2xx, or not answered
+class Result(Measured):  # failed: not 2xx, or not answered
     requests: int  # measured (summed over the rounds in a median result)
     envoy_us: float | None = None  # Envoy CPU (user+system) per request
     envoy_sys_us: float | None = None
