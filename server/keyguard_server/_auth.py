@@ -152,7 +152,7 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         service = method.split("/")[1] if "/" in method else ""
         if handler is None or service in OPEN_SERVICES:
             return handler
-        guarded = self._guarded[method] = _guarded(method, handler, lambda context: self._admit(service, context))
+        guarded = self._guarded[method] = _guarded(method, handler, functools.partial(self._admit, service))
         return guarded
 
     def _admit(self, service: str, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[grpc.StatusCode, str] | str:
@@ -214,26 +214,24 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler[Any, Any], admit: Admit
     messages are timed one by one where they are answered (_stream), not the stream as a whole.
     """
     deserialize = _lenient(handler.request_deserializer)
-    latency = RPC_SECONDS.labels(method)
-
-    async def enter(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        verdict = admit(context)
-        if isinstance(verdict, tuple):
-            await context.abort(*verdict)
-        if isinstance(request, _Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {request.error}")
-        _caller.set(str(verdict))
+    observe = RPC_SECONDS.labels(method).observe
+    perf_counter = time.perf_counter
 
     if handler.unary_unary is not None:
         inner_uu: Any = handler.unary_unary  # typeshed types behaviours as sync
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            started = time.perf_counter()
+            started = perf_counter()
             try:
-                await enter(request, context)
+                verdict = admit(context)
+                if isinstance(verdict, tuple):
+                    await context.abort(*verdict)
+                if isinstance(request, _Malformed):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {request.error}")
+                _caller.set(verdict)
                 return await inner_uu(request, context)
             finally:
-                latency.observe(time.perf_counter() - started)
+                observe(perf_counter() - started)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, handler.response_serializer)
     if handler.stream_stream is not None and inspect.isasyncgenfunction(handler.stream_stream):
@@ -246,7 +244,7 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler[Any, Any], admit: Admit
             verdict = admit(context)
             if isinstance(verdict, tuple):
                 await context.abort(*verdict)
-            _caller.set(str(verdict))
+            _caller.set(verdict)
             try:
                 async with contextlib.aclosing(inner_ss(_messages(context), context)) as responses:
                     async for response in responses:

@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from datetime import datetime
-from typing import Any
+from typing import Any, ParamSpec
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -48,14 +48,14 @@ from keyguard_server._store import AuthRow, Store, now_us
 from keyguard_server._validation import (
     ACCESS_KEY_RE,
     IPAddress,
-    IPNetwork,
     Violations,
+    client_address,
     ed25519_public_key,
-    parse_allowed_ip,
 )
 from keyguard_server._verify import IPV4_EMBEDDING, FailureLimiter, VerificationCache, client_network
 
 log = logging.getLogger("keyguard.service")
+P = ParamSpec("P")
 
 DEFAULT_AUDIT_PAGE = 50
 MAX_PROVEN_NETWORKS = 8  # per key: client networks whose verifications take turns with the rest
@@ -353,10 +353,10 @@ class UsageRecorder:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._pending: dict[str, tuple[int, str]] = {}
+        self._pending: dict[str, tuple[int, IPAddress]] = {}
 
     def record(self, access_key: str, ip: IPAddress) -> None:
-        self._pending[access_key] = (now_us(), str(ip))
+        self._pending[access_key] = (now_us(), ip)
 
     async def flush(self) -> int:
         """Writes what was recorded since the last flush, in one transaction (off the loop)."""
@@ -364,7 +364,7 @@ class UsageRecorder:
             return 0
         batch, self._pending = self._pending, {}
         try:
-            await self._store.record_last_used(batch)
+            await self._store.record_last_used({key: (at_us, str(ip)) for key, (at_us, ip) in batch.items()})
         except BaseException:
             # Not lost: merged back (newer uses win) for the next flush to retry.
             for access_key, used in batch.items():
@@ -378,12 +378,12 @@ _DECISION_COUNTERS = {decision: DECISIONS.labels(decision.name) for decision in 
 
 
 def _counted(
-    decide: Callable[..., Coroutine[Any, Any, AuthorizeResult]],
-) -> Callable[..., Coroutine[Any, Any, AuthorizeResult]]:
+    decide: Callable[P, Coroutine[Any, Any, AuthorizeResult]],
+) -> Callable[P, Coroutine[Any, Any, AuthorizeResult]]:
     """Counts every decision (gRPC Authorize and Envoy Check alike) for the metrics."""
 
     @functools.wraps(decide)
-    async def counted(*args: Any, **kwargs: Any) -> AuthorizeResult:
+    async def counted(*args: P.args, **kwargs: P.kwargs) -> AuthorizeResult:
         result = await decide(*args, **kwargs)
         _DECISION_COUNTERS[result.decision].inc()
         return result
@@ -437,25 +437,22 @@ class Authorizer:
         :class:`keyguard.Unavailable` when the key's row cannot be read in time
         (the gateway then fails closed); the read gives up before the deadline.
         """
-        v = Violations()
-        if not access_key:
-            v.add("access_key", "is required")
-        ip = v.client_ip(client_ip)
-        level = v.permission(required, "required_permission")
-        if level is Permission.WITHDRAW and destination is None:
-            v.add("destination", "is required when required_permission is WITHDRAW")
-        elif level is not Permission.WITHDRAW and destination is not None:
-            v.add("destination", "is only allowed when required_permission is WITHDRAW")
-        if destination is not None:
-            destination = WithdrawalDestination(
-                v.asset(destination.asset, "destination.asset"),
-                v.address(destination.address, "destination.address"),
-                v.memo(destination.memo, "destination.memo"),
-            )
-        if signed is not None:
-            v.signed_request(signed)
-        v.raise_if_any()
-        assert ip is not None
+        level = _PERMISSIONS.get(required)
+        try:
+            ip: IPAddress | None = client_address(client_ip)
+        except ValueError:
+            ip = None
+        if (
+            ip is None
+            or level is None
+            or level is Permission.WITHDRAW
+            or not access_key
+            or destination is not None
+            or signed is not None
+        ):
+            # Anything but the common shape (a secret key's READ or TRADE request) is
+            # validated in full, with every violation named.
+            ip, level, destination = _validated(access_key, client_ip, required, destination, signed)
 
         if not ACCESS_KEY_RE.fullmatch(access_key):
             return _deny(Decision.UNKNOWN_KEY)
@@ -624,11 +621,8 @@ class Authorizer:
         destination: WithdrawalDestination | None,
         deadline: float,
     ) -> AuthorizeResult:
-        def answer(decision: Decision) -> AuthorizeResult:
-            return AuthorizeResult(decision is Decision.ALLOW, decision, row.account_id, row.name, row.permission)
-
         if row.permission < required:
-            return answer(Decision.PERMISSION_DENIED)
+            return AuthorizeResult(False, Decision.PERMISSION_DENIED, row.account_id, row.name, row.permission)
         if (
             destination is not None
             and row.address_management
@@ -636,13 +630,49 @@ class Authorizer:
                 row.account_id, destination.asset, destination.address, destination.memo, self._read_budget(deadline)
             )
         ):
-            return answer(Decision.ADDRESS_NOT_WHITELISTED)
+            return AuthorizeResult(False, Decision.ADDRESS_NOT_WHITELISTED, row.account_id, row.name, row.permission)
         self.usage.record(access_key, ip)
-        return answer(Decision.ALLOW)
+        return row.allow
+
+
+_PERMISSIONS = {int(level): level for level in Permission}
+_DENIALS = {decision: AuthorizeResult(False, decision) for decision in Decision}
 
 
 def _deny(decision: Decision) -> AuthorizeResult:
-    return AuthorizeResult(False, decision)
+    """A refusal before the caller proved it holds the key: no identity in it."""
+    return _DENIALS[decision]
+
+
+def _validated(
+    access_key: str,
+    client_ip: str,
+    required: int,
+    destination: WithdrawalDestination | None,
+    signed: SignedRequest | None,
+) -> tuple[IPAddress, Permission, WithdrawalDestination | None]:
+    """An Authorize request's client address, permission and normalised destination;
+    :class:`InvalidArgument` naming every malformed field."""
+    v = Violations()
+    if not access_key:
+        v.add("access_key", "is required")
+    ip = v.client_ip(client_ip)
+    level = v.permission(required, "required_permission")
+    if level is Permission.WITHDRAW and destination is None:
+        v.add("destination", "is required when required_permission is WITHDRAW")
+    elif level is not Permission.WITHDRAW and destination is not None:
+        v.add("destination", "is only allowed when required_permission is WITHDRAW")
+    if destination is not None:
+        destination = WithdrawalDestination(
+            v.asset(destination.asset, "destination.asset"),
+            v.address(destination.address, "destination.address"),
+            v.memo(destination.memo, "destination.memo"),
+        )
+    if signed is not None:
+        v.signed_request(signed)
+    v.raise_if_any()
+    assert ip is not None
+    return ip, level, destination
 
 
 def _state_refusal(row: AuthRow, ip: IPAddress, now: int) -> AuthorizeResult | None:
@@ -651,24 +681,12 @@ def _state_refusal(row: AuthRow, ip: IPAddress, now: int) -> AuthorizeResult | N
         return _deny(Decision.KEY_DISABLED)
     if row.expires_at_us is not None and now >= row.expires_at_us:
         return _deny(Decision.KEY_EXPIRED)
-    if not _ip_allowed(ip, row.allowed_ips):
+    if not row.admits(ip):
         return _deny(Decision.IP_NOT_ALLOWED)
     return None
-
-
-def _ip_allowed(ip: IPAddress, allowed_ips: str) -> bool:
-    if not allowed_ips:
-        return True
-    return any(ip in net for net in _networks(allowed_ips))
 
 
 @functools.lru_cache(maxsize=4096)
 def _public_key(pem: str) -> Ed25519PublicKey:
     """Parsed public keys, cached by their stored PEM."""
     return signing.load_public_key(pem)
-
-
-@functools.lru_cache(maxsize=4096)
-def _networks(allowed_ips: str) -> tuple[IPNetwork, ...]:
-    """Parsed allowlists, cached by their stored text (stored text is already valid)."""
-    return tuple(ipaddress.ip_network(parse_allowed_ip(entry)) for entry in allowed_ips.split())

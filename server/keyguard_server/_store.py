@@ -48,13 +48,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import json
+import sqlite3
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -69,6 +71,8 @@ from keyguard import (
     ApiKey,
     AuditAction,
     AuditEvent,
+    AuthorizeResult,
+    Decision,
     KeyType,
     LimitExceeded,
     NotFound,
@@ -77,12 +81,15 @@ from keyguard import (
     WithdrawalAddress,
 )
 from keyguard_server._schema import MODELS, AccountModel, AddressModel, AuditModel, KeyModel, NonceModel, migrate
+from keyguard_server._validation import IPAddress, IPNetwork, parse_allowed_ip
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 # Replicas starting together wait for the one that migrates.
 MIGRATION_TIMEOUT = 120.0
+# Distinct key rows whose derived state (AuthRow) is kept; all are dropped when full.
+MAX_MEMOISED_ROWS = 20_000
 # PostgreSQL SQLSTATEs: lock_timeout and statement_timeout expired.
 _LOCK_NOT_AVAILABLE = "55P03"
 _QUERY_CANCELED = "57014"
@@ -92,7 +99,11 @@ _READ_ONLY = "25006"  # a primary turned standby (failover): a new connection fi
 
 @dataclass(frozen=True)
 class AuthRow:
-    """What Authorize needs about a key, read in one point lookup."""
+    """What Authorize needs about a key, read in one point lookup.
+
+    Built once per distinct row value (:meth:`Store.auth_lookup` memoises them), so what is
+    derived from the row alone (its parsed allowlist, its ALLOW answer) is derived once too.
+    """
 
     account_id: str
     name: str
@@ -110,6 +121,16 @@ class AuthRow:
     previous_public_key: str
     # Where the key was last used from (as last flushed): that network has proven the credential.
     last_used_ip: str = ""
+    # Derived from the fields above, once per row value.
+    networks: tuple[IPNetwork, ...] = field(init=False, repr=False, compare=False)
+    allow: AuthorizeResult = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        networks = tuple(ipaddress.ip_network(parse_allowed_ip(entry)) for entry in self.allowed_ips.split())
+        object.__setattr__(self, "networks", networks)
+        object.__setattr__(
+            self, "allow", AuthorizeResult(True, Decision.ALLOW, self.account_id, self.name, self.permission)
+        )
 
     def in_grace(self, now: int) -> bool:
         """Whether the rotated-out credential is still accepted."""
@@ -124,6 +145,10 @@ class AuthRow:
             and self.previous_valid_until_us is not None
             and now < self.previous_valid_until_us
         )
+
+    def admits(self, ip: IPAddress) -> bool:
+        """Whether the allowlist admits ``ip`` (an empty list admits every address)."""
+        return not self.networks or any(ip in network for network in self.networks)
 
 
 def now_us() -> int:
@@ -649,90 +674,217 @@ class _Queries:
         ]
 
 
-class _LookupBatcher:
-    """Authorize's key lookups on PostgreSQL, batched: one thread with one connection runs every
-    lookup waiting when it comes round in one statement (``access_key = ANY(...)``).
+class _LoopLookups:
+    """Authorize's key lookups on PostgreSQL, made by the event loop itself: psycopg2's
+    asynchronous mode on one connection whose socket the loop watches, every lookup waiting when
+    the connection is free sent in one statement (``access_key = ANY(...)``, prepared once per
+    connection).
 
-    A lookup per thread hop costs ~40 µs of keyguard CPU for the hop and a
-    round trip each; under load, lookups arrive faster than a round trip, so
-    they wait in a queue and share the next one, and the loop is woken once
-    per batch. Each lookup still reads the row as it is after it arrived, so
-    a delete on any replica holds on the very next call. A stalled database
-    stalls the batches; every waiter gives up at its own deadline.
+    No thread is involved, so a lookup costs no thread hop, no GIL hand-over and no wake-up of
+    the loop from outside: sending a query and reading its answer are a non-blocking ``send`` and
+    ``recv`` on the loop, which never waits for them. While one statement is on its way, the
+    lookups arriving meanwhile queue and share the next, so under load a round trip serves many.
+    Each lookup still reads the row as it is after it arrived: a delete on any replica holds on
+    the very next call.
+
+    Every waiter gives up at its own deadline (``Unavailable``). A connection that fails is
+    replaced at once and its statement sent again once (reads are safe to repeat); one that
+    stops answering (a partition) is abandoned after the statement timeout and replaced.
     """
 
     MAX_BATCH = 256
     MAX_WAITING = 10_000
+    RECONNECT_PAUSE = 0.2  # after a failed connect, lookups fail at once for this long
 
-    def __init__(self, db: pw.Database) -> None:
-        self._db = db
-        self._waiting: deque[tuple[str, asyncio.Future[tuple[Any, ...] | None]]] = deque()
-        self._wake = threading.Event()
-        self._closed = False
-        self._sql = ""
+    def __init__(self, db: pw.Database, sql: str, settings: DatabaseSettings) -> None:
+        self._connect_args: dict[str, Any] = {"database": db.database, **db.connect_params}
+        self._prepare = f"PREPARE keyguard_lookup(text[]) AS {sql.replace('%s', '$1')}"
+        self._connect_timeout = settings.connect_timeout
+        self._answer_timeout = settings.statement_timeout + 1.0  # the server's own timeout, then ours
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread = threading.Thread(target=self._serve, name="db-lookups", daemon=True)
-        self._connection: Any = None
-        self._prepared_on: Any = None  # the connection the lookup is prepared on (planned once, not per batch)
+        self._waiting: deque[_Lookup] = deque()
+        self._batch: list[_Lookup] = []
+        self._conn: Any = None
+        self._cursor: Any = None
+        self._fd = -1
+        self._writing = False
+        self._state = "down"  # down, connecting, preparing, ready, busy
+        self._stall: asyncio.TimerHandle | None = None
+        self._down_until = 0.0
+        self._closed = False
 
-    async def lookup(self, sql: str, access_key: str, within: float) -> tuple[Any, ...] | None:
+    async def lookup(self, access_key: str, within: float) -> tuple[Any, ...] | None:
         """The key's row (its columns before the access key), or None; ``Unavailable`` after ``within``."""
-        if self._loop is None:
-            self._sql, self._loop = sql, asyncio.get_running_loop()
-            self._thread.start()
+        loop = self._loop = self._loop or asyncio.get_running_loop()
+        if self._closed:
+            raise Unavailable("the server is shutting down")
         if len(self._waiting) >= self.MAX_WAITING:
             raise Unavailable("too many key lookups are waiting for the database")
-        answer: asyncio.Future[tuple[Any, ...] | None] = self._loop.create_future()
-        self._waiting.append((access_key, answer))
-        self._wake.set()
+        answer: asyncio.Future[tuple[Any, ...] | None] = loop.create_future()
+        self._waiting.append(_Lookup(access_key, answer))
+        if self._state == "ready":
+            self._send()
+        elif self._state == "down":
+            self._connect()
+        timer = loop.call_later(within, _expire, answer, within)
         try:
-            return await asyncio.wait_for(answer, within)
-        except TimeoutError:
-            raise Unavailable(f"the database did not answer within {within:g} s") from None
+            return await answer
+        finally:
+            timer.cancel()
 
-    def _serve(self) -> None:
+    # -- the connection's life, driven by its socket's readiness ------------------------
+
+    def _connect(self) -> None:
+        if time.monotonic() < self._down_until:
+            self._fail_waiting(Unavailable("the database is unreachable"))
+            return
+        try:
+            self._conn = psycopg2.connect(**self._connect_args, async_=True)
+        except psycopg2.Error:
+            self._down_until = time.monotonic() + self.RECONNECT_PAUSE
+            self._fail_waiting(Unavailable("the database is unreachable"))
+            return
         assert self._loop is not None
-        while not self._closed:
-            self._wake.wait()
-            self._wake.clear()
-            while self._waiting and not self._closed:
-                batch = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.MAX_BATCH))]
-                batch = [(key, answer) for key, answer in batch if not answer.done()]
-                if not batch:
-                    continue
-                try:
-                    rows: dict[str, tuple[Any, ...]] | BaseException = self._fetch(sorted({k for k, _ in batch}))
-                except Exception as exc:
-                    rows = exc
-                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
-                    self._loop.call_soon_threadsafe(_answer, batch, rows)
+        self._fd = self._conn.fileno()
+        self._state = "connecting"
+        self._writing = False
+        self._loop.add_reader(self._fd, self._on_io)
+        self._stall = self._loop.call_later(self._connect_timeout, self._stalled)
+        self._on_io()
 
-    def _fetch(self, keys: list[str]) -> dict[str, tuple[Any, ...]]:
-        def run() -> dict[str, tuple[Any, ...]]:
-            connection = _connection(self._db)
-            if connection is not self._prepared_on:  # a new connection: prepare the lookup once on it
-                _execute(self._db, f"PREPARE keyguard_lookup(text[]) AS {self._sql.replace('%s', '$1')}")
-                self._prepared_on = connection
-            return {row[-1]: row[:-1] for row in _execute(self._db, "EXECUTE keyguard_lookup(%s)", (keys,)).fetchall()}
-
+    def _on_io(self) -> None:
+        """The socket is ready (or a statement was just sent): let psycopg2 move on."""
         try:
-            result = _mapped(run)
-        except _ConnectionLost:  # replaced once, as on the database threads (reads are safe to retry)
-            _discard_connection(self._db)
-            try:
-                result = _mapped(run)
-            except _ConnectionLost as lost:
-                _discard_connection(self._db)
-                raise Unavailable("the database is unreachable") from lost.__cause__
-        self._connection = _connection(self._db)
-        return result
+            status = self._conn.poll()
+        except psycopg2.Error as exc:
+            self._failed(exc)
+            return
+        if status == psycopg2.extensions.POLL_OK:
+            self._watch_writes(False)
+            self._completed()
+        else:
+            self._watch_writes(status == psycopg2.extensions.POLL_WRITE)
+
+    def _watch_writes(self, writing: bool) -> None:
+        assert self._loop is not None
+        if writing != self._writing:
+            self._writing = writing
+            if writing:
+                self._loop.add_writer(self._fd, self._on_io)
+            else:
+                self._loop.remove_writer(self._fd)
+
+    def _completed(self) -> None:
+        if self._state == "connecting":
+            self._cursor = self._conn.cursor()
+            self._state = "preparing"
+            self._cursor.execute(self._prepare)
+            self._on_io()
+        elif self._state == "preparing":
+            self._stop_stall_timer()
+            self._state = "ready"
+            self._send()
+        elif self._state == "busy":
+            self._stop_stall_timer()
+            rows = {row[-1]: row[:-1] for row in self._cursor.fetchall()}
+            batch, self._batch = self._batch, []
+            self._state = "ready"
+            for waiter in batch:
+                if not waiter.answer.done():
+                    waiter.answer.set_result(rows.get(waiter.access_key))
+            self._send()
+        # "ready": the idle connection's socket was readable and nothing was wrong with it.
+
+    def _send(self) -> None:
+        batch: list[_Lookup] = []
+        while self._waiting and len(batch) < self.MAX_BATCH:
+            waiter = self._waiting.popleft()
+            if not waiter.answer.done():
+                batch.append(waiter)
+        if not batch:
+            return
+        assert self._loop is not None
+        self._batch, self._state = batch, "busy"
+        self._stall = self._loop.call_later(self._answer_timeout, self._stalled)
+        try:
+            self._cursor.execute("EXECUTE keyguard_lookup(%s)", (sorted({w.access_key for w in batch}),))
+        except psycopg2.Error as exc:
+            self._failed(exc)
+            return
+        self._on_io()
+
+    def _failed(self, exc: psycopg2.Error) -> None:
+        if self._conn is not None and not self._conn.closed and exc.pgcode == _QUERY_CANCELED:
+            self._stop_stall_timer()  # the server's statement timeout: the connection is fine
+            batch, self._batch = self._batch, []
+            self._state = "ready"
+            _fail(batch, Unavailable("the database did not answer in time (statement timeout)"))
+            self._send()
+            return
+        self._reconnect(retry=True)
+
+    def _stalled(self) -> None:
+        """No answer within the timeout: a partition or a stuck server. Abandon the connection."""
+        self._stall = None
+        self._reconnect(retry=False)
+
+    def _reconnect(self, *, retry: bool) -> None:
+        """Drops the connection; its statement's lookups are sent again on a new one (once)."""
+        self._drop_connection()
+        batch, self._batch = self._batch, []
+        again = [w for w in batch if not w.retried and not w.answer.done()] if retry else []
+        _fail([w for w in batch if w not in again], Unavailable("the database is unreachable"))
+        for waiter in reversed(again):
+            waiter.retried = True
+            self._waiting.appendleft(waiter)
+        if self._waiting and not self._closed:
+            self._connect()
+
+    def _drop_connection(self) -> None:
+        self._stop_stall_timer()
+        if self._loop is not None and self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            self._loop.remove_writer(self._fd)
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+        self._conn = self._cursor = None
+        self._fd, self._writing, self._state = -1, False, "down"
+
+    def _stop_stall_timer(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _fail_waiting(self, exc: Unavailable) -> None:
+        waiting, self._waiting = list(self._waiting), deque()
+        _fail(waiting, exc)
 
     def close(self) -> None:
+        """Closes the connection (on the loop); lookups still waiting fail with ``Unavailable``."""
         self._closed = True
-        self._wake.set()
-        if self._connection is not None:
-            with contextlib.suppress(Exception):
-                self._connection.close()
+        batch, self._batch = self._batch, []
+        self._drop_connection()
+        _fail(batch, Unavailable("the server is shutting down"))
+        self._fail_waiting(Unavailable("the server is shutting down"))
+
+
+@dataclass(eq=False)
+class _Lookup:
+    access_key: str
+    answer: asyncio.Future[tuple[Any, ...] | None]
+    retried: bool = False
+
+
+def _expire(answer: asyncio.Future[Any], within: float) -> None:
+    if not answer.done():
+        answer.set_exception(Unavailable(f"the database did not answer within {within:g} s"))
+
+
+def _fail(waiters: list[_Lookup], exc: Unavailable) -> None:
+    for waiter in waiters:
+        if not waiter.answer.done():
+            waiter.answer.set_exception(exc)
 
 
 @contextlib.contextmanager
@@ -743,18 +895,6 @@ def _unavailable_when_locked() -> Iterator[None]:
         yield
     except Aborted as exc:
         raise Unavailable(exc.message) from None
-
-
-def _answer(
-    batch: list[tuple[str, asyncio.Future[tuple[Any, ...] | None]]], rows: dict[str, tuple[Any, ...]] | BaseException
-) -> None:
-    for key, answer in batch:
-        if answer.done():
-            continue
-        if isinstance(rows, BaseException):
-            answer.set_exception(rows)
-        else:
-            answer.set_result(rows.get(key))
 
 
 Query = Callable[Concatenate["_Queries", P], T]
@@ -799,8 +939,10 @@ class Store:
         self._nonce_db = open_database(settings, role="nonces")
         self._nonces = _DatabaseThreads(self._nonce_db, "db-nonce", 1, changes=True)
         self._inline = open_database(settings, role="inline") if settings.is_sqlite else None
+        self._inline_connection: Any = None  # the loop thread's sqlite3 connection, used without peewee
+        self._rows: dict[tuple[Any, ...], AuthRow] = {}
         self._q = _Queries(self.db)
-        self._lookups = None if settings.is_sqlite else _LookupBatcher(open_database(settings, role="lookups"))
+        self._lookups: _LoopLookups | None = None  # PostgreSQL: made once the lookup's SQL is built
         self._timeout = settings.call_timeout
 
     @classmethod
@@ -808,6 +950,11 @@ class Store:
         store = cls(settings)
         try:
             await store._writes.call(MIGRATION_TIMEOUT, store._migrate)
+            if store._inline is not None:  # opened now, before serving, not by the first Authorize
+                store._inline_connection = _connection(store._inline)
+            else:
+                lookups_db = open_database(settings, role="lookups")
+                store._lookups = _LoopLookups(lookups_db, store._q.auth_many_sql, settings)
         except BaseException:
             await store.close()
             raise
@@ -819,7 +966,10 @@ class Store:
 
     async def close(self) -> None:
         """Closes every connection; a database that is already gone is not an error here."""
+        if self._lookups is not None:
+            self._lookups.close()
         if self._inline is not None:
+            self._inline_connection = None
             with contextlib.suppress(pw.DatabaseError):
                 self._inline.close()
         # A connection busy in a stalled statement can block close(): never on the loop.
@@ -830,15 +980,13 @@ class Store:
     def _close_threads(self) -> None:
         for threads in (self._reads, self._writes, self._nonces):
             threads.close()
-        if self._lookups is not None:
-            self._lookups.close()
 
     async def ping(self, within: float) -> bool:
         """Whether the database answers within ``within`` seconds, on the connections Authorize
         uses too (on PostgreSQL: through the lookup batcher, so health sees what bots see)."""
         checks: list[Coroutine[Any, Any, object]] = [self._reads.call(within, self._q.ping)]
         if self._lookups is not None:
-            checks.append(self._lookups.lookup(self._q.auth_many_sql, "", within))
+            checks.append(self._lookups.lookup("", within))
         try:
             await asyncio.gather(*checks)
         except (Unavailable, Aborted, pw.DatabaseError):
@@ -850,39 +998,33 @@ class Store:
     async def _read_one(self, sql: str, params: tuple[object, ...], within: float) -> tuple[Any, ...] | None:
         if self._inline is not None:
             try:
-                row: tuple[Any, ...] | None = _execute(self._inline, sql, params).fetchone()
+                if self._inline_connection is None:  # peewee's connections are per thread: the loop's own
+                    self._inline_connection = _connection(self._inline)
+                row: tuple[Any, ...] | None = self._inline_connection.execute(sql, params).fetchone()
                 return row
-            except pw.OperationalError:
+            except sqlite3.OperationalError:
                 pass  # SQLite asks to wait (e.g. WAL recovery): wait on a database thread instead
         return await self._reads.call(within, self._q.fetch_one, sql, params)
 
     async def auth_lookup(self, access_key: str, within: float) -> AuthRow | None:
         """The key's current state, read within ``within`` seconds (else ``Unavailable``)."""
-        with _unavailable_when_locked():
+        try:
             if self._lookups is not None:
-                row = await self._lookups.lookup(self._q.auth_many_sql, access_key, within)
+                row = await self._lookups.lookup(access_key, within)
             else:
                 row = await self._read_one(self._q.auth_sql, (access_key,), within)
+        except Aborted as exc:  # a lock Authorize cannot get in time: the database is unavailable to it
+            raise Unavailable(exc.message) from None
         if row is None:
             return None
-        (account_id, name, permission, allowed_ips, secret_hash, address_management, enabled, expires, prev, until,
-         key_type, public_key, previous_public_key, last_used_ip) = row  # fmt: skip
-        return AuthRow(
-            account_id,
-            name,
-            Permission(permission),
-            allowed_ips,
-            secret_hash,
-            bool(address_management),
-            bool(enabled),
-            expires,
-            prev,
-            until,
-            KeyType(key_type),
-            public_key,
-            previous_public_key,
-            last_used_ip,
-        )
+        # The row is read on every call; only what follows from its value alone is kept, keyed
+        # by that whole value, so a changed row (any column) is a new entry, never a stale one.
+        known = self._rows.get(row)
+        if known is None:
+            if len(self._rows) >= MAX_MEMOISED_ROWS:
+                self._rows.clear()
+            known = self._rows[row] = _auth_row(row)
+        return known
 
     async def is_whitelisted(self, account_id: str, asset: str, address: str, memo: str, within: float) -> bool:
         params = (account_id, asset, address, memo)
@@ -933,6 +1075,27 @@ class Store:
     account_settings = _on_reads(_Queries.account_settings)
     list_addresses = _on_reads(_Queries.list_addresses)
     audit_events = _on_reads(_Queries.audit_events)
+
+
+def _auth_row(row: tuple[Any, ...]) -> AuthRow:
+    (account_id, name, permission, allowed_ips, secret_hash, address_management, enabled, expires, prev, until,
+     key_type, public_key, previous_public_key, last_used_ip) = row  # fmt: skip
+    return AuthRow(
+        account_id,
+        name,
+        Permission(permission),
+        allowed_ips,
+        secret_hash,
+        bool(address_management),
+        bool(enabled),
+        expires,
+        prev,
+        until,
+        KeyType(key_type),
+        public_key,
+        previous_public_key,
+        last_used_ip,
+    )
 
 
 def _key_row(key: Any) -> ApiKey:

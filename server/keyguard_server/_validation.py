@@ -148,7 +148,7 @@ class Violations:
             self.add(field, "is required")
             return None
         try:
-            return _client_address(value)
+            return client_address(value)
         except ValueError:
             self.add(field, f"{_clip(value)!r} is not an IPv4 or IPv6 address")
             return None
@@ -253,7 +253,7 @@ def _clip(value: str, limit: int = 60) -> str:
 
 
 @functools.lru_cache(maxsize=65536)
-def _client_address(value: str) -> IPAddress:
+def client_address(value: str) -> IPAddress:
     """Parsed client addresses: the same bots send from the same few addresses on every call,
     and parsing costs more than the rest of an IP check. ValueError if not an address."""
     return plain_address(ipaddress.ip_address(value))
