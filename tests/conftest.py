@@ -171,9 +171,11 @@ def server(launch: StartServer) -> Iterator[RunningServer]:
 
     Its failure limits are wide: they are per client IP, and unrelated tests
     sharing one IP must not rate-limit each other (the limits have tests of
-    their own, on servers of their own).
+    their own, on servers of their own). Whitelisted addresses and address
+    management off take effect at once here: the holds have tests of their
+    own (tests/test_protections.py).
     """
-    running = launch(failure_burst=100_000)
+    running = launch(failure_burst=100_000, address_hold_seconds=0)
     yield running
     running.stop()
 

@@ -13,7 +13,7 @@ import pytest
 from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from keyguard import Client, Unauthenticated
+from keyguard import Client, PermissionDenied, Unauthenticated
 from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard_server import Config
@@ -36,6 +36,8 @@ METHODS = [(name, method) for name, service in SERVICES.items() for method in se
 DENIED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 AUTHORIZATION = {"keyguard.v1.Authorization", "envoy.service.auth.v3.Authorization"}
 MANAGEMENT = {"keyguard.v1.KeyManagement"}
+# Narrower than their service: admins only (freezing stops every bot of an account).
+ADMIN_ONLY = {("keyguard.v1.KeyManagement", "FreezeAccount"), ("keyguard.v1.KeyManagement", "UnfreezeAccount")}
 
 
 def status_of(channel: grpc.Channel, service: str, method: str, metadata: tuple[tuple[str, str], ...]) -> Any:
@@ -86,14 +88,17 @@ CREDENTIALS = {
 @pytest.mark.parametrize("who", list(CREDENTIALS))
 def test_role_matrix_plaintext(channel: grpc.Channel, who: str, service: str, method: str) -> None:
     metadata, allowed = CREDENTIALS[who]
-    assert_admitted_as(status_of(channel, service, method, metadata), service, allowed)
+    assert_admitted_as(status_of(channel, service, method, metadata), service, method, allowed, admin=who == "admin")
 
 
-def assert_admitted_as(code: grpc.StatusCode, service: str, allowed: set[str] | None) -> None:
-    """Unknown caller: UNAUTHENTICATED; known: through to the RPC only for its role's services."""
+def assert_admitted_as(
+    code: grpc.StatusCode, service: str, method: str, allowed: set[str] | None, *, admin: bool = False
+) -> None:
+    """Unknown caller: UNAUTHENTICATED; known: through to the RPC only for its role's services,
+    and to the admin-only methods only as an admin."""
     if allowed is None:
         assert code is grpc.StatusCode.UNAUTHENTICATED
-    elif service in allowed:
+    elif service in allowed and (admin or (service, method) not in ADMIN_ONLY):
         assert code not in DENIED
     else:
         assert code is grpc.StatusCode.PERMISSION_DENIED
@@ -107,6 +112,19 @@ def test_health_and_reflection_need_no_credential(channel: grpc.Channel) -> None
 def test_client_raises_unauthenticated(guarded: RunningServer) -> None:
     with Client(guarded.target, token="kgt_wrong") as client, pytest.raises(Unauthenticated):
         client.list_keys("acct")
+
+
+def test_only_admins_freeze_accounts(guarded: RunningServer) -> None:
+    """KeyManagement is the manager's, but freezing stops every bot of an account: admins only."""
+    with guarded.client(token=WEBSITE_TOKEN) as website, guarded.client(token=OPS_TOKEN) as ops:
+        with pytest.raises(PermissionDenied):
+            website.freeze_account("acct-freeze-roles")
+        assert not website.get_account_settings("acct-freeze-roles").frozen
+        assert ops.freeze_account("acct-freeze-roles").frozen
+        with pytest.raises(PermissionDenied):
+            website.unfreeze_account("acct-freeze-roles")
+        assert website.get_account_settings("acct-freeze-roles").frozen  # managers still read settings
+        assert not ops.unfreeze_account("acct-freeze-roles").frozen
 
 
 def test_callers_name_goes_into_the_audit_log(guarded: RunningServer) -> None:
@@ -157,7 +175,7 @@ CERTS = {
 def test_role_matrix_mtls(mtls: RunningServer, ca: CertificateAuthority, who: str, service: str, method: str) -> None:
     common_name, allowed = CERTS[who]
     with mtls_channel(mtls, ca, common_name) as ch:
-        assert_admitted_as(status_of(ch, service, method, ()), service, allowed)
+        assert_admitted_as(status_of(ch, service, method, ()), service, method, allowed)
 
 
 def test_mtls_refuses_a_client_without_certificate(mtls: RunningServer, ca: CertificateAuthority) -> None:

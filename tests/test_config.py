@@ -63,6 +63,13 @@ def test_mistakes_are_errors_not_silently_ignored(tmp_path: Path, toml: str, env
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
+        ({"address_hold_seconds": -1}, "address_hold_seconds must be 0 to 2592000"),
+        ({"address_hold_seconds": 31 * 86400}, "address_hold_seconds must be 0 to 2592000"),
+        ({"unrestricted_key_days": -1}, "unrestricted_key_days must be 0 \\(off\\) to 3650"),
+        ({"max_symbols_per_key": 0}, "max_symbols_per_key must be at least 1"),
+        ({"max_symbols_per_key": 5000}, "max_symbols_per_key must be at most 1000"),
+        ({"envoy_symbol_header": "x-keyguard-symbol"}, "must be a header name"),  # keyguard's answer to upstream
+        ({"envoy_symbol_header": "x-api-key"}, "name the same header"),
         ({"signature_window_ms": -1}, "signature_window_ms must be 1 to 600000"),
         ({"signature_window_ms": 10**12}, "signature_window_ms must be 1 to 600000"),
         ({"failure_refill_per_second": -0.5}, "failure_refill_per_second must be more than 0"),

@@ -124,7 +124,7 @@ class Upstream(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def keyguard(launch: StartServer) -> Iterator[RunningServer]:
-    running = launch(envoy_routes=ROUTES)
+    running = launch(envoy_routes=ROUTES, address_hold_seconds=0)  # holds: tests/test_protections.py
     yield running
     running.stop()
 

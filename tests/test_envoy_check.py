@@ -23,6 +23,7 @@ from keyguard._signing import envoy_payload
 from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from keyguard_server._config import EnvoyRoute
+from keyguard_server._store import now_us
 from tests.conftest import RunningServer, StartServer
 from tests.test_envoy import GENERIC_401, ROUTES
 
@@ -70,7 +71,8 @@ def checker(server: RunningServer) -> Iterator[Check]:
 
 @pytest.fixture(scope="module")
 def keyguard(launch: StartServer) -> Iterator[RunningServer]:
-    running = launch(envoy_routes=ROUTES, failure_burst=100_000)
+    # Whitelisted addresses usable at once; the new decisions' answers have a server of their own below.
+    running = launch(envoy_routes=ROUTES, failure_burst=100_000, address_hold_seconds=0)
     yield running
     running.stop()
 
@@ -310,6 +312,69 @@ def test_signed_withdrawal_destination_cannot_be_changed(check: Check, client: C
     stolen = {**signed(signer, payload), **headers, "x-withdraw-address": "bc1qthief"}
     answer = check("POST", "/sapi/v1/withdraw", stolen)
     assert (answer.refusal, answer.decision) == (GENERIC_401, "BAD_SIGNATURE")
+
+
+# -- issue 14's decisions: frozen, unrestricted, symbols, held addresses ----------------
+
+
+def test_the_protections_answer_through_envoy(start_server: StartServer, account: str) -> None:
+    """What the bot sees of each new decision: after the secret is proven, 403 and why;
+    a frozen account is decided before the secret, so it looks like every other such refusal."""
+    server = start_server(envoy_routes=ROUTES, failure_burst=100_000, unrestricted_key_days=90)
+    authorizer = server.server.authorizer
+    assert authorizer is not None
+    with server.client() as client, checker(server) as check:
+        btc_only = client.create_key(account, "btc", "trade", ["127.0.0.1"], symbols=["BTCUSDT"])
+        order = secret(btc_only)
+        answer = check("POST", "/api/v3/order", {**order, "x-api-symbol": "btcusdt"})
+        assert (answer.status, answer.headers["x-keyguard-symbol"]) == (200, "BTCUSDT")  # what the upstream trades
+        answer = check("POST", "/api/v3/order", {**order, "x-api-symbol": "ETHUSDT"})
+        assert (answer.status, answer.body["error"]) == (403, "SYMBOL_NOT_ALLOWED")
+        assert check("POST", "/api/v3/order", order).body["error"] == "SYMBOL_NOT_ALLOWED"  # no symbol named
+        assert check("GET", "/api/v3/order", order).status == 200  # a READ route: symbols do not matter
+        answer = check("POST", "/api/v3/order", {**order, "x-api-symbol": "BTC USDT"})
+        assert (answer.status, answer.body["error"]) == (400, "BAD_REQUEST")
+
+        forged = {**order, "x-api-symbol": "BTCUSDT", "x-keyguard-symbol": "ETHUSDT"}
+        assert check("POST", "/api/v3/order", forged).headers["x-keyguard-symbol"] == "BTCUSDT"
+
+        client.freeze_account(account)
+        answer = check("POST", "/api/v3/order", {**order, "x-api-symbol": "BTCUSDT"})
+        assert (answer.refusal, answer.decision) == (GENERIC_401, "ACCOUNT_FROZEN")
+        client.unfreeze_account(account)
+
+        withdrawer = client.create_key(account, "treasury", "withdraw", ["127.0.0.1"])
+        client.set_address_management(account, True)
+        client.add_withdrawal_address(account, "BTC", "bc1qcold")
+        cold = {"x-withdraw-asset": "BTC", "x-withdraw-address": "bc1qcold"}
+        answer = check("POST", "/sapi/v1/withdraw", {**secret(withdrawer), **cold})
+        assert (answer.status, answer.body["error"]) == (403, "ADDRESS_ON_HOLD")
+
+        anywhere = client.create_key(account, "anywhere", "trade")
+        assert check("POST", "/api/v3/order", secret(anywhere)).status == 200
+        try:
+            authorizer.clock = lambda: now_us() + 91 * 24 * 3600 * 10**6  # 91 days later
+            answer = check("POST", "/api/v3/order", secret(anywhere))
+            assert (answer.status, answer.body["error"]) == (403, "IP_RESTRICTION_REQUIRED")
+            assert check("GET", "/api/v3/account", secret(anywhere)).status == 200  # READ still works
+            answer = check("POST", "/sapi/v1/withdraw", {**secret(withdrawer), **cold})
+            assert answer.status == 200  # the hold is over
+        finally:
+            authorizer.clock = now_us
+
+
+def test_a_signed_order_covers_its_symbol(start_server: StartServer, account: str) -> None:
+    server = start_server(envoy_routes=ROUTES)
+    with server.client() as client, checker(server) as check:
+        signer = client.create_key(
+            account, "signer", "trade", ["127.0.0.1"], key_type=KeyType.ED25519, symbols=["BTCUSDT", "ETHUSDT"]
+        )
+        payload = envoy_payload("POST", "/api/v3/order", symbol="BTCUSDT")
+        assert payload.endswith(" symbol=BTCUSDT")
+        assert check("POST", "/api/v3/order", {**signed(signer, payload), "x-api-symbol": "BTCUSDT"}).status == 200
+        switched = {**signed(signer, payload), "x-api-symbol": "ETHUSDT"}  # allowed, but not what was signed
+        answer = check("POST", "/api/v3/order", switched)
+        assert (answer.refusal, answer.decision) == (GENERIC_401, "BAD_SIGNATURE")
 
 
 # -- the client IP -----------------------------------------------------------------

@@ -8,16 +8,18 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import argon2
 import pytest
 
-from keyguard import ApiKey, Client, CreatedKey, Decision
+from keyguard import ApiKey, Client, CreatedKey, Decision, WithdrawalAddress
 from keyguard_server import Config
 from keyguard_server._schema import VERSION
 from keyguard_server._secrets import new_private_key
-from keyguard_server._store import Store
+from keyguard_server._service import DAY_US
+from keyguard_server._store import AccountState, Store
 from keyguard_server._verify import FailureLimiter
 from tests.conftest import RunningServer, StartServer
 from tests.processes import ServeProcess
@@ -265,8 +267,21 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
             "key_type",
             "public_key",
             "previous_public_key",
+            "symbols",
+            "unrestricted_since_us",
         ):
             db.execute(f"ALTER TABLE key_model DROP COLUMN {column}")
+        for table, column in (
+            ("account_model", "frozen"),
+            ("account_model", "address_management_off_at_us"),
+            ("address_model", "usable_from_us"),
+        ):
+            db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        db.execute("INSERT INTO account_model (account_id, address_management) VALUES ('acct', 1)")
+        db.execute(
+            "INSERT INTO address_model (account_id, asset, address, memo, label, created_at_us)"
+            " VALUES ('acct', 'BTC', 'bc1qold', '', '', 5)"
+        )
         db.execute("DROP TABLE nonce_model")
         db.execute(
             "INSERT INTO key_model (account_id, access_key, name, permission, allowed_ips, secret_hash, created_at_us)"
@@ -274,15 +289,28 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
             (argon2.PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash("x"),),
         )
 
-    async def upgrade_and_list() -> list[ApiKey]:
-        store = await Store.open(config.database_settings)
+    async def upgrade_and_list() -> tuple[list[ApiKey], list[WithdrawalAddress], AccountState]:
+        store = await Store.open(config.database_settings, unrestricted_lapse_us=DAY_US)
         try:
-            return await store.list_keys("acct")
+            return (
+                await store.list_keys("acct"),
+                await store.list_addresses("acct"),
+                await store.account_settings("acct"),
+            )
         finally:
             await store.close()
 
-    (key,) = asyncio.run(upgrade_and_list())
+    started = datetime.now(UTC)
+    (key,), (address,), account = asyncio.run(upgrade_and_list())
     assert (key.name, key.last_used_at, key.last_used_ip, key.enabled, key.expires_at) == ("old", None, "", True, None)
+    assert key.symbols == ()
+    # Whitelisted before the upgrade: usable, no hold. Unrestricted before it: counted from it.
+    assert address.usable_from == address.created_at
+    assert account == AccountState(True, None, False, 1)
+    assert key.unrestricted_until is None  # a READ key: the policy does not apply
+    with sqlite3.connect(tmp_path / "keyguard.db") as db:
+        (since,) = db.execute("SELECT unrestricted_since_us FROM key_model").fetchone()
+    assert since >= started.timestamp() * 1e6 - 1e6
     with sqlite3.connect(tmp_path / "keyguard.db") as db:
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(VERSION,)]
 

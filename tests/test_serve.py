@@ -83,7 +83,8 @@ def test_readme_walkthrough(serve: ServeProcess) -> None:
         ).returncode
         == 0
     )
-    assert "bc1qcold" in serve.cli("addresses", "list", "acct-42").stdout
+    listed = serve.cli("addresses", "list", "acct-42").stdout
+    assert "bc1qcold" in listed and "USABLE" in listed and " UTC" in listed  # on hold for 24 h
 
     def withdraw(address: str) -> subprocess.CompletedProcess[str]:
         return serve.cli(
@@ -102,7 +103,7 @@ def test_readme_walkthrough(serve: ServeProcess) -> None:
             address,
         )
 
-    assert withdraw("bc1qcold").returncode == 0
+    assert withdraw("bc1qcold").stdout.strip() == "DENY: ADDRESS_ON_HOLD"  # ALLOW once the hold is over
     assert withdraw("bc1qthief").stdout.strip() == "DENY: ADDRESS_NOT_WHITELISTED"
 
     refused = serve.cli("keys", "delete-all", "acct-42", stdin="")
@@ -177,3 +178,35 @@ def test_cli_lifecycle(serve: ServeProcess) -> None:
     serve.cli("keys", "rotate", "acct-44", ak, "--grace", "0")
     assert authorize(new) == "DENY: BAD_SECRET"
     assert "KEY_ROTATED" in serve.cli("audit", "acct-44").stdout
+
+
+def test_cli_protections(serve: ServeProcess) -> None:
+    """The README's commands for symbol lists, frozen accounts and a delayed address-management off."""
+    created = json.loads(
+        serve.cli("keys", "create", "acct-45", "--name", "bot", "--permission", "trade", "--ip", "192.0.2.1",
+                  "--symbols", "btcusdt,ETH-USDT", "--json").stdout
+    )  # fmt: skip
+    assert created["symbols"] == ["BTCUSDT", "ETH-USDT"]
+    ak, secret = created["access_key"], created["private_key"]
+
+    def authorize(*args: str) -> str:
+        return serve.cli("authorize", "--access-key", ak, "--private-key", secret, "--ip", "192.0.2.1",
+                         "--permission", "trade", *args).stdout.strip()  # fmt: skip
+
+    assert authorize("--symbol", "BTCUSDT").startswith("ALLOW")
+    assert authorize("--symbol", "XRPUSDT") == "DENY: SYMBOL_NOT_ALLOWED"
+    assert "Symbols:     any" in serve.cli("keys", "update", "acct-45", ak, "--any-symbol").stdout
+    assert authorize().startswith("ALLOW")
+
+    frozen = serve.cli("accounts", "freeze", "acct-45", "--reason", "ticket 7")
+    assert frozen.returncode == 0 and "is frozen" in frozen.stdout
+    assert "FROZEN" in serve.cli("accounts", "show", "acct-45").stdout
+    assert authorize() == "DENY: ACCOUNT_FROZEN"
+    assert serve.cli("accounts", "unfreeze", "acct-45").returncode == 0
+    assert authorize().startswith("ALLOW")
+    assert "ACCOUNT_FROZEN" in serve.cli("audit", "acct-45").stdout
+
+    serve.cli("address-management", "on", "acct-45")
+    off = serve.cli("address-management", "off", "acct-45").stdout
+    assert "is on." in off and "It turns off at" in off
+    assert "turns off at" in serve.cli("accounts", "show", "acct-45").stdout

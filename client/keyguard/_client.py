@@ -101,11 +101,13 @@ class Client:
         expires_at: datetime | None = None,
         key_type: KeyType = KeyType.SECRET,
         public_key: str = "",
+        symbols: Iterable[str] = (),
     ) -> CreatedKey:
         """Returns the new key and its private key, which is never available again.
 
         ED25519 keys: pass your own ``public_key`` (PEM), or get a generated
-        pair's private key (PEM) in the result.
+        pair's private key (PEM) in the result. ``symbols``: the only trading
+        symbols its TRADE requests may name (empty: any).
         """
         request = pb.CreateKeyRequest(
             account_id=account_id,
@@ -114,6 +116,7 @@ class Client:
             allowed_ips=list(allowed_ips),
             key_type=pb.KeyType.ValueType(key_type),
             public_key=public_key,
+            symbols=list(symbols),
         )
         if expires_at is not None:
             request.expires_at.FromDatetime(expires_at)
@@ -131,8 +134,9 @@ class Client:
         expires_at: datetime | None = None,
         clear_expires_at: bool = False,
         enabled: bool | None = None,
+        symbols: Iterable[str] | None = None,
     ) -> ApiKey:
-        """Changes only what is given; ``allowed_ips=[]`` means any IP."""
+        """Changes only what is given; ``allowed_ips=[]`` means any IP, ``symbols=[]`` any symbol."""
         request = pb.UpdateKeyRequest(account_id=account_id, access_key=access_key, clear_expires_at=clear_expires_at)
         if name is not None:
             request.name = name
@@ -144,6 +148,8 @@ class Client:
             request.expires_at.FromDatetime(expires_at)
         if enabled is not None:
             request.enabled = enabled
+        if symbols is not None:
+            request.symbols.CopyFrom(pb.SymbolList(entries=list(symbols)))
         return _key(self._call(self._keys.UpdateKey, request).key)
 
     def rotate_key(
@@ -182,9 +188,24 @@ class Client:
         return _settings(response.settings)
 
     def set_address_management(self, account_id: str, enabled: bool) -> AccountSettings:
+        """On takes effect at once; off only after the server's hold (then the result is still on,
+        with ``address_management_off_at`` set). On again cancels a pending off."""
         response = self._call(
             self._keys.SetAddressManagement,
             pb.SetAddressManagementRequest(account_id=account_id, enabled=enabled),
+        )
+        return _settings(response.settings)
+
+    def freeze_account(self, account_id: str, reason: str = "") -> AccountSettings:
+        """Every key of the account is refused (ACCOUNT_FROZEN) until :meth:`unfreeze_account`;
+        keys are kept. Needs an admin caller (else :class:`keyguard.PermissionDenied`)."""
+        response = self._call(self._keys.FreezeAccount, pb.FreezeAccountRequest(account_id=account_id, reason=reason))
+        return _settings(response.settings)
+
+    def unfreeze_account(self, account_id: str, reason: str = "") -> AccountSettings:
+        """Undoes :meth:`freeze_account`. Needs an admin caller."""
+        response = self._call(
+            self._keys.UnfreezeAccount, pb.UnfreezeAccountRequest(account_id=account_id, reason=reason)
         )
         return _settings(response.settings)
 
@@ -229,9 +250,14 @@ class Client:
         required_permission: Permission | str | int,
         destination: WithdrawalDestination | None = None,
         signed: SignedRequest | None = None,
+        *,
+        symbol: str = "",
     ) -> AuthorizeResult:
-        """A refusal is a result with ``allowed=False``, not an exception."""
-        request = _authorize_request(access_key, private_key, client_ip, required_permission, destination, signed)
+        """A refusal is a result with ``allowed=False``, not an exception. ``symbol``: the
+        trading symbol of a TRADE request, for keys restricted to symbols."""
+        request = _authorize_request(
+            access_key, private_key, client_ip, required_permission, destination, signed, symbol
+        )
         return _authorize_result(self._call(self._auth.Authorize, request))
 
     def authorizer(self, streams: int = 2) -> StreamingAuthorizer:
@@ -283,9 +309,13 @@ class StreamingAuthorizer:
         required_permission: Permission | str | int,
         destination: WithdrawalDestination | None = None,
         signed: SignedRequest | None = None,
+        *,
+        symbol: str = "",
     ) -> AuthorizeResult:
         """The same as :meth:`Client.authorize`, over a shared stream."""
-        request = _authorize_request(access_key, private_key, client_ip, required_permission, destination, signed)
+        request = _authorize_request(
+            access_key, private_key, client_ip, required_permission, destination, signed, symbol
+        )
         stream, call_id = self._stream(), 0
         try:
             with self._lock:
@@ -406,12 +436,14 @@ def _authorize_request(
     required_permission: Permission | str | int,
     destination: WithdrawalDestination | None,
     signed: SignedRequest | None,
+    symbol: str = "",
 ) -> pb.AuthorizeRequest:
     request = pb.AuthorizeRequest(
         access_key=access_key,
         private_key=private_key,
         client_ip=client_ip,
         required_permission=pb.Permission.ValueType(Permission.parse(required_permission)),
+        symbol=symbol,
     )
     if destination is not None:
         request.destination.CopyFrom(
@@ -488,6 +520,8 @@ def _key(key: pb.ApiKey) -> ApiKey:
         ),
         key_type=KeyType(key.key_type or KeyType.SECRET),
         public_key=key.public_key,
+        symbols=tuple(key.symbols),
+        unrestricted_until=_time(key.unrestricted_until) if key.HasField("unrestricted_until") else None,
     )
 
 
@@ -497,6 +531,10 @@ def _settings(settings: pb.AccountSettings) -> AccountSettings:
         address_management=settings.address_management,
         key_count=settings.key_count,
         max_keys=settings.max_keys,
+        frozen=settings.frozen,
+        address_management_off_at=(
+            _time(settings.address_management_off_at) if settings.HasField("address_management_off_at") else None
+        ),
     )
 
 
@@ -520,4 +558,5 @@ def _address(entry: pb.WithdrawalAddress) -> WithdrawalAddress:
         memo=entry.memo,
         label=entry.label,
         created_at=_time(entry.created_at),
+        usable_from=_time(entry.usable_from) if entry.HasField("usable_from") else None,
     )

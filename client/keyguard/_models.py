@@ -43,6 +43,10 @@ class Decision(enum.IntEnum):
     BAD_SIGNATURE = 10
     STALE_REQUEST = 11
     REPLAYED_REQUEST = 12
+    ACCOUNT_FROZEN = 13
+    IP_RESTRICTION_REQUIRED = 14
+    SYMBOL_NOT_ALLOWED = 15
+    ADDRESS_ON_HOLD = 16
 
 
 class KeyType(enum.IntEnum):
@@ -60,6 +64,10 @@ class AuditAction(enum.IntEnum):
     ADDRESS_MANAGEMENT_DISABLED = 7
     KEY_UPDATED = 8
     KEY_ROTATED = 9
+    ACCOUNT_FROZEN = 10
+    ACCOUNT_UNFROZEN = 11
+    ADDRESS_MANAGEMENT_OFF_REQUESTED = 12
+    ADDRESS_MANAGEMENT_OFF_CANCELLED = 13
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,11 @@ class ApiKey:
     previous_key_valid_until: datetime | None = None
     key_type: KeyType = KeyType.SECRET
     public_key: str = ""
+    # Upper case; empty: any symbol (see the proto's ApiKey.symbols).
+    symbols: tuple[str, ...] = ()
+    # When trade and withdraw rights of this unrestricted key lapse (server policy
+    # unrestricted_key_days); None when the policy does not apply to it.
+    unrestricted_until: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,9 @@ class AccountSettings:
     address_management: bool
     key_count: int
     max_keys: int
+    frozen: bool = False
+    # Set while turning address management off is pending: it is on until then.
+    address_management_off_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +119,8 @@ class WithdrawalAddress:
     memo: str
     label: str
     created_at: datetime
+    # Withdrawals to it are refused (ADDRESS_ON_HOLD) before this moment.
+    usable_from: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,17 @@ def canonical(access_key: str, timestamp_ms: int, nonce: str, payload: str) -> b
     return f"{access_key}\n{timestamp_ms}\n{nonce}\n{payload}".encode()
 
 
-def envoy_payload(method: str, path: str, body: bytes = b"", destination: WithdrawalDestination | None = None) -> str:
+def envoy_payload(
+    method: str, path: str, body: bytes = b"", destination: WithdrawalDestination | None = None, symbol: str = ""
+) -> str:
     """The payload an ED25519 key signs for a request through Envoy; keyguard rebuilds it from
-    what Envoy forwards, so a changed method, path, query, body or destination breaks the signature.
+    what Envoy forwards, so a changed method, path, query, body, destination or symbol breaks the
+    signature.
 
     ``METHOD PATH?QUERY BODY_SHA256`` (``path`` exactly as sent, query included;
     the lower-case hex SHA-256 of the body, of b"" when there is none), and for
-    a withdrawal `` asset=A&address=B&memo=C`` with each value percent-encoded
+    a withdrawal `` asset=A&address=B&memo=C``, for a trade that names its
+    symbol (the symbol header, as sent) `` symbol=S``, each value percent-encoded
     (UTF-8; everything but letters, digits and -._~). Single spaces separate the
     parts (no part can hold one), so the payload is one printable line: keyguard
     refuses control characters in payloads.
@@ -41,6 +45,8 @@ def envoy_payload(method: str, path: str, body: bytes = b"", destination: Withdr
     if destination is not None:
         fields = (("asset", destination.asset), ("address", destination.address), ("memo", destination.memo))
         parts.append("&".join(f"{name}={quote(value, safe='')}" for name, value in fields))
+    if symbol:
+        parts.append(f"symbol={quote(symbol, safe='')}")
     return " ".join(parts)
 
 

@@ -101,6 +101,14 @@ def _parser() -> argparse.ArgumentParser:
         "--type", choices=["secret", "ed25519"], default="secret", help="ed25519: the bot signs requests"
     )
     create.add_argument("--public-key", metavar="PEM_FILE", help="ed25519: your own public key (else one is generated)")
+    create.add_argument(
+        "--symbols",
+        action="append",
+        default=[],
+        metavar="SYMBOL[,SYMBOL...]",
+        help="the only trading symbols TRADE requests may name, e.g. BTCUSDT; repeat or separate with commas "
+        "(none = any symbol)",
+    )
     create.set_defaults(run=_keys_create)
     listing = keys.add_parser("list", parents=[out], help="list an account's keys")
     listing.add_argument("account_id")
@@ -124,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
     expiry = update.add_mutually_exclusive_group()
     expiry.add_argument("--expires-in", type=_duration, metavar="DURATION", help="e.g. 90d, 12h, 30m")
     expiry.add_argument("--no-expiry", action="store_true", help="never expire")
+    symbols = update.add_mutually_exclusive_group()
+    symbols.add_argument("--symbols", action="append", metavar="SYMBOL[,SYMBOL...]", help="replace the symbol list")
+    symbols.add_argument("--any-symbol", action="store_true", help="clear the symbol list (any symbol)")
     update.set_defaults(run=_keys_update)
     for action, enabled in (("enable", True), ("disable", False)):
         toggle = keys.add_parser(
@@ -182,6 +193,24 @@ def _parser() -> argparse.ArgumentParser:
     management.add_argument("account_id")
     management.set_defaults(run=_address_management)
 
+    accounts = commands.add_parser(
+        "accounts", help="an account's settings; freeze or unfreeze its API access"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = accounts.add_parser("show", parents=[out], help="frozen, address management, keys")
+    show.add_argument("account_id")
+    show.set_defaults(run=_accounts_show)
+    for action, frozen in (("freeze", True), ("unfreeze", False)):
+        toggle = accounts.add_parser(
+            action,
+            parents=[out],
+            help="refuse every key of the account (ACCOUNT_FROZEN), keeping them; admin callers only"
+            if frozen
+            else "accept the account's keys again; admin callers only",
+        )
+        toggle.add_argument("account_id")
+        toggle.add_argument("--reason", default="", help="for the audit log, e.g. a ticket id")
+        toggle.set_defaults(run=_accounts_freeze, frozen=frozen)
+
     authorize = commands.add_parser(
         "authorize", parents=[out], help="ask keyguard whether a bot request would be allowed"
     )
@@ -196,6 +225,7 @@ def _parser() -> argparse.ArgumentParser:
     authorize.add_argument("--asset", help="withdrawal destination asset (withdraw only)")
     authorize.add_argument("--address", help="withdrawal destination address (withdraw only)")
     authorize.add_argument("--memo", default="", help="withdrawal destination memo / tag")
+    authorize.add_argument("--symbol", default="", help="the trading symbol of a trade request, e.g. BTCUSDT")
     authorize.set_defaults(run=_authorize)
     return parser
 
@@ -265,6 +295,7 @@ def _keys_create(client: Client, args: argparse.Namespace) -> int:
         expires_at=expires_at,
         key_type=KeyType[args.type.upper()],
         public_key=public_key,
+        symbols=_ips(args.symbols),
     )
     if args.json:
         _print_json({**_jsonable(created.key), "private_key": created.private_key})
@@ -274,6 +305,10 @@ def _keys_create(client: Client, args: argparse.Namespace) -> int:
     print(f"Created {key.permission.name}{kind} key {key.name!r} for account {key.account_id}.")
     print(f"  Access key:  {key.access_key}")
     print(f"  Allowed IPs: {', '.join(key.allowed_ips) or 'any'}")
+    if key.symbols:
+        print(f"  Symbols:     {', '.join(key.symbols)}")
+    if key.unrestricted_until:
+        print(f"  Without an IP allowlist it may trade until {_time(key.unrestricted_until)}.")
     if key.key_type is KeyType.ED25519:
         print(f"  Public key:\n{key.public_key}")
         if not created.private_key:
@@ -331,6 +366,8 @@ def _keys_update(client: Client, args: argparse.Namespace) -> int:
     ip_args = getattr(args, "ip", None)
     ips = [] if getattr(args, "any_ip", False) else _ips(ip_args) if ip_args else None
     expires_in = getattr(args, "expires_in", None)
+    symbol_args = getattr(args, "symbols", None)
+    symbols = [] if getattr(args, "any_symbol", False) else _ips(symbol_args) if symbol_args else None
     key = client.update_key(
         args.account_id,
         args.access_key,
@@ -340,6 +377,7 @@ def _keys_update(client: Client, args: argparse.Namespace) -> int:
         expires_at=datetime.now(UTC) + expires_in if expires_in else None,
         clear_expires_at=getattr(args, "no_expiry", False),
         enabled=getattr(args, "enabled", None),
+        symbols=symbols,
     )
     if args.json:
         _print_json(_jsonable(key))
@@ -387,6 +425,7 @@ def _duration(text: str) -> timedelta:
 
 
 def _ips(args: list[str]) -> list[str]:
+    """Comma-separated values of a repeated flag (IPs, symbols), as one list."""
     return [ip.strip() for arg in args for ip in arg.split(",") if ip.strip()]
 
 
@@ -411,6 +450,8 @@ def _addresses_add(client: Client, args: argparse.Namespace) -> int:
         _print_json(_jsonable(entry))
     else:
         print(f"Whitelisted {entry.asset} address {entry.address} (id {entry.id}).")
+        if entry.usable_from and entry.usable_from > datetime.now(UTC):
+            print(f"Withdrawals to it are on hold until {_time(entry.usable_from)}.")
     return 0
 
 
@@ -421,7 +462,7 @@ def _addresses_list(client: Client, args: argparse.Namespace) -> int:
     elif not entries:
         print(f"Account {args.account_id} has no whitelisted withdrawal addresses.")
     else:
-        _print_table(["ID", "ASSET", "ADDRESS", "MEMO", "LABEL"], [_address_row(e) for e in entries])
+        _print_table(["ID", "ASSET", "ADDRESS", "MEMO", "LABEL", "USABLE"], [_address_row(e) for e in entries])
     return 0
 
 
@@ -441,6 +482,37 @@ def _address_management(client: Client, args: argparse.Namespace) -> int:
     else:
         state = "on" if settings.address_management else "off"
         print(f"Address management for account {settings.account_id} is {state}.")
+        if settings.address_management_off_at:
+            print(f"It turns off at {_time(settings.address_management_off_at)} (`address-management on` cancels).")
+    return 0
+
+
+def _accounts_show(client: Client, args: argparse.Namespace) -> int:
+    settings = client.get_account_settings(args.account_id)
+    if args.json:
+        _print_json(_jsonable(settings))
+        return 0
+    management = "on" if settings.address_management else "off"
+    if settings.address_management_off_at:
+        management += f" (turns off at {_time(settings.address_management_off_at)})"
+    print(f"Account:            {settings.account_id}")
+    print(f"API access:         {'FROZEN (every key refused)' if settings.frozen else 'active'}")
+    print(f"Address management: {management}")
+    print(f"Keys:               {settings.key_count} of {settings.max_keys}")
+    return 0
+
+
+def _accounts_freeze(client: Client, args: argparse.Namespace) -> int:
+    if args.frozen:
+        settings = client.freeze_account(args.account_id, args.reason)
+    else:
+        settings = client.unfreeze_account(args.account_id, args.reason)
+    if args.json:
+        _print_json(_jsonable(settings))
+    elif settings.frozen:
+        print(f"Account {settings.account_id} is frozen: every API key of it is refused until unfrozen.")
+    else:
+        print(f"Account {settings.account_id} is not frozen: its API keys work again.")
     return 0
 
 
@@ -448,7 +520,9 @@ def _authorize(client: Client, args: argparse.Namespace) -> int:
     destination = None
     if args.asset is not None or args.address is not None:
         destination = WithdrawalDestination(args.asset or "", args.address or "", args.memo)
-    result = client.authorize(args.access_key, args.private_key, args.ip, args.permission, destination)
+    result = client.authorize(
+        args.access_key, args.private_key, args.ip, args.permission, destination, symbol=args.symbol
+    )
     if args.json:
         _print_json(_jsonable(result))
     elif result.allowed:
@@ -493,6 +567,9 @@ def _print_key(key: ApiKey) -> None:
     print(f"Name:        {key.name}")
     print(f"Permission:  {key.permission.name}")
     print(f"Allowed IPs: {', '.join(key.allowed_ips) or 'any'}")
+    print(f"Symbols:     {', '.join(key.symbols) or 'any'}")
+    if key.unrestricted_until:
+        print(f"Trading without an IP allowlist until {_time(key.unrestricted_until)} (then IP_RESTRICTION_REQUIRED)")
     print(f"Created:     {_time(key.created_at)}")
     print(f"Expires:     {_time(key.expires_at) if key.expires_at else 'never'}")
     print(f"Enabled:     {'yes' if key.enabled else 'no (refused until enabled)'}")
@@ -502,7 +579,9 @@ def _print_key(key: ApiKey) -> None:
 
 
 def _address_row(entry: WithdrawalAddress) -> list[str]:
-    return [str(entry.id), entry.asset, entry.address, entry.memo or "-", entry.label or "-"]
+    usable = entry.usable_from
+    when = _time(usable) if usable and usable > datetime.now(UTC) else "now"
+    return [str(entry.id), entry.asset, entry.address, entry.memo or "-", entry.label or "-", when]
 
 
 def _print_table(header: list[str], rows: list[list[str]]) -> None:
@@ -514,6 +593,8 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 def _status(key: ApiKey) -> str:
     if not key.enabled:
         return "disabled"
+    if key.unrestricted_until is not None and key.unrestricted_until <= datetime.now(UTC):
+        return "needs IPs"  # trade and withdraw refused until an allowlist is set
     if key.expires_at is not None:
         return "expired" if key.expires_at <= datetime.now(UTC) else f"until {key.expires_at:%Y-%m-%d}"
     return "active"

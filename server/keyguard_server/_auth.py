@@ -49,6 +49,18 @@ ROLE_SERVICES: dict[Role, frozenset[str]] = {
     Role.MANAGER: frozenset({"keyguard.v1.KeyManagement"}),
     Role.ADMIN: _AUTHORIZATION | {"keyguard.v1.KeyManagement"},
 }
+# Methods narrower than their service: only these roles may call them, on top of ROLE_SERVICES.
+# Freezing stops every bot of an account at once: an operator's decision, not the website's.
+METHOD_ROLES: dict[str, frozenset[Role]] = {
+    "/keyguard.v1.KeyManagement/FreezeAccount": frozenset({Role.ADMIN}),
+    "/keyguard.v1.KeyManagement/UnfreezeAccount": frozenset({Role.ADMIN}),
+}
+
+
+def may_call(role: Role, service: str, method: str) -> bool:
+    """The one rule of who may call what: the role's services, and for some methods a narrower set of roles."""
+    return service in ROLE_SERVICES[role] and role in METHOD_ROLES.get(method, (role,))
+
 
 _caller: contextvars.ContextVar[str] = contextvars.ContextVar("keyguard_caller", default="")
 
@@ -152,16 +164,21 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         service = method.split("/")[1] if "/" in method else ""
         if handler is None or service in OPEN_SERVICES:
             return handler
-        guarded = self._guarded[method] = _guarded(method, handler, functools.partial(self._admit, service))
+        guarded = self._guarded[method] = _guarded(method, handler, functools.partial(self._admit, service, method))
         return guarded
 
-    def _admit(self, service: str, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[grpc.StatusCode, str] | str:
+    def _admit(
+        self, service: str, method: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[grpc.StatusCode, str] | str:
         """The caller's name, or the status to refuse the call with."""
         caller = self._identify(context)
         if caller is None:
             return grpc.StatusCode.UNAUTHENTICATED, "a valid caller token or client certificate is required"
-        if service not in ROLE_SERVICES[caller.role]:
-            return grpc.StatusCode.PERMISSION_DENIED, f"caller {caller.name!r} ({caller.role}) may not call {service}"
+        if not may_call(caller.role, service, method):
+            return (
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"caller {caller.name!r} ({caller.role}) may not call {method or service}",
+            )
         return caller.name
 
     def _identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller | None:

@@ -141,6 +141,18 @@ class Config:
     withdraw_min_prefix_ipv4: int = 24
     withdraw_min_prefix_ipv6: int = 48
     max_withdrawal_addresses: int = 200
+    # A newly whitelisted withdrawal address is usable only after this many
+    # seconds (ADDRESS_ON_HOLD until then), and turning address management off
+    # takes effect only after as long: whoever steals a session cannot add
+    # their own address and withdraw to it at once. 0 = at once; at most 30 days.
+    address_hold_seconds: int = 24 * 3600
+    # Unrestricted keys lapse: a TRADE or WITHDRAW key without an IP allowlist
+    # loses its trade and withdraw rights (IP_RESTRICTION_REQUIRED; READ keeps
+    # working) this many days after it became unrestricted, until an allowlist
+    # is set. 0 = never (off).
+    unrestricted_key_days: int = 0
+    # Trading symbols a key may be restricted to.
+    max_symbols_per_key: int = 100
     argon2_time_cost: int = Argon2Params.time_cost
     argon2_memory_kib: int = Argon2Params.memory_kib
     argon2_parallelism: int = Argon2Params.parallelism
@@ -220,6 +232,9 @@ class Config:
     envoy_withdraw_asset_header: str = "x-withdraw-asset"
     envoy_withdraw_address_header: str = "x-withdraw-address"
     envoy_withdraw_memo_header: str = "x-withdraw-memo"
+    # The trading symbol of a request on a TRADE route, for keys restricted to
+    # symbols; on ALLOW the upstream gets it as x-keyguard-symbol.
+    envoy_symbol_header: str = "x-api-symbol"
     envoy_routes: tuple[EnvoyRoute, ...] = ()
 
     @property
@@ -255,6 +270,7 @@ class Config:
             "max_keys_per_account",
             "max_allowed_ips",
             "max_withdrawal_addresses",
+            "max_symbols_per_key",
             "argon2_threads",
             "argon2_max_pending",
             "argon2_max_pending_hashes",
@@ -285,6 +301,12 @@ class Config:
             raise ValueError("config shutdown_grace must be 0 to 3600")
         if not 0 < self.failure_refill_per_second <= 1000:
             raise ValueError("config failure_refill_per_second must be more than 0 and at most 1000")
+        if not 0 <= self.address_hold_seconds <= 30 * 24 * 3600:
+            raise ValueError("config address_hold_seconds must be 0 to 2592000 (30 days)")
+        if not 0 <= self.unrestricted_key_days <= 3650:
+            raise ValueError("config unrestricted_key_days must be 0 (off) to 3650")
+        if self.max_symbols_per_key > 1000:
+            raise ValueError("config max_symbols_per_key must be at most 1000")
         if not 1 <= self.signature_window_ms <= 600_000:
             raise ValueError("config signature_window_ms must be 1 to 600000 (10 minutes)")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

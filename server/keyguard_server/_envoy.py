@@ -23,6 +23,8 @@ exception text leaks.
 On ALLOW the upstream gets x-keyguard-account-id, x-keyguard-key-name,
 x-keyguard-permission and, for a withdrawal, the checked destination in
 x-keyguard-withdraw-asset, -address and -memo (strings percent-encoded UTF-8),
+for a trade naming a symbol (``envoy_symbol_header``) the checked symbol in
+x-keyguard-symbol,
 overwriting anything the bot sent under those names; any other x-keyguard-*
 header is removed, and so is the private-key header. A refusal is a small
 JSON body: 401 with one generic answer for every decision reached before the
@@ -81,6 +83,11 @@ _FORBIDDEN = (http_status.Forbidden, code_pb2.PERMISSION_DENIED)
 _TOLD: dict[str, tuple[http_status.StatusCode.ValueType, int]] = {
     Decision.PERMISSION_DENIED.name: _FORBIDDEN,
     Decision.ADDRESS_NOT_WHITELISTED.name: _FORBIDDEN,
+    Decision.IP_RESTRICTION_REQUIRED.name: _FORBIDDEN,
+    Decision.SYMBOL_NOT_ALLOWED.name: _FORBIDDEN,
+    Decision.ADDRESS_ON_HOLD.name: _FORBIDDEN,
+    # Not ACCOUNT_FROZEN: it is decided before the credential is proven, so it gets the generic
+    # 401 like KEY_DISABLED (whoever holds only an access key must not learn the account is frozen).
     Decision.RATE_LIMITED.name: (http_status.TooManyRequests, code_pb2.RESOURCE_EXHAUSTED),
     "MISSING_CREDENTIALS": _UNAUTHENTICATED,
     "BAD_REQUEST": (http_status.BadRequest, code_pb2.INVALID_ARGUMENT),
@@ -123,6 +130,7 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
                 f"send the access key in {config.envoy_access_key_header} and either the private key in "
                 f"{config.envoy_private_key_header} or a signature in {config.envoy_signature_header}",
             )
+        symbol = headers.get(config.envoy_symbol_header, "") if route.permission is Permission.TRADE else ""
         destination = None
         if route.permission is Permission.WITHDRAW:
             destination = WithdrawalDestination(
@@ -139,7 +147,7 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
             body = _whole_body(http)
             if body is None:
                 return _deny("BAD_REQUEST", "keyguard did not get the whole body (Envoy: with_request_body)")
-            payload = envoy_payload(http.method, http.path, body, destination)
+            payload = envoy_payload(http.method, http.path, body, destination, symbol)
             signed = SignedRequest(payload, timestamp_ms, headers.get(config.envoy_nonce_header, ""), signature)
         try:
             result = await self._authorizer.authorize(
@@ -150,12 +158,13 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
                 destination,
                 signed,
                 context.time_remaining(),
+                symbol,
             )
         except InvalidArgument as exc:
             return _deny("BAD_REQUEST", exc.message)
         if not result.allowed:
             return _deny(result.decision.name, _REASONS.get(result.decision, result.decision.name))
-        return _allow(result, destination, headers, config.envoy_private_key_header)
+        return _allow(result, destination, headers, config.envoy_private_key_header, symbol.upper())
 
     def _route(self, method: str, path: str) -> EnvoyRoute | None:
         return next((r for r in self._routes if r.matches(method, path)), None)
@@ -186,6 +195,9 @@ _REASONS = {
     Decision.RATE_LIMITED: "too many failed attempts; try again later",
     Decision.PERMISSION_DENIED: "this API key lacks the permission for this request",
     Decision.ADDRESS_NOT_WHITELISTED: "withdrawal address is not on the account's whitelist",
+    Decision.IP_RESTRICTION_REQUIRED: "this API key has no IP restriction; restrict it to IP addresses to trade",
+    Decision.SYMBOL_NOT_ALLOWED: "this API key may not trade this symbol (send it in the symbol header)",
+    Decision.ADDRESS_ON_HOLD: "withdrawal address was whitelisted too recently; it is on hold",
 }
 
 
@@ -231,6 +243,7 @@ def _allow(
     destination: WithdrawalDestination | None,
     request_headers: Mapping[str, str],
     private_key_header: str,
+    symbol: str = "",
 ) -> ext.CheckResponse:
     assert result.permission is not None
     answer = {
@@ -243,6 +256,9 @@ def _allow(
         answer["x-keyguard-withdraw-asset"] = _encoded(destination.asset)
         answer["x-keyguard-withdraw-address"] = _encoded(destination.address)
         answer["x-keyguard-withdraw-memo"] = _encoded(destination.memo)
+    if symbol:
+        # What was checked is what the upstream must trade (not the query or body's symbol).
+        answer["x-keyguard-symbol"] = symbol
     forged = [
         name for name in request_headers if name.replace("_", "-").startswith("x-keyguard-") and name not in answer
     ]

@@ -117,6 +117,8 @@ def _key(key: ApiKey) -> pb.ApiKey:
         previous_key_valid_until=_timestamp(key.previous_key_valid_until) if key.previous_key_valid_until else None,
         key_type=pb.KeyType.ValueType(key.key_type),
         public_key=key.public_key,
+        symbols=key.symbols,
+        unrestricted_until=_timestamp(key.unrestricted_until) if key.unrestricted_until else None,
     )
 
 
@@ -126,6 +128,10 @@ def _settings(settings: AccountSettings) -> pb.AccountSettings:
         address_management=settings.address_management,
         key_count=settings.key_count,
         max_keys=settings.max_keys,
+        frozen=settings.frozen,
+        address_management_off_at=(
+            _timestamp(settings.address_management_off_at) if settings.address_management_off_at else None
+        ),
     )
 
 
@@ -137,6 +143,7 @@ def _address(entry: WithdrawalAddress) -> pb.WithdrawalAddress:
         memo=entry.memo,
         label=entry.label,
         created_at=_timestamp(entry.created_at),
+        usable_from=_timestamp(entry.usable_from) if entry.usable_from else None,
     )
 
 
@@ -172,6 +179,7 @@ class KeyManagementServicer(pb_grpc.KeyManagementServicer):
             _moment(request, "expires_at"),
             request.key_type,
             request.public_key,
+            list(request.symbols),
         )
         return pb.CreateKeyResponse(key=_key(created.key), private_key=created.private_key)
 
@@ -208,6 +216,7 @@ class KeyManagementServicer(pb_grpc.KeyManagementServicer):
             expires_at=_moment(request, "expires_at"),
             clear_expires_at=request.clear_expires_at,
             enabled=request.enabled if request.HasField("enabled") else None,
+            symbols=list(request.symbols.entries) if request.HasField("symbols") else None,
         )
         return pb.UpdateKeyResponse(key=_key(key))
 
@@ -287,6 +296,24 @@ class KeyManagementServicer(pb_grpc.KeyManagementServicer):
         events, next_token = await self._manager.audit_events(request.account_id, request.page_size, request.page_token)
         return pb.ListAuditEventsResponse(events=[_event(e) for e in events], next_page_token=next_token)
 
+    @maps_errors
+    async def FreezeAccount(
+        self,
+        request: pb.FreezeAccountRequest,
+        context: Context[pb.FreezeAccountRequest, pb.FreezeAccountResponse],
+    ) -> pb.FreezeAccountResponse:
+        settings = await self._manager.set_frozen(current_caller(), request.account_id, True, request.reason)
+        return pb.FreezeAccountResponse(settings=_settings(settings))
+
+    @maps_errors
+    async def UnfreezeAccount(
+        self,
+        request: pb.UnfreezeAccountRequest,
+        context: Context[pb.UnfreezeAccountRequest, pb.UnfreezeAccountResponse],
+    ) -> pb.UnfreezeAccountResponse:
+        settings = await self._manager.set_frozen(current_caller(), request.account_id, False, request.reason)
+        return pb.UnfreezeAccountResponse(settings=_settings(settings))
+
 
 AUTHORIZE_STREAM = "/keyguard.v1.Authorization/AuthorizeStream"
 
@@ -351,6 +378,7 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
             destination,
             signed,
             time_left,
+            request.symbol,
         )
         return pb.AuthorizeResponse(
             allowed=result.allowed,

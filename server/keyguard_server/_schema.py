@@ -9,6 +9,7 @@ Databases made before versioning existed are version 1.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -51,6 +52,10 @@ class AccountModel(_Model):
 
     account_id = pw.CharField(primary_key=True, max_length=128)
     address_management = pw.BooleanField(default=False)
+    # Since version 6. Frozen: every key of the account is refused (ACCOUNT_FROZEN).
+    frozen = pw.BooleanField(default=False)
+    # A pending "address management off": on (address_management stays true) until this moment.
+    address_management_off_at_us = pw.BigIntegerField(null=True)
 
 
 class KeyModel(_Model):
@@ -77,6 +82,11 @@ class KeyModel(_Model):
     public_key = pw.TextField(default="")
     # Since version 5: an ED25519 key's rotated-out public key (valid until previous_valid_until_us).
     previous_public_key = pw.TextField(default="")
+    # Since version 6: normalised trading symbols joined by single spaces; empty means any.
+    symbols = pw.TextField(default="")
+    # When allowed_ips last became empty (creation or an update that emptied it); None
+    # while it is not empty. The unrestricted-key policy counts from here.
+    unrestricted_since_us = pw.BigIntegerField(null=True)
 
     class Meta:
         indexes = ((("account_id", "name"), True),)
@@ -90,6 +100,8 @@ class AddressModel(_Model):
     memo = pw.CharField(max_length=256, default="")
     label = pw.CharField(max_length=64, default="")
     created_at_us = pw.BigIntegerField()
+    # Since version 6: withdrawals to it are on hold until then (created_at_us + the hold).
+    usable_from_us = pw.BigIntegerField(default=0)
 
     class Meta:
         indexes = ((("account_id", "asset", "address", "memo"), True),)
@@ -155,12 +167,32 @@ def _v5_ed25519_rotation(migrator: pw_migrate.SchemaMigrator) -> None:
     pw_migrate.migrate(migrator.add_column("key_model", "previous_public_key", KeyModel.previous_public_key))
 
 
+def _v6_protections(migrator: pw_migrate.SchemaMigrator) -> None:
+    """Frozen accounts, delayed address management off, symbol lists, unrestricted-key lapse, address holds.
+
+    Addresses already on a whitelist were usable: no hold for them. A key
+    that was unrestricted before the upgrade counts as unrestricted since the
+    upgrade: when its list was emptied was never recorded, and counting from
+    its creation could cut off bots the moment the policy is switched on.
+    """
+    pw_migrate.migrate(
+        migrator.add_column("account_model", "frozen", AccountModel.frozen),
+        migrator.add_column("account_model", "address_management_off_at_us", AccountModel.address_management_off_at_us),
+        migrator.add_column("key_model", "symbols", KeyModel.symbols),
+        migrator.add_column("key_model", "unrestricted_since_us", KeyModel.unrestricted_since_us),
+        migrator.add_column("address_model", "usable_from_us", AddressModel.usable_from_us),
+    )
+    AddressModel.update(usable_from_us=AddressModel.created_at_us).execute()
+    KeyModel.update(unrestricted_since_us=time.time_ns() // 1000).where(KeyModel.allowed_ips == "").execute()
+
+
 # STEPS[n] upgrades version n + 1 to n + 2.
 STEPS: list[Callable[[pw_migrate.SchemaMigrator], None]] = [
     _v2_last_used,
     _v3_lifecycle,
     _v4_signed_requests,
     _v5_ed25519_rotation,
+    _v6_protections,
 ]
 VERSION = len(STEPS) + 1
 MIGRATION_LOCK = 0x6B657967  # "keyg": the advisory lock key of schema migrations on PostgreSQL

@@ -33,7 +33,7 @@ from keyguard_server._config import Config
 from keyguard_server._envoy import EnvoyAuthorizationServicer
 from keyguard_server._grpc import AuthorizationServicer, KeyManagementServicer
 from keyguard_server._secrets import SecretHasher
-from keyguard_server._service import Authorizer, KeyManager
+from keyguard_server._service import DAY_US, Authorizer, KeyManager
 from keyguard_server._store import Store
 
 log = logging.getLogger("keyguard.server")
@@ -86,6 +86,7 @@ class KeyguardServer:
         self._metrics_server: Any = None
         self.metrics_port = 0
         self.authorizer: Authorizer | None = None
+        self.manager: KeyManager | None = None
         self._authorization: AuthorizationServicer | None = None
         self._stopped = False
 
@@ -95,7 +96,9 @@ class KeyguardServer:
         _make_private_storage(config)
         # A bad token file stops the start before the database is opened.
         callers = config.callers or (ensure_admin_token(config),)
-        self._store = await Store.open(config.database_settings)
+        self._store = await Store.open(
+            config.database_settings, unrestricted_lapse_us=config.unrestricted_key_days * DAY_US
+        )
         self._hasher = SecretHasher(
             config.argon2, config.argon2_threads, config.argon2_max_pending, config.argon2_max_pending_hashes
         )
@@ -110,9 +113,8 @@ class KeyguardServer:
                 *GRPC_LIMITS.items(),
             ],
         )
-        pb_grpc.add_KeyManagementServicer_to_server(
-            KeyManagementServicer(KeyManager(self._store, self._hasher, config)), server
-        )
+        self.manager = KeyManager(self._store, self._hasher, config)
+        pb_grpc.add_KeyManagementServicer_to_server(KeyManagementServicer(self.manager), server)
         self._authorization = AuthorizationServicer(self.authorizer, config.authorize_stream_max_in_flight)
         pb_grpc.add_AuthorizationServicer_to_server(self._authorization, server)
         ext_grpc.add_AuthorizationServicer_to_server(EnvoyAuthorizationServicer(self.authorizer, config), server)
@@ -198,7 +200,7 @@ class KeyguardServer:
         refusal), so load balancers route around a broken one; SERVING again when it is back."""
         assert self._store is not None
         serving = True
-        while True:
+        while not self._stopped:  # not only cancellation: 3.11's wait_for can swallow one
             await asyncio.sleep(self.config.health_check_seconds)
             now = await self._store.ping(self.config.health_check_timeout_seconds)
             if now != serving:
@@ -207,7 +209,7 @@ class KeyguardServer:
                 serving = now
 
     async def _flush_usage_periodically(self) -> None:
-        while True:
+        while not self._stopped:  # not only cancellation: 3.11's wait_for can swallow one
             await asyncio.sleep(self.config.last_used_flush_seconds)
             await self.flush_usage()
 

@@ -44,13 +44,14 @@ from keyguard_server._secrets import (
     new_access_key,
     new_private_key,
 )
-from keyguard_server._store import AuthRow, Store, now_us
+from keyguard_server._store import AuthRow, Store, now_us, to_datetime
 from keyguard_server._validation import (
     ACCESS_KEY_RE,
     IPAddress,
     Violations,
     client_address,
     ed25519_public_key,
+    is_symbol,
 )
 from keyguard_server._verify import IPV4_EMBEDDING, FailureLimiter, VerificationCache, client_network
 
@@ -64,6 +65,7 @@ MAX_AUDIT_PAGE = 500
 MAX_ID = 2**63 - 1  # row ids are signed 64-bit in SQLite and PostgreSQL
 DEFAULT_ROTATION_GRACE = 24 * 3600
 MAX_ROTATION_GRACE = 30 * 24 * 3600
+DAY_US = 24 * 3600 * 10**6
 
 
 class KeyManager:
@@ -73,6 +75,10 @@ class KeyManager:
         self._store = store
         self._hasher = hasher
         self._config = config
+        # Microseconds since the epoch, for holds and pending changes; replaceable, so tests
+        # move time instead of waiting (as Authorizer.clock).
+        self.clock: Callable[[], int] = now_us
+        self._hold_us = config.address_hold_seconds * 10**6
 
     async def create_key(
         self,
@@ -84,6 +90,7 @@ class KeyManager:
         expires_at: datetime | None = None,
         key_type: int = 0,
         public_key: str = "",
+        symbols: list[str] | None = None,
     ) -> CreatedKey:
         """The key and its private key, which nothing else ever sees again.
 
@@ -95,6 +102,7 @@ class KeyManager:
         v.key_name(name)
         level = v.permission(permission)
         ips = v.allowed_ips(allowed_ips, max_count=self._config.max_allowed_ips)
+        tickers = v.symbols(symbols or [], max_count=self._config.max_symbols_per_key)
         expires_us = self._future(v, expires_at)
         self._withdraw_policy(v, level, ips)
         kind = KeyType.SECRET if key_type == 0 else v.key_type(key_type)
@@ -116,6 +124,8 @@ class KeyManager:
             expires_at_us=expires_us,
             key_type=kind,
             public_key=public_key,
+            symbols=tickers,
+            now=self.clock(),
         )
         log.info(
             "key created account_id=%s access_key=%s permission=%s ips=%d",
@@ -138,8 +148,10 @@ class KeyManager:
         expires_at: datetime | None = None,
         clear_expires_at: bool = False,
         enabled: bool | None = None,
+        symbols: list[str] | None = None,
     ) -> ApiKey:
-        """Changes what is given, under the same rules as creation."""
+        """Changes what is given, under the same rules as creation. Emptying the IP allowlist
+        starts the unrestricted-key period afresh; setting one ends it."""
         v = Violations()
         v.account_id(account_id)
         v.access_key(access_key)
@@ -158,6 +170,8 @@ class KeyManager:
             changes["expires_at_us"] = None
         if enabled is not None:
             changes["enabled"] = enabled
+        if symbols is not None:
+            changes["symbols"] = " ".join(v.symbols(symbols, max_count=self._config.max_symbols_per_key))
         v.raise_if_any()
 
         def check(result: ApiKey) -> None:
@@ -166,7 +180,7 @@ class KeyManager:
             after.raise_if_any()
 
         key = await self._store.update_key(
-            caller=caller, account_id=account_id, access_key=access_key, changes=changes, check=check
+            caller=caller, account_id=account_id, access_key=access_key, changes=changes, check=check, now=self.clock()
         )
         log.info("key updated account_id=%s access_key=%s fields=%s", account_id, access_key, ",".join(changes))
         return key
@@ -269,18 +283,42 @@ class KeyManager:
         return count
 
     async def account_settings(self, account_id: str) -> AccountSettings:
+        """As Authorize sees them now: address management stays on while an off is pending."""
         v = Violations()
         v.account_id(account_id)
         v.raise_if_any()
-        enabled, count = await self._store.account_settings(account_id)
-        return AccountSettings(account_id, enabled, count, self._config.max_keys_per_account)
+        state = await self._store.account_settings(account_id)
+        off_at = state.address_management_off_at_us
+        pending = state.address_management and off_at is not None and self.clock() < off_at
+        return AccountSettings(
+            account_id,
+            _management_on(state.address_management, off_at, self.clock()),
+            state.key_count,
+            self._config.max_keys_per_account,
+            state.frozen,
+            to_datetime(off_at) if pending and off_at is not None else None,
+        )
 
     async def set_address_management(self, caller: str, account_id: str, enabled: bool) -> AccountSettings:
+        """On at once (cancelling a pending off); off only after ``address_hold_seconds``."""
         v = Violations()
         v.account_id(account_id)
         v.raise_if_any()
-        await self._store.set_address_management(caller=caller, account_id=account_id, enabled=enabled)
-        log.info("address management %s account_id=%s", "on" if enabled else "off", account_id)
+        await self._store.set_address_management(
+            caller=caller, account_id=account_id, enabled=enabled, now=self.clock(), hold_us=self._hold_us
+        )
+        log.info("address management %s account_id=%s", "on" if enabled else "off requested", account_id)
+        return await self.account_settings(account_id)
+
+    async def set_frozen(self, caller: str, account_id: str, frozen: bool, reason: str = "") -> AccountSettings:
+        """Freezes (or unfreezes) every key of the account at once; the keys are kept.
+        Who may call it (admins only) is the caller interceptor's rule."""
+        v = Violations()
+        v.account_id(account_id)
+        v.text("reason", reason, max_len=256, required=False)
+        v.raise_if_any()
+        await self._store.set_frozen(caller=caller, account_id=account_id, frozen=frozen, reason=reason)
+        log.warning("account %s account_id=%s", "frozen" if frozen else "unfrozen", account_id)
         return await self.account_settings(account_id)
 
     async def add_address(
@@ -301,6 +339,8 @@ class KeyManager:
             memo=memo,
             label=label,
             max_addresses=self._config.max_withdrawal_addresses,
+            now=self.clock(),
+            hold_us=self._hold_us,
         )
         log.info("withdrawal address added account_id=%s id=%d asset=%s", account_id, row.id, asset)
         return row
@@ -415,6 +455,8 @@ class Authorizer:
         # remembers the last one across restarts): their verifications take turns with all others.
         self._proven: OrderedDict[str, set[str]] = OrderedDict()
         self._max_proven = config.verify_cache_size
+        # The unrestricted-key policy (0: off).
+        self._lapse_us = config.unrestricted_key_days * DAY_US
 
     @property
     def argon2_verifications(self) -> int:
@@ -430,8 +472,10 @@ class Authorizer:
         destination: WithdrawalDestination | None,
         signed: SignedRequest | None = None,
         time_left: float | None = None,
+        symbol: str = "",
     ) -> AuthorizeResult:
-        """The decision; ``time_left`` is the caller's deadline in seconds from now (None: none).
+        """The decision; ``time_left`` is the caller's deadline in seconds from now (None: none);
+        ``symbol`` the trading symbol of the request ("" none), checked for TRADE requests.
 
         Raises :class:`InvalidArgument` for a malformed request and
         :class:`keyguard.Unavailable` when the key's row cannot be read in time
@@ -449,10 +493,13 @@ class Authorizer:
             or not access_key
             or destination is not None
             or signed is not None
+            or (symbol and not is_symbol(symbol))
         ):
             # Anything but the common shape (a secret key's READ or TRADE request) is
             # validated in full, with every violation named.
-            ip, level, destination = _validated(access_key, client_ip, required, destination, signed)
+            ip, level, destination, symbol = _validated(access_key, client_ip, required, destination, signed, symbol)
+        else:
+            symbol = symbol.upper()
 
         if not ACCESS_KEY_RE.fullmatch(access_key):
             return _deny(Decision.UNKNOWN_KEY)
@@ -465,7 +512,7 @@ class Authorizer:
         if (refusal := _state_refusal(row, ip, now)) is not None:
             return refusal
         if row.key_type is KeyType.ED25519:
-            return await self._check_signature(access_key, row, ip, level, destination, signed, deadline)
+            return await self._check_signature(access_key, row, ip, level, destination, signed, deadline, symbol)
         in_grace = row.in_grace(now)
         if self.cache.hit(row.secret_hash, private_key) or (
             in_grace and self.cache.hit(row.previous_secret_hash, private_key)
@@ -475,7 +522,7 @@ class Authorizer:
             # lock out the bot that holds the secret).
             self.cache_hits += 1
             CACHE_HITS.inc()
-            return await self._after_secret(access_key, row, ip, level, destination, deadline)
+            return await self._after_secret(access_key, row, ip, level, destination, deadline, symbol)
         if not is_well_formed_private_key(private_key):
             return _deny(Decision.BAD_SECRET)  # costs nothing, so it counts against nothing
 
@@ -497,7 +544,7 @@ class Authorizer:
             return refusal
         if not current.accepts_hash(matched, now):
             return _deny(Decision.BAD_SECRET)
-        return await self._after_secret(access_key, current, ip, level, destination, deadline)
+        return await self._after_secret(access_key, current, ip, level, destination, deadline, symbol)
 
     def _read_budget(self, deadline: float) -> float:
         return min(self._read_timeout, max(0.001, deadline - time.monotonic()))
@@ -584,6 +631,7 @@ class Authorizer:
         destination: WithdrawalDestination | None,
         signed: SignedRequest | None,
         deadline: float,
+        symbol: str = "",
     ) -> AuthorizeResult:
         """ED25519: fresh timestamp, valid signature, unused nonce (recorded in the database,
         so a replay is refused by every replica). The signature is checked (cheaply) before any
@@ -601,7 +649,7 @@ class Authorizer:
             return _deny(Decision.RATE_LIMITED if limited else Decision.BAD_SIGNATURE)
         if not await self._store.use_nonce(access_key, signed.nonce, signed.timestamp_ms, self._read_budget(deadline)):
             return _deny(Decision.REPLAYED_REQUEST)
-        return await self._after_secret(access_key, row, ip, required, destination, deadline)
+        return await self._after_secret(access_key, row, ip, required, destination, deadline, symbol)
 
     async def forget_old_nonces(self) -> int:
         """Forgets nonces whose requests no replica would accept any more.
@@ -620,17 +668,23 @@ class Authorizer:
         required: Permission,
         destination: WithdrawalDestination | None,
         deadline: float,
+        symbol: str = "",
     ) -> AuthorizeResult:
         if row.permission < required:
-            return AuthorizeResult(False, Decision.PERMISSION_DENIED, row.account_id, row.name, row.permission)
-        if (
-            destination is not None
-            and row.address_management
-            and not await self._store.is_whitelisted(
+            return row.refusal(Decision.PERMISSION_DENIED)
+        now = self.clock()
+        # An unrestricted key's lapsed rights, then the key's symbol list.
+        if (refusal := _key_rule_refusal(row, required, symbol, now, self._lapse_us)) is not None:
+            return row.refusal(refusal)
+        if destination is not None and _management_on(row.address_management, row.address_management_off_at_us, now):
+            # One lookup says whether the destination is whitelisted and from when.
+            usable_from = await self._store.address_usable_from(
                 row.account_id, destination.asset, destination.address, destination.memo, self._read_budget(deadline)
             )
-        ):
-            return AuthorizeResult(False, Decision.ADDRESS_NOT_WHITELISTED, row.account_id, row.name, row.permission)
+            if usable_from is None:
+                return row.refusal(Decision.ADDRESS_NOT_WHITELISTED)
+            if now < usable_from:
+                return row.refusal(Decision.ADDRESS_ON_HOLD)
         self.usage.record(access_key, ip)
         return row.allow
 
@@ -650,8 +704,9 @@ def _validated(
     required: int,
     destination: WithdrawalDestination | None,
     signed: SignedRequest | None,
-) -> tuple[IPAddress, Permission, WithdrawalDestination | None]:
-    """An Authorize request's client address, permission and normalised destination;
+    symbol: str,
+) -> tuple[IPAddress, Permission, WithdrawalDestination | None, str]:
+    """An Authorize request's client address, permission, normalised destination and symbol;
     :class:`InvalidArgument` naming every malformed field."""
     v = Violations()
     if not access_key:
@@ -670,13 +725,17 @@ def _validated(
         )
     if signed is not None:
         v.signed_request(signed)
+    symbol = v.symbol(symbol)
     v.raise_if_any()
     assert ip is not None
-    return ip, level, destination
+    return ip, level, destination, symbol
 
 
 def _state_refusal(row: AuthRow, ip: IPAddress, now: int) -> AuthorizeResult | None:
-    """Steps 3-4 of the order of checks (docs/architecture.md): disabled, expired, client IP."""
+    """Steps 3-4 of the order of checks (docs/architecture.md): frozen account, disabled,
+    expired, client IP."""
+    if row.frozen:  # before anything else about the key, and before any argon2
+        return _deny(Decision.ACCOUNT_FROZEN)
     if not row.enabled:
         return _deny(Decision.KEY_DISABLED)
     if row.expires_at_us is not None and now >= row.expires_at_us:
@@ -684,6 +743,34 @@ def _state_refusal(row: AuthRow, ip: IPAddress, now: int) -> AuthorizeResult | N
     if not row.admits(ip):
         return _deny(Decision.IP_NOT_ALLOWED)
     return None
+
+
+def _key_rule_refusal(row: AuthRow, required: Permission, symbol: str, now: int, lapse_us: int) -> Decision | None:
+    """Step 8 of the order of checks, after the permission: a TRADE/WITHDRAW request of a key
+    unrestricted for longer than the policy allows (``lapse_us``, 0: off), then a TRADE request
+    naming no symbol, or one not on the key's symbol list (only for keys that have one)."""
+    if (
+        lapse_us
+        and required >= Permission.TRADE
+        and not row.allowed_ips
+        and row.unrestricted_since_us is not None
+        and now >= row.unrestricted_since_us + lapse_us
+    ):
+        return Decision.IP_RESTRICTION_REQUIRED
+    if required is Permission.TRADE and row.symbols and symbol not in _symbols(row.symbols):
+        return Decision.SYMBOL_NOT_ALLOWED
+    return None
+
+
+def _management_on(enabled: bool, off_at_us: int | None, now: int) -> bool:
+    """Whether address management is on at ``now``: a pending off only takes effect at ``off_at_us``."""
+    return enabled and (off_at_us is None or now < off_at_us)
+
+
+@functools.lru_cache(maxsize=4096)
+def _symbols(symbols: str) -> frozenset[str]:
+    """Parsed symbol lists, cached by their stored text."""
+    return frozenset(symbols.split())
 
 
 @functools.lru_cache(maxsize=4096)

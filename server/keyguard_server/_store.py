@@ -121,6 +121,13 @@ class AuthRow:
     previous_public_key: str
     # Where the key was last used from (as last flushed): that network has proven the credential.
     last_used_ip: str = ""
+    # Read in the same lookup: the account is frozen; a pending "address
+    # management off" (on until then); the key's symbol list (space-joined, "" = any);
+    # when its IP allowlist last became empty (None while it has one).
+    frozen: bool = False
+    address_management_off_at_us: int | None = None
+    symbols: str = ""
+    unrestricted_since_us: int | None = None
     # Derived from the fields above, once per row value.
     networks: tuple[IPNetwork, ...] = field(init=False, repr=False, compare=False)
     allow: AuthorizeResult = field(init=False, repr=False, compare=False)
@@ -131,6 +138,10 @@ class AuthRow:
         object.__setattr__(
             self, "allow", AuthorizeResult(True, Decision.ALLOW, self.account_id, self.name, self.permission)
         )
+
+    def refusal(self, decision: Decision) -> AuthorizeResult:
+        """A refusal after the caller proved it holds this key: with the key's identity."""
+        return AuthorizeResult(False, decision, self.account_id, self.name, self.permission)
 
     def in_grace(self, now: int) -> bool:
         """Whether the rotated-out credential is still accepted."""
@@ -149,6 +160,17 @@ class AuthRow:
     def admits(self, ip: IPAddress) -> bool:
         """Whether the allowlist admits ``ip`` (an empty list admits every address)."""
         return not self.networks or any(ip in network for network in self.networks)
+
+
+@dataclass(frozen=True)
+class AccountState:
+    """An account's settings as stored; the domain decides what they mean now."""
+
+    address_management: bool
+    # A pending "off": management stays on until then.
+    address_management_off_at_us: int | None
+    frozen: bool
+    key_count: int
 
 
 def now_us() -> int:
@@ -364,9 +386,11 @@ def _mapped(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
 class _Queries:
     """The store's SQL, run on database threads (never on the event loop); see the module docstring."""
 
-    def __init__(self, db: pw.Database) -> None:
+    def __init__(self, db: pw.Database, unrestricted_lapse_us: int = 0) -> None:
         self.db = db
         self._row_locks = isinstance(db, pw.PostgresqlDatabase)
+        # The unrestricted-key policy (0: off), for ApiKey.unrestricted_until.
+        self._lapse_us = unrestricted_lapse_us
         self.auth_sql = self.auth_many_sql = self.whitelisted_sql = self.nonce_sql = ""
 
     def build(self) -> None:
@@ -386,14 +410,19 @@ class _Queries:
             KeyModel.public_key,
             KeyModel.previous_public_key,
             KeyModel.last_used_ip,
+            pw.fn.COALESCE(AccountModel.frozen, pw.SQL("FALSE")),
+            AccountModel.address_management_off_at_us,
+            KeyModel.symbols,
+            KeyModel.unrestricted_since_us,
         ).join(AccountModel, pw.JOIN.LEFT_OUTER, on=AccountModel.account_id == KeyModel.account_id)
         self.auth_sql = key_and_account.where(KeyModel.access_key == "").sql()[0]
-        # PostgreSQL: every lookup waiting at once, in one statement (see _LookupBatcher).
+        # PostgreSQL: every lookup waiting at once, in one statement (see _LoopLookups).
         batched = key_and_account.select_extend(KeyModel.access_key).where(
             KeyModel.access_key == pw.fn.ANY(pw.SQL("%s"))
         )
         self.auth_many_sql = batched.sql()[0]
-        whitelisted = AddressModel.select(pw.SQL("1")).where(
+        # Whether the destination is whitelisted, and from when it is usable (the hold).
+        whitelisted = AddressModel.select(AddressModel.usable_from_us).where(
             (AddressModel.account_id == "")
             & (AddressModel.asset == "")
             & (AddressModel.address == "")
@@ -456,13 +485,16 @@ class _Queries:
         expires_at_us: int | None = None,
         key_type: KeyType = KeyType.SECRET,
         public_key: str = "",
+        symbols: tuple[str, ...] = (),
+        now: int | None = None,
     ) -> ApiKey:
-        """Insert a key unless the account is full or the name taken, atomically."""
+        """Insert a key unless the account is full or the name taken, atomically (``now``: the
+        domain's clock, else the system's)."""
         with _transaction(self.db):
             self._lock_account(account_id)
             self.check_key_room(account_id, name, max_keys)
-            created = now_us()
-            KeyModel.insert(
+            created = now_us() if now is None else now
+            row = KeyModel(
                 account_id=account_id,
                 access_key=access_key,
                 name=name,
@@ -473,7 +505,10 @@ class _Queries:
                 expires_at_us=expires_at_us,
                 key_type=int(key_type),
                 public_key=public_key,
-            ).execute()
+                symbols=" ".join(symbols),
+                unrestricted_since_us=None if allowed_ips else created,
+            )
+            row.save(force_insert=True)
             self._audit(
                 caller,
                 AuditAction.KEY_CREATED,
@@ -484,18 +519,9 @@ class _Queries:
                 allowed_ips=" ".join(allowed_ips),
                 **({"expires_at_us": expires_at_us} if expires_at_us else {}),
                 **({"key_type": key_type.name} if key_type is not KeyType.SECRET else {}),
+                **({"symbols": " ".join(symbols)} if symbols else {}),
             )
-        return ApiKey(
-            account_id,
-            access_key,
-            name,
-            permission,
-            tuple(allowed_ips),
-            to_datetime(created),
-            expires_at=to_datetime(expires_at_us) if expires_at_us else None,
-            key_type=key_type,
-            public_key=public_key,
-        )
+        return _key_row(row, self._lapse_us)
 
     def check_key_room(self, account_id: str, name: str, max_keys: int) -> None:
         if KeyModel.select().where((KeyModel.account_id == account_id) & (KeyModel.name == name)).exists():
@@ -505,13 +531,13 @@ class _Queries:
 
     def list_keys(self, account_id: str) -> list[ApiKey]:
         query = KeyModel.select().where(KeyModel.account_id == account_id).order_by(KeyModel.id)
-        return [_key_row(k) for k in query]
+        return [_key_row(k, self._lapse_us) for k in query]
 
     def get_key(self, account_id: str, access_key: str) -> ApiKey:
         key = KeyModel.get_or_none((KeyModel.account_id == account_id) & (KeyModel.access_key == access_key))
         if key is None:
             raise NotFound(f"account {account_id!r} has no key {access_key!r}")
-        return _key_row(key)
+        return _key_row(key, self._lapse_us)
 
     def update_key(
         self,
@@ -521,8 +547,11 @@ class _Queries:
         access_key: str,
         changes: dict[str, Any],
         check: Callable[[ApiKey], None],
+        now: int | None = None,
     ) -> ApiKey:
-        """Applies ``changes`` (column -> value) if ``check`` accepts the resulting key, atomically."""
+        """Applies ``changes`` (column -> value) if ``check`` accepts the resulting key, atomically.
+        An allowlist emptied ``now`` (the domain's clock, else the system's) starts the key's
+        unrestricted period; one set ends it."""
         with _transaction(self.db):
             self._lock_account(account_id)
             row = KeyModel.get_or_none((KeyModel.account_id == account_id) & (KeyModel.access_key == access_key))
@@ -534,9 +563,12 @@ class _Queries:
                 )
                 if taken.exists():
                     raise AlreadyExists(f"account {account_id!r} already has a key named {changes['name']!r}")
+            if "allowed_ips" in changes and bool(changes["allowed_ips"]) != bool(row.allowed_ips):
+                # Unrestricted from now (the policy counts from here), or restricted again.
+                row.unrestricted_since_us = None if changes["allowed_ips"] else (now_us() if now is None else now)
             for column, value in changes.items():
                 setattr(row, column, value)
-            updated = _key_row(row)
+            updated = _key_row(row, self._lapse_us)
             check(updated)
             if changes:
                 row.save()
@@ -566,7 +598,7 @@ class _Queries:
             row.public_key = public_key
             row.save()
             self._audit(caller, AuditAction.KEY_ROTATED, account_id, access_key, grace_seconds=grace_us // 10**6)
-            return _key_row(row)
+            return _key_row(row, self._lapse_us)
 
     def delete_key(self, *, caller: str, account_id: str, access_key: str) -> None:
         with _transaction(self.db):
@@ -588,29 +620,71 @@ class _Queries:
 
     # -- account settings -----------------------------------------------------
 
-    def account_settings(self, account_id: str) -> tuple[bool, int]:
-        """(address_management, key_count); defaults for an account never seen."""
+    def account_settings(self, account_id: str) -> AccountState:
+        """The account's stored settings and key count; defaults for an account never seen."""
         account = AccountModel.get_or_none(AccountModel.account_id == account_id)
-        count = KeyModel.select().where(KeyModel.account_id == account_id).count()
-        return (bool(account.address_management) if account else False), int(count)
+        count = int(KeyModel.select().where(KeyModel.account_id == account_id).count())
+        if account is None:
+            return AccountState(False, None, False, count)
+        return AccountState(
+            bool(account.address_management), account.address_management_off_at_us, bool(account.frozen), count
+        )
 
-    def set_address_management(self, *, caller: str, account_id: str, enabled: bool) -> None:
+    def set_address_management(self, *, caller: str, account_id: str, enabled: bool, now: int, hold_us: int) -> None:
+        """On: at once, cancelling a pending off. Off: after ``hold_us`` (0: at once); while an
+        off is pending, asking again changes nothing (the hold is not restarted, nor audited)."""
         with _transaction(self.db):
-            (
-                AccountModel.insert(account_id=account_id, address_management=enabled)
-                .on_conflict(
-                    conflict_target=[AccountModel.account_id], update={AccountModel.address_management: enabled}
+            self._lock_account(account_id)
+            account = AccountModel.get(AccountModel.account_id == account_id)
+            off_at = account.address_management_off_at_us
+            pending = bool(account.address_management) and off_at is not None and now < off_at
+            on = bool(account.address_management) and (off_at is None or now < off_at)
+            this_account = AccountModel.account_id == account_id
+            if enabled:
+                AccountModel.update(address_management=True, address_management_off_at_us=None).where(
+                    this_account
+                ).execute()
+                if pending:
+                    self._audit(caller, AuditAction.ADDRESS_MANAGEMENT_OFF_CANCELLED, account_id, off_at_us=off_at)
+                else:
+                    self._audit(caller, AuditAction.ADDRESS_MANAGEMENT_ENABLED, account_id)
+            elif pending:
+                return
+            elif on and hold_us > 0:
+                AccountModel.update(address_management_off_at_us=now + hold_us).where(this_account).execute()
+                self._audit(
+                    caller, AuditAction.ADDRESS_MANAGEMENT_OFF_REQUESTED, account_id, effective_at_us=now + hold_us
                 )
-                .execute()
-            )
-            action = AuditAction.ADDRESS_MANAGEMENT_ENABLED if enabled else AuditAction.ADDRESS_MANAGEMENT_DISABLED
-            self._audit(caller, action, account_id)
+            else:
+                AccountModel.update(address_management=False, address_management_off_at_us=None).where(
+                    this_account
+                ).execute()
+                self._audit(caller, AuditAction.ADDRESS_MANAGEMENT_DISABLED, account_id)
+
+    def set_frozen(self, *, caller: str, account_id: str, frozen: bool, reason: str) -> None:
+        """Freezes or unfreezes the account's API access (every call audited, repeated or not)."""
+        with _transaction(self.db):
+            self._lock_account(account_id)
+            AccountModel.update(frozen=frozen).where(AccountModel.account_id == account_id).execute()
+            action = AuditAction.ACCOUNT_FROZEN if frozen else AuditAction.ACCOUNT_UNFROZEN
+            self._audit(caller, action, account_id, **({"reason": reason} if reason else {}))
 
     # -- withdrawal whitelist -------------------------------------------------
 
     def add_address(
-        self, *, caller: str, account_id: str, asset: str, address: str, memo: str, label: str, max_addresses: int
+        self,
+        *,
+        caller: str,
+        account_id: str,
+        asset: str,
+        address: str,
+        memo: str,
+        label: str,
+        max_addresses: int,
+        now: int,
+        hold_us: int,
     ) -> WithdrawalAddress:
+        """Whitelists the destination at ``now``, usable for withdrawals ``hold_us`` later."""
         with _transaction(self.db):
             self._lock_account(account_id)
             if self.whitelisted(account_id, asset, address, memo):
@@ -620,19 +694,37 @@ class _Queries:
                 raise LimitExceeded(
                     f"account {account_id!r} already has the maximum of {max_addresses} whitelisted addresses"
                 )
-            created = now_us()
+            created, usable_from_us = now, now + hold_us
             new_id = AddressModel.insert(
-                account_id=account_id, asset=asset, address=address, memo=memo, label=label, created_at_us=created
+                account_id=account_id,
+                asset=asset,
+                address=address,
+                memo=memo,
+                label=label,
+                created_at_us=created,
+                usable_from_us=usable_from_us,
             ).execute()
             self._audit(
-                caller, AuditAction.ADDRESS_ADDED, account_id, id=new_id, asset=asset, address=address, memo=memo
+                caller,
+                AuditAction.ADDRESS_ADDED,
+                account_id,
+                id=new_id,
+                asset=asset,
+                address=address,
+                memo=memo,
+                usable_from_us=usable_from_us,
             )
-        return WithdrawalAddress(int(new_id), asset, address, memo, label, to_datetime(created))
+        return WithdrawalAddress(
+            int(new_id), asset, address, memo, label, to_datetime(created), to_datetime(usable_from_us)
+        )
 
     def list_addresses(self, account_id: str) -> list[WithdrawalAddress]:
         query = AddressModel.select().where(AddressModel.account_id == account_id).order_by(AddressModel.id)
         return [
-            WithdrawalAddress(a.id, a.asset, a.address, a.memo, a.label, to_datetime(a.created_at_us)) for a in query
+            WithdrawalAddress(
+                a.id, a.asset, a.address, a.memo, a.label, to_datetime(a.created_at_us), to_datetime(a.usable_from_us)
+            )
+            for a in query
         ]
 
     def remove_address(self, *, caller: str, account_id: str, address_id: int) -> None:
@@ -930,8 +1022,9 @@ class Store:
     the outcome is unknown), and the domain's own errors (``NotFound``, ...).
     """
 
-    def __init__(self, settings: DatabaseSettings) -> None:
-        """Use :meth:`open`, which also migrates the schema."""
+    def __init__(self, settings: DatabaseSettings, *, unrestricted_lapse_us: int = 0) -> None:
+        """Use :meth:`open`, which also migrates the schema. ``unrestricted_lapse_us``: the
+        unrestricted-key policy (0: off), which keys' ``unrestricted_until`` shows."""
         self.settings = settings
         self.db = open_database(settings)
         self._reads = _DatabaseThreads(self.db, "db-read", settings.read_threads, changes=False)
@@ -941,13 +1034,13 @@ class Store:
         self._inline = open_database(settings, role="inline") if settings.is_sqlite else None
         self._inline_connection: Any = None  # the loop thread's sqlite3 connection, used without peewee
         self._rows: dict[tuple[Any, ...], AuthRow] = {}
-        self._q = _Queries(self.db)
+        self._q = _Queries(self.db, unrestricted_lapse_us)
         self._lookups: _LoopLookups | None = None  # PostgreSQL: made once the lookup's SQL is built
         self._timeout = settings.call_timeout
 
     @classmethod
-    async def open(cls, settings: DatabaseSettings) -> Store:
-        store = cls(settings)
+    async def open(cls, settings: DatabaseSettings, *, unrestricted_lapse_us: int = 0) -> Store:
+        store = cls(settings, unrestricted_lapse_us=unrestricted_lapse_us)
         try:
             await store._writes.call(MIGRATION_TIMEOUT, store._migrate)
             if store._inline is not None:  # opened now, before serving, not by the first Authorize
@@ -1026,10 +1119,15 @@ class Store:
             known = self._rows[row] = _auth_row(row)
         return known
 
-    async def is_whitelisted(self, account_id: str, asset: str, address: str, memo: str, within: float) -> bool:
+    async def address_usable_from(
+        self, account_id: str, asset: str, address: str, memo: str, within: float
+    ) -> int | None:
+        """When the whitelisted destination becomes usable (µs since the epoch), None if it is
+        not whitelisted: one point lookup answers both."""
         params = (account_id, asset, address, memo)
         with _unavailable_when_locked():
-            return await self._read_one(self._q.whitelisted_sql, params, within) is not None
+            row = await self._read_one(self._q.whitelisted_sql, params, within)
+        return None if row is None else int(row[0])
 
     async def use_nonce(self, access_key: str, nonce: str, timestamp_ms: int, within: float) -> bool:
         """Records a signed request's nonce with the request's own timestamp; False if this key
@@ -1067,6 +1165,7 @@ class Store:
     delete_key = _on_writes(_Queries.delete_key)
     delete_all_keys = _on_writes(_Queries.delete_all_keys)
     set_address_management = _on_writes(_Queries.set_address_management)
+    set_frozen = _on_writes(_Queries.set_frozen)
     add_address = _on_writes(_Queries.add_address)
     remove_address = _on_writes(_Queries.remove_address)
     check_key_room = _on_reads(_Queries.check_key_room)
@@ -1079,7 +1178,8 @@ class Store:
 
 def _auth_row(row: tuple[Any, ...]) -> AuthRow:
     (account_id, name, permission, allowed_ips, secret_hash, address_management, enabled, expires, prev, until,
-     key_type, public_key, previous_public_key, last_used_ip) = row  # fmt: skip
+     key_type, public_key, previous_public_key, last_used_ip,
+     frozen, management_off_at, symbols, unrestricted_since) = row  # fmt: skip
     return AuthRow(
         account_id,
         name,
@@ -1095,10 +1195,21 @@ def _auth_row(row: tuple[Any, ...]) -> AuthRow:
         public_key,
         previous_public_key,
         last_used_ip,
+        bool(frozen),
+        management_off_at,
+        symbols,
+        unrestricted_since,
     )
 
 
-def _key_row(key: Any) -> ApiKey:
+def _key_row(key: Any, lapse_us: int = 0) -> ApiKey:
+    """``lapse_us``: the unrestricted-key policy (0: off), for ``unrestricted_until``."""
+    lapses = (
+        lapse_us > 0
+        and not key.allowed_ips
+        and key.permission >= Permission.TRADE
+        and key.unrestricted_since_us is not None
+    )
     return ApiKey(
         key.account_id,
         key.access_key,
@@ -1113,4 +1224,6 @@ def _key_row(key: Any) -> ApiKey:
         to_datetime(key.previous_valid_until_us) if key.previous_valid_until_us is not None else None,
         KeyType(key.key_type),
         key.public_key,
+        tuple(key.symbols.split()),
+        to_datetime(key.unrestricted_since_us + lapse_us) if lapses else None,
     )

@@ -24,6 +24,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 ACCESS_KEY_RE = re.compile(r"kg_[0-9A-Za-z]{24}")
 _ASSET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
 _NONCE_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
+# A trading symbol, after upper-casing: BTCUSDT, or two parts joined as in ETH-USDT, ETH_USDT, ETH/USDT.
+SYMBOL_RE = re.compile(r"[A-Z0-9]{2,20}(?:[-_/][A-Z0-9]{2,20})?")
+SYMBOL_RULE = "must be 2-20 letters or digits, or two such parts joined by '-', '_' or '/' (e.g. BTCUSDT, ETH-USDT)"
 
 # The canonical encodings of the eight Ed25519 points of small order (the
 # blocklist of libsodium's crypto_sign_ed25519, also listed in Chalkias et al.,
@@ -143,6 +146,33 @@ class Violations:
     def label(self, value: str, field: str = "label") -> str:
         return self.text(field, value, max_len=64, required=False)
 
+    def symbol(self, value: str, field: str = "symbol") -> str:
+        """A trading symbol, upper-cased; "" stays "" (none given)."""
+        if value and not is_symbol(value):
+            self.add(field, f"{_clip(value)!r} {SYMBOL_RULE}")
+        return value.upper()
+
+    def symbols(self, values: Iterable[str], *, max_count: int, field: str = "symbols") -> tuple[str, ...]:
+        """A key's symbol list: upper-cased, in the order given, each at most once.
+
+        A duplicate (in any case) is refused rather than dropped: a list that
+        names a symbol twice was probably meant to name another one.
+        """
+        values = list(values)
+        if len(values) > max_count:
+            self.add(field, f"at most {max_count} entries, got {len(values)}")
+            return ()
+        seen: dict[str, int] = {}
+        for i, raw in enumerate(values):
+            symbol = raw.upper()
+            if not (raw.isascii() and SYMBOL_RE.fullmatch(symbol)):
+                self.add(f"{field}[{i}]", f"{_clip(raw)!r} {SYMBOL_RULE}")
+            elif symbol in seen:
+                self.add(f"{field}[{i}]", f"{symbol} is already {field}[{seen[symbol]}]")
+            else:
+                seen[symbol] = i
+        return tuple(seen)
+
     def client_ip(self, value: str, field: str = "client_ip") -> IPAddress | None:
         if not value:
             self.add(field, "is required")
@@ -246,6 +276,11 @@ def parse_allowed_ip(raw: str) -> IPNetwork | IPAddress:
     if network.num_addresses == 1:
         return network.network_address
     return network
+
+
+def is_symbol(value: str) -> bool:
+    """Whether ``value`` is a trading symbol (in any case)."""
+    return value.isascii() and SYMBOL_RE.fullmatch(value.upper()) is not None
 
 
 def _clip(value: str, limit: int = 60) -> str:

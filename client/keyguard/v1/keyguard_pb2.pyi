@@ -99,6 +99,14 @@ class _AuditActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuditActi
     AUDIT_ACTION_ADDRESS_MANAGEMENT_DISABLED: _AuditAction.ValueType  # 7
     AUDIT_ACTION_KEY_UPDATED: _AuditAction.ValueType  # 8
     AUDIT_ACTION_KEY_ROTATED: _AuditAction.ValueType  # 9
+    AUDIT_ACTION_ACCOUNT_FROZEN: _AuditAction.ValueType  # 10
+    AUDIT_ACTION_ACCOUNT_UNFROZEN: _AuditAction.ValueType  # 11
+    AUDIT_ACTION_ADDRESS_MANAGEMENT_OFF_REQUESTED: _AuditAction.ValueType  # 12
+    """Turning address management off was asked for; details.effective_at_us
+    says when it takes effect (it then does without another event).
+    """
+    AUDIT_ACTION_ADDRESS_MANAGEMENT_OFF_CANCELLED: _AuditAction.ValueType  # 13
+    """Turning address management on again while an off was pending."""
 
 class AuditAction(_AuditAction, metaclass=_AuditActionEnumTypeWrapper):
     """What an audit event records."""
@@ -113,6 +121,14 @@ AUDIT_ACTION_ADDRESS_MANAGEMENT_ENABLED: AuditAction.ValueType  # 6
 AUDIT_ACTION_ADDRESS_MANAGEMENT_DISABLED: AuditAction.ValueType  # 7
 AUDIT_ACTION_KEY_UPDATED: AuditAction.ValueType  # 8
 AUDIT_ACTION_KEY_ROTATED: AuditAction.ValueType  # 9
+AUDIT_ACTION_ACCOUNT_FROZEN: AuditAction.ValueType  # 10
+AUDIT_ACTION_ACCOUNT_UNFROZEN: AuditAction.ValueType  # 11
+AUDIT_ACTION_ADDRESS_MANAGEMENT_OFF_REQUESTED: AuditAction.ValueType  # 12
+"""Turning address management off was asked for; details.effective_at_us
+says when it takes effect (it then does without another event).
+"""
+AUDIT_ACTION_ADDRESS_MANAGEMENT_OFF_CANCELLED: AuditAction.ValueType  # 13
+"""Turning address management on again while an off was pending."""
 Global___AuditAction: _TypeAlias = AuditAction  # noqa: Y015
 
 class _Decision:
@@ -148,13 +164,30 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     """ED25519: timestamp_ms is outside the receive window."""
     DECISION_REPLAYED_REQUEST: _Decision.ValueType  # 12
     """ED25519: this nonce was already used with this key."""
+    DECISION_ACCOUNT_FROZEN: _Decision.ValueType  # 13
+    """The key's account is frozen (FreezeAccount). Decided before the secret."""
+    DECISION_IP_RESTRICTION_REQUIRED: _Decision.ValueType  # 14
+    """A TRADE or WITHDRAW request with a key that has had no IP allowlist for
+    longer than the server's unrestricted_key_days: its trade and withdraw
+    rights lapsed until an allowlist is set (READ requests still pass).
+    """
+    DECISION_SYMBOL_NOT_ALLOWED: _Decision.ValueType  # 15
+    """A TRADE request with a key restricted to symbols, naming no symbol or one
+    not on the key's list.
+    """
+    DECISION_ADDRESS_ON_HOLD: _Decision.ValueType  # 16
+    """Address management is on and the destination is whitelisted, but was added
+    too recently: usable from its WithdrawalAddress.usable_from.
+    """
 
 class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper):
     """Why Authorize allowed or refused a request. Checks run in this order, after
     request validation; the first that fails decides: UNKNOWN_KEY,
-    IP_NOT_ALLOWED, RATE_LIMITED (skipped for a secret this server already
-    verified), BAD_SECRET, PERMISSION_DENIED, ADDRESS_NOT_WHITELISTED; with
-    KEY_DISABLED and KEY_EXPIRED right after UNKNOWN_KEY.
+    ACCOUNT_FROZEN, KEY_DISABLED, KEY_EXPIRED, IP_NOT_ALLOWED, RATE_LIMITED
+    (skipped for a secret this server already verified), BAD_SECRET (ED25519:
+    STALE_REQUEST, BAD_SIGNATURE, REPLAYED_REQUEST), PERMISSION_DENIED,
+    IP_RESTRICTION_REQUIRED, SYMBOL_NOT_ALLOWED, ADDRESS_NOT_WHITELISTED or
+    ADDRESS_ON_HOLD.
     """
 
 DECISION_UNSPECIFIED: Decision.ValueType  # 0
@@ -184,6 +217,21 @@ DECISION_STALE_REQUEST: Decision.ValueType  # 11
 """ED25519: timestamp_ms is outside the receive window."""
 DECISION_REPLAYED_REQUEST: Decision.ValueType  # 12
 """ED25519: this nonce was already used with this key."""
+DECISION_ACCOUNT_FROZEN: Decision.ValueType  # 13
+"""The key's account is frozen (FreezeAccount). Decided before the secret."""
+DECISION_IP_RESTRICTION_REQUIRED: Decision.ValueType  # 14
+"""A TRADE or WITHDRAW request with a key that has had no IP allowlist for
+longer than the server's unrestricted_key_days: its trade and withdraw
+rights lapsed until an allowlist is set (READ requests still pass).
+"""
+DECISION_SYMBOL_NOT_ALLOWED: Decision.ValueType  # 15
+"""A TRADE request with a key restricted to symbols, naming no symbol or one
+not on the key's list.
+"""
+DECISION_ADDRESS_ON_HOLD: Decision.ValueType  # 16
+"""Address management is on and the destination is whitelisted, but was added
+too recently: usable from its WithdrawalAddress.usable_from.
+"""
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
 
 @_typing.final
@@ -205,6 +253,8 @@ class ApiKey(_message.Message):
     PREVIOUS_KEY_VALID_UNTIL_FIELD_NUMBER: _builtins.int
     KEY_TYPE_FIELD_NUMBER: _builtins.int
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SYMBOLS_FIELD_NUMBER: _builtins.int
+    UNRESTRICTED_UNTIL_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     access_key: _builtins.str
     """Public identifier, "kg_" followed by 24 base62 characters."""
@@ -239,6 +289,24 @@ class ApiKey(_message.Message):
         key is still accepted.
         """
 
+    @_builtins.property
+    def symbols(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Trading symbols this key may trade, normalised to upper case (e.g.
+        "BTCUSDT", "ETH-USDT"). Empty: any symbol. A TRADE request of a key with a
+        list must name one of them (AuthorizeRequest.symbol), else
+        SYMBOL_NOT_ALLOWED.
+        """
+
+    @_builtins.property
+    def unrestricted_until(self) -> _timestamp_pb2.Timestamp:
+        """Set only when the server's unrestricted-key policy applies to this key
+        (unrestricted_key_days > 0, permission TRADE or WITHDRAW, empty
+        allowed_ips): from this moment TRADE and WITHDRAW requests answer
+        IP_RESTRICTION_REQUIRED (READ keeps working) until an IP allowlist is set.
+        Counted from when the key became unrestricted: its creation, or the update
+        that emptied its allowlist.
+        """
+
     def __init__(
         self,
         *,
@@ -255,10 +323,12 @@ class ApiKey(_message.Message):
         previous_key_valid_until: _timestamp_pb2.Timestamp | None = ...,
         key_type: Global___KeyType.ValueType = ...,
         public_key: _builtins.str = ...,
+        symbols: _abc.Iterable[_builtins.str] | None = ...,
+        unrestricted_until: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "last_used_at", b"last_used_at", "previous_key_valid_until", b"previous_key_valid_until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "last_used_at", b"last_used_at", "previous_key_valid_until", b"previous_key_valid_until", "unrestricted_until", b"unrestricted_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key", "account_id", b"account_id", "allowed_ips", b"allowed_ips", "created_at", b"created_at", "enabled", b"enabled", "expires_at", b"expires_at", "key_type", b"key_type", "last_used_at", b"last_used_at", "last_used_ip", b"last_used_ip", "name", b"name", "permission", b"permission", "previous_key_valid_until", b"previous_key_valid_until", "public_key", b"public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key", "account_id", b"account_id", "allowed_ips", b"allowed_ips", "created_at", b"created_at", "enabled", b"enabled", "expires_at", b"expires_at", "key_type", b"key_type", "last_used_at", b"last_used_at", "last_used_ip", b"last_used_ip", "name", b"name", "permission", b"permission", "previous_key_valid_until", b"previous_key_valid_until", "public_key", b"public_key", "symbols", b"symbols", "unrestricted_until", b"unrestricted_until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -276,12 +346,25 @@ class AccountSettings(_message.Message):
     ADDRESS_MANAGEMENT_FIELD_NUMBER: _builtins.int
     KEY_COUNT_FIELD_NUMBER: _builtins.int
     MAX_KEYS_FIELD_NUMBER: _builtins.int
+    FROZEN_FIELD_NUMBER: _builtins.int
+    ADDRESS_MANAGEMENT_OFF_AT_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     address_management: _builtins.bool
     """When on, WITHDRAW requests may only go to whitelisted destinations."""
     key_count: _builtins.int
     """How many keys the account holds now, and how many it may hold."""
     max_keys: _builtins.int
+    frozen: _builtins.bool
+    """A frozen account's keys are all refused (ACCOUNT_FROZEN) but kept, until
+    UnfreezeAccount.
+    """
+    @_builtins.property
+    def address_management_off_at(self) -> _timestamp_pb2.Timestamp:
+        """Set while turning address management off is pending: until this moment it
+        is still on (address_management stays true), from then on it is off.
+        Turning it on again cancels the pending change.
+        """
+
     def __init__(
         self,
         *,
@@ -289,10 +372,12 @@ class AccountSettings(_message.Message):
         address_management: _builtins.bool = ...,
         key_count: _builtins.int = ...,
         max_keys: _builtins.int = ...,
+        frozen: _builtins.bool = ...,
+        address_management_off_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["address_management_off_at", b"address_management_off_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "address_management", b"address_management", "key_count", b"key_count", "max_keys", b"max_keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "address_management", b"address_management", "address_management_off_at", b"address_management_off_at", "frozen", b"frozen", "key_count", b"key_count", "max_keys", b"max_keys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -310,6 +395,7 @@ class WithdrawalAddress(_message.Message):
     MEMO_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    USABLE_FROM_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     asset: _builtins.str
     """Asset code, normalised to upper case, e.g. "BTC" or "USDT-TRC20"."""
@@ -320,6 +406,13 @@ class WithdrawalAddress(_message.Message):
     """Free text for the owner, e.g. "cold wallet"."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def usable_from(self) -> _timestamp_pb2.Timestamp:
+        """Withdrawals to a newly added address are refused (ADDRESS_ON_HOLD) until
+        this moment: created_at plus the server's address_hold_seconds (default
+        24 h) at the time it was added.
+        """
+
     def __init__(
         self,
         *,
@@ -329,10 +422,11 @@ class WithdrawalAddress(_message.Message):
         memo: _builtins.str = ...,
         label: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        usable_from: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "usable_from", b"usable_from"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "asset", b"asset", "created_at", b"created_at", "id", b"id", "label", b"label", "memo", b"memo"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "asset", b"asset", "created_at", b"created_at", "id", b"id", "label", b"label", "memo", b"memo", "usable_from", b"usable_from"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -349,6 +443,7 @@ class CreateKeyRequest(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     KEY_TYPE_FIELD_NUMBER: _builtins.int
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SYMBOLS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     name: _builtins.str
     permission: Global___Permission.ValueType
@@ -368,6 +463,13 @@ class CreateKeyRequest(_message.Message):
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """Optional; must be in the future."""
 
+    @_builtins.property
+    def symbols(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional: the only trading symbols a TRADE request may name. At most 100,
+        each 2-20 letters or digits, optionally two such parts joined by "-", "_"
+        or "/" (e.g. BTCUSDT, ETH-USDT); upper-cased; no duplicates.
+        """
+
     def __init__(
         self,
         *,
@@ -378,10 +480,11 @@ class CreateKeyRequest(_message.Message):
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         key_type: Global___KeyType.ValueType = ...,
         public_key: _builtins.str = ...,
+        symbols: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "allowed_ips", b"allowed_ips", "expires_at", b"expires_at", "key_type", b"key_type", "name", b"name", "permission", b"permission", "public_key", b"public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "allowed_ips", b"allowed_ips", "expires_at", b"expires_at", "key_type", b"key_type", "name", b"name", "permission", b"permission", "public_key", b"public_key", "symbols", b"symbols"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -556,6 +659,28 @@ class IpList(_message.Message):
 Global___IpList: _TypeAlias = IpList  # noqa: Y015
 
 @_typing.final
+class SymbolList(_message.Message):
+    """A replacement symbol list; empty entries mean any symbol."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SymbolList: _TypeAlias = SymbolList  # noqa: Y015
+
+@_typing.final
 class UpdateKeyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -567,6 +692,7 @@ class UpdateKeyRequest(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     CLEAR_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     ENABLED_FIELD_NUMBER: _builtins.int
+    SYMBOLS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     access_key: _builtins.str
     name: _builtins.str
@@ -582,6 +708,10 @@ class UpdateKeyRequest(_message.Message):
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """Set to change the expiry (must be in the future) ..."""
 
+    @_builtins.property
+    def symbols(self) -> Global___SymbolList:
+        """Set to replace the symbol list."""
+
     def __init__(
         self,
         *,
@@ -593,10 +723,11 @@ class UpdateKeyRequest(_message.Message):
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         clear_expires_at: _builtins.bool = ...,
         enabled: _builtins.bool | None = ...,
+        symbols: Global___SymbolList | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_name", b"_name", "_permission", b"_permission", "allowed_ips", b"allowed_ips", "enabled", b"enabled", "expires_at", b"expires_at", "name", b"name", "permission", b"permission"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_name", b"_name", "_permission", b"_permission", "allowed_ips", b"allowed_ips", "enabled", b"enabled", "expires_at", b"expires_at", "name", b"name", "permission", b"permission", "symbols", b"symbols"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_name", b"_name", "_permission", b"_permission", "access_key", b"access_key", "account_id", b"account_id", "allowed_ips", b"allowed_ips", "clear_expires_at", b"clear_expires_at", "enabled", b"enabled", "expires_at", b"expires_at", "name", b"name", "permission", b"permission"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_name", b"_name", "_permission", b"_permission", "access_key", b"access_key", "account_id", b"account_id", "allowed_ips", b"allowed_ips", "clear_expires_at", b"clear_expires_at", "enabled", b"enabled", "expires_at", b"expires_at", "name", b"name", "permission", b"permission", "symbols", b"symbols"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__enabled: _TypeAlias = _typing.Literal["enabled"]  # noqa: Y015
     _WhichOneofArgType__enabled: _TypeAlias = _typing.Literal["_enabled", b"_enabled"]  # noqa: Y015
@@ -809,6 +940,92 @@ class SetAddressManagementResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetAddressManagementResponse: _TypeAlias = SetAddressManagementResponse  # noqa: Y015
+
+@_typing.final
+class FreezeAccountRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    reason: _builtins.str
+    """Optional, for the audit log (at most 256 characters), e.g. a ticket id."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FreezeAccountRequest: _TypeAlias = FreezeAccountRequest  # noqa: Y015
+
+@_typing.final
+class FreezeAccountResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def settings(self) -> Global___AccountSettings: ...
+    def __init__(
+        self,
+        *,
+        settings: Global___AccountSettings | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FreezeAccountResponse: _TypeAlias = FreezeAccountResponse  # noqa: Y015
+
+@_typing.final
+class UnfreezeAccountRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    reason: _builtins.str
+    """Optional, for the audit log (at most 256 characters)."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnfreezeAccountRequest: _TypeAlias = UnfreezeAccountRequest  # noqa: Y015
+
+@_typing.final
+class UnfreezeAccountResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def settings(self) -> Global___AccountSettings: ...
+    def __init__(
+        self,
+        *,
+        settings: Global___AccountSettings | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnfreezeAccountResponse: _TypeAlias = UnfreezeAccountResponse  # noqa: Y015
 
 @_typing.final
 class AddWithdrawalAddressRequest(_message.Message):
@@ -1093,6 +1310,7 @@ class AuthorizeRequest(_message.Message):
     REQUIRED_PERMISSION_FIELD_NUMBER: _builtins.int
     DESTINATION_FIELD_NUMBER: _builtins.int
     SIGNED_FIELD_NUMBER: _builtins.int
+    SYMBOL_FIELD_NUMBER: _builtins.int
     access_key: _builtins.str
     private_key: _builtins.str
     """As presented by the bot; the gateway forwards it unchanged."""
@@ -1100,6 +1318,11 @@ class AuthorizeRequest(_message.Message):
     """The bot's IP address as the gateway saw it (IPv4 or IPv6)."""
     required_permission: Global___Permission.ValueType
     """What the request needs: READ, TRADE or WITHDRAW."""
+    symbol: _builtins.str
+    """The trading symbol of a TRADE request (e.g. "BTCUSDT"; any case), checked
+    against the key's symbol list when it has one. Optional otherwise; when
+    given, it must be a valid symbol.
+    """
     @_builtins.property
     def destination(self) -> Global___WithdrawalDestination:
         """Required when required_permission is WITHDRAW, refused otherwise."""
@@ -1117,10 +1340,11 @@ class AuthorizeRequest(_message.Message):
         required_permission: Global___Permission.ValueType = ...,
         destination: Global___WithdrawalDestination | None = ...,
         signed: Global___SignedRequest | None = ...,
+        symbol: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "signed", b"signed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key", "client_ip", b"client_ip", "destination", b"destination", "private_key", b"private_key", "required_permission", b"required_permission", "signed", b"signed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key", "client_ip", b"client_ip", "destination", b"destination", "private_key", b"private_key", "required_permission", b"required_permission", "signed", b"signed", "symbol", b"symbol"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1179,7 +1403,8 @@ class AuthorizeResponse(_message.Message):
     decision: Global___Decision.ValueType
     account_id: _builtins.str
     """Set on ALLOW and on refusals after the private key was verified
-    (PERMISSION_DENIED, ADDRESS_NOT_WHITELISTED), so the gateway needs no
+    (PERMISSION_DENIED, IP_RESTRICTION_REQUIRED, SYMBOL_NOT_ALLOWED,
+    ADDRESS_NOT_WHITELISTED, ADDRESS_ON_HOLD), so the gateway needs no
     second call. Empty when the caller has not proven it holds the key.
     """
     key_name: _builtins.str

@@ -99,6 +99,16 @@ class KeyManagementStub:
                 request_serializer=keyguard_dot_v1_dot_keyguard__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=keyguard_dot_v1_dot_keyguard__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.FreezeAccount = channel.unary_unary(
+                '/keyguard.v1.KeyManagement/FreezeAccount',
+                request_serializer=keyguard_dot_v1_dot_keyguard__pb2.FreezeAccountRequest.SerializeToString,
+                response_deserializer=keyguard_dot_v1_dot_keyguard__pb2.FreezeAccountResponse.FromString,
+                _registered_method=True)
+        self.UnfreezeAccount = channel.unary_unary(
+                '/keyguard.v1.KeyManagement/UnfreezeAccount',
+                request_serializer=keyguard_dot_v1_dot_keyguard__pb2.UnfreezeAccountRequest.SerializeToString,
+                response_deserializer=keyguard_dot_v1_dot_keyguard__pb2.UnfreezeAccountResponse.FromString,
+                _registered_method=True)
 
 
 class KeyManagementServicer:
@@ -165,14 +175,21 @@ class KeyManagementServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetAddressManagement(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Turning address management on takes effect at once (and cancels a pending
+        off). Turning it off takes effect only after the server's
+        address_hold_seconds (default 24 h; 0 = at once): until then it stays on
+        and GetAccountSettings shows when it turns off. Asking again while an off
+        is pending changes nothing.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def AddWithdrawalAddress(self, request, context):
         """ALREADY_EXISTS if (asset, address, memo) is already on the whitelist;
-        RESOURCE_EXHAUSTED if the whitelist is full.
+        RESOURCE_EXHAUSTED if the whitelist is full. The new address is usable for
+        withdrawals only after the server's address_hold_seconds (default 24 h):
+        see WithdrawalAddress.usable_from. Removing one takes effect at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -193,6 +210,23 @@ class KeyManagementServicer:
 
     def ListAuditEvents(self, request, context):
         """The audit log, newest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FreezeAccount(self, request, context):
+        """Freezes the account's API access: every key of the account is refused
+        (ACCOUNT_FROZEN) from the very next Authorize on, on every replica; keys,
+        whitelist and settings are kept. Callers with the admin role only
+        (PERMISSION_DENIED for a manager).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnfreezeAccount(self, request, context):
+        """Undoes FreezeAccount. Admin role only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -265,6 +299,16 @@ def add_KeyManagementServicer_to_server(servicer, server):
                     servicer.ListAuditEvents,
                     request_deserializer=keyguard_dot_v1_dot_keyguard__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=keyguard_dot_v1_dot_keyguard__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'FreezeAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.FreezeAccount,
+                    request_deserializer=keyguard_dot_v1_dot_keyguard__pb2.FreezeAccountRequest.FromString,
+                    response_serializer=keyguard_dot_v1_dot_keyguard__pb2.FreezeAccountResponse.SerializeToString,
+            ),
+            'UnfreezeAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnfreezeAccount,
+                    request_deserializer=keyguard_dot_v1_dot_keyguard__pb2.UnfreezeAccountRequest.FromString,
+                    response_serializer=keyguard_dot_v1_dot_keyguard__pb2.UnfreezeAccountResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -618,6 +662,60 @@ class KeyManagement:
             '/keyguard.v1.KeyManagement/ListAuditEvents',
             keyguard_dot_v1_dot_keyguard__pb2.ListAuditEventsRequest.SerializeToString,
             keyguard_dot_v1_dot_keyguard__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FreezeAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyguard.v1.KeyManagement/FreezeAccount',
+            keyguard_dot_v1_dot_keyguard__pb2.FreezeAccountRequest.SerializeToString,
+            keyguard_dot_v1_dot_keyguard__pb2.FreezeAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnfreezeAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyguard.v1.KeyManagement/UnfreezeAccount',
+            keyguard_dot_v1_dot_keyguard__pb2.UnfreezeAccountRequest.SerializeToString,
+            keyguard_dot_v1_dot_keyguard__pb2.UnfreezeAccountResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,15 +66,31 @@ class KeyManagementStub:
     """
     GetAccountSettings: _grpc.UnaryUnaryMultiCallable[_keyguard_pb2.GetAccountSettingsRequest, _keyguard_pb2.GetAccountSettingsResponse]
     SetAddressManagement: _grpc.UnaryUnaryMultiCallable[_keyguard_pb2.SetAddressManagementRequest, _keyguard_pb2.SetAddressManagementResponse]
+    """Turning address management on takes effect at once (and cancels a pending
+    off). Turning it off takes effect only after the server's
+    address_hold_seconds (default 24 h; 0 = at once): until then it stays on
+    and GetAccountSettings shows when it turns off. Asking again while an off
+    is pending changes nothing.
+    """
     AddWithdrawalAddress: _grpc.UnaryUnaryMultiCallable[_keyguard_pb2.AddWithdrawalAddressRequest, _keyguard_pb2.AddWithdrawalAddressResponse]
     """ALREADY_EXISTS if (asset, address, memo) is already on the whitelist;
-    RESOURCE_EXHAUSTED if the whitelist is full.
+    RESOURCE_EXHAUSTED if the whitelist is full. The new address is usable for
+    withdrawals only after the server's address_hold_seconds (default 24 h):
+    see WithdrawalAddress.usable_from. Removing one takes effect at once.
     """
     ListWithdrawalAddresses: _grpc.UnaryUnaryMultiCallable[_keyguard_pb2.ListWithdrawalAddressesRequest, _keyguard_pb2.ListWithdrawalAddressesResponse]
     RemoveWithdrawalAddress: _grpc.UnaryUnaryMultiCallable[_keyguard_pb2.RemoveWithdrawalAddressRequest, _keyguard_pb2.RemoveWithdrawalAddressResponse]
     """NOT_FOUND unless the entry exists in that account."""
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_keyguard_pb2.ListAuditEventsRequest, _keyguard_pb2.ListAuditEventsResponse]
     """The audit log, newest first, a page at a time."""
+    FreezeAccount: _grpc.UnaryUnaryMultiCallable[_keyguard_pb2.FreezeAccountRequest, _keyguard_pb2.FreezeAccountResponse]
+    """Freezes the account's API access: every key of the account is refused
+    (ACCOUNT_FROZEN) from the very next Authorize on, on every replica; keys,
+    whitelist and settings are kept. Callers with the admin role only
+    (PERMISSION_DENIED for a manager).
+    """
+    UnfreezeAccount: _grpc.UnaryUnaryMultiCallable[_keyguard_pb2.UnfreezeAccountRequest, _keyguard_pb2.UnfreezeAccountResponse]
+    """Undoes FreezeAccount. Admin role only."""
 
 @_typing.type_check_only
 class KeyManagementAsyncStub(KeyManagementStub):
@@ -103,15 +119,31 @@ class KeyManagementAsyncStub(KeyManagementStub):
     """
     GetAccountSettings: _aio.UnaryUnaryMultiCallable[_keyguard_pb2.GetAccountSettingsRequest, _keyguard_pb2.GetAccountSettingsResponse]  # type: ignore[assignment]
     SetAddressManagement: _aio.UnaryUnaryMultiCallable[_keyguard_pb2.SetAddressManagementRequest, _keyguard_pb2.SetAddressManagementResponse]  # type: ignore[assignment]
+    """Turning address management on takes effect at once (and cancels a pending
+    off). Turning it off takes effect only after the server's
+    address_hold_seconds (default 24 h; 0 = at once): until then it stays on
+    and GetAccountSettings shows when it turns off. Asking again while an off
+    is pending changes nothing.
+    """
     AddWithdrawalAddress: _aio.UnaryUnaryMultiCallable[_keyguard_pb2.AddWithdrawalAddressRequest, _keyguard_pb2.AddWithdrawalAddressResponse]  # type: ignore[assignment]
     """ALREADY_EXISTS if (asset, address, memo) is already on the whitelist;
-    RESOURCE_EXHAUSTED if the whitelist is full.
+    RESOURCE_EXHAUSTED if the whitelist is full. The new address is usable for
+    withdrawals only after the server's address_hold_seconds (default 24 h):
+    see WithdrawalAddress.usable_from. Removing one takes effect at once.
     """
     ListWithdrawalAddresses: _aio.UnaryUnaryMultiCallable[_keyguard_pb2.ListWithdrawalAddressesRequest, _keyguard_pb2.ListWithdrawalAddressesResponse]  # type: ignore[assignment]
     RemoveWithdrawalAddress: _aio.UnaryUnaryMultiCallable[_keyguard_pb2.RemoveWithdrawalAddressRequest, _keyguard_pb2.RemoveWithdrawalAddressResponse]  # type: ignore[assignment]
     """NOT_FOUND unless the entry exists in that account."""
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_keyguard_pb2.ListAuditEventsRequest, _keyguard_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """The audit log, newest first, a page at a time."""
+    FreezeAccount: _aio.UnaryUnaryMultiCallable[_keyguard_pb2.FreezeAccountRequest, _keyguard_pb2.FreezeAccountResponse]  # type: ignore[assignment]
+    """Freezes the account's API access: every key of the account is refused
+    (ACCOUNT_FROZEN) from the very next Authorize on, on every replica; keys,
+    whitelist and settings are kept. Callers with the admin role only
+    (PERMISSION_DENIED for a manager).
+    """
+    UnfreezeAccount: _aio.UnaryUnaryMultiCallable[_keyguard_pb2.UnfreezeAccountRequest, _keyguard_pb2.UnfreezeAccountResponse]  # type: ignore[assignment]
+    """Undoes FreezeAccount. Admin role only."""
 
 class KeyManagementServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -190,7 +222,13 @@ class KeyManagementServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _keyguard_pb2.SetAddressManagementRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_keyguard_pb2.SetAddressManagementResponse, _abc.Awaitable[_keyguard_pb2.SetAddressManagementResponse]]: ...
+    ) -> _typing.Union[_keyguard_pb2.SetAddressManagementResponse, _abc.Awaitable[_keyguard_pb2.SetAddressManagementResponse]]:
+        """Turning address management on takes effect at once (and cancels a pending
+        off). Turning it off takes effect only after the server's
+        address_hold_seconds (default 24 h; 0 = at once): until then it stays on
+        and GetAccountSettings shows when it turns off. Asking again while an off
+        is pending changes nothing.
+        """
 
     @_abc_1.abstractmethod
     def AddWithdrawalAddress(
@@ -199,7 +237,9 @@ class KeyManagementServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_keyguard_pb2.AddWithdrawalAddressResponse, _abc.Awaitable[_keyguard_pb2.AddWithdrawalAddressResponse]]:
         """ALREADY_EXISTS if (asset, address, memo) is already on the whitelist;
-        RESOURCE_EXHAUSTED if the whitelist is full.
+        RESOURCE_EXHAUSTED if the whitelist is full. The new address is usable for
+        withdrawals only after the server's address_hold_seconds (default 24 h):
+        see WithdrawalAddress.usable_from. Removing one takes effect at once.
         """
 
     @_abc_1.abstractmethod
@@ -224,6 +264,26 @@ class KeyManagementServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_keyguard_pb2.ListAuditEventsResponse, _abc.Awaitable[_keyguard_pb2.ListAuditEventsResponse]]:
         """The audit log, newest first, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def FreezeAccount(
+        self,
+        request: _keyguard_pb2.FreezeAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyguard_pb2.FreezeAccountResponse, _abc.Awaitable[_keyguard_pb2.FreezeAccountResponse]]:
+        """Freezes the account's API access: every key of the account is refused
+        (ACCOUNT_FROZEN) from the very next Authorize on, on every replica; keys,
+        whitelist and settings are kept. Callers with the admin role only
+        (PERMISSION_DENIED for a manager).
+        """
+
+    @_abc_1.abstractmethod
+    def UnfreezeAccount(
+        self,
+        request: _keyguard_pb2.UnfreezeAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyguard_pb2.UnfreezeAccountResponse, _abc.Awaitable[_keyguard_pb2.UnfreezeAccountResponse]]:
+        """Undoes FreezeAccount. Admin role only."""
 
 def add_KeyManagementServicer_to_server(servicer: KeyManagementServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
