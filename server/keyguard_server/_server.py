@@ -20,7 +20,6 @@ from urllib.parse import urlsplit
 import grpc
 import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from playhouse import db_url
 
 from keyguard import KeyguardError
@@ -32,6 +31,7 @@ from keyguard_server._auth import CallerInterceptor, ensure_admin_token
 from keyguard_server._config import Config
 from keyguard_server._envoy import EnvoyAuthorizationServicer
 from keyguard_server._grpc import AuthorizationServicer, KeyManagementServicer
+from keyguard_server._reflection import enable_server_reflection
 from keyguard_server._secrets import SecretHasher
 from keyguard_server._service import Authorizer, KeyManager
 from keyguard_server._store import Store
@@ -117,9 +117,7 @@ class KeyguardServer:
         pb_grpc.add_AuthorizationServicer_to_server(self._authorization, server)
         ext_grpc.add_AuthorizationServicer_to_server(EnvoyAuthorizationServicer(self.authorizer, config), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, ENVOY_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        enable_server_reflection((*SERVICE_NAMES, ENVOY_SERVICE, health.SERVICE_NAME), server)
         try:
             if config.tls:
                 self.port = server.add_secure_port(config.listen, _tls_credentials(config))
