@@ -194,8 +194,9 @@ class Config:
     # Who may call. Empty: loopback only, with a generated admin token in
     # <data_dir>/admin.token that the CLI picks up.
     callers: tuple[Caller, ...] = ()
-    # Prometheus metrics over HTTP ("" = off). With --workers N, worker i
-    # listens on the port + i - 1.
+    # Prometheus metrics over HTTP ("" = off). With --workers N the supervisor
+    # serves it alone: the sum over every worker (prometheus_client's
+    # multiprocess mode, files in a fresh <data_dir>/metrics-* directory).
     metrics_listen: str = ""
     # "text" or "json" (one JSON object per line).
     log_format: str = "text"
