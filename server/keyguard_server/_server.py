@@ -76,8 +76,12 @@ MAX_HEALTH_WATCHES = 64
 class KeyguardServer:
     """Store, argon2 pool and gRPC server, started and stopped as one."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, tracer_provider: Any = None) -> None:
+        """``tracer_provider``: an OpenTelemetry SDK TracerProvider to trace into (tests, embedding),
+        whatever ``config.tracing`` says; otherwise ``tracing = "otlp"`` makes one that exports over OTLP."""
         self.config = config
+        self._tracer_provider = tracer_provider
+        self._tracing: Any = None
         self.port = 0
         self._store: Store | None = None
         self._hasher: SecretHasher | None = None
@@ -102,8 +106,14 @@ class KeyguardServer:
         )
         await self._hasher.calibrate()
         self.authorizer = Authorizer(self._store, self._hasher, config)
+        interceptors: list[grpc.aio.ServerInterceptor] = [CallerInterceptor(callers)]
+        if config.tracing or self._tracer_provider is not None:
+            from keyguard_server._tracing import Tracing  # off: nothing of OpenTelemetry is imported
+
+            self._tracing = Tracing(self._tracer_provider)
+            interceptors[:0] = self._tracing.interceptors  # outermost: a span covers the caller check too
         server = grpc.aio.server(
-            interceptors=[CallerInterceptor(callers)],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 # Only workers share a port; otherwise a second server fails loudly.
@@ -169,6 +179,8 @@ class KeyguardServer:
             self._hasher.close()
         if self._store is not None:
             await self._store.close()
+        if self._tracing is not None:
+            await asyncio.to_thread(self._tracing.close)  # exports what is buffered: not on the loop
         log.info("keyguard stopped")
 
     async def flush_usage(self) -> None:
