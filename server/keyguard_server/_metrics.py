@@ -90,10 +90,15 @@ class WorkerMetrics:
             self.path = Path(tempfile.mkdtemp(prefix="metrics-", dir=root))
             self._lock: IO[str] = (self.path / ".lock").open("w")
             fcntl.flock(self._lock, fcntl.LOCK_EX)
-        os.environ[MULTIPROCESS_ENV] = str(self.path)  # before any worker starts (and imports prometheus_client)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=str(self.path))  # type: ignore[no-untyped-call]
-        self._server = serve(listen, registry)
+        try:
+            self._server = serve(listen, registry)
+        except OSError:  # the address is taken: leave nothing behind
+            shutil.rmtree(self.path, ignore_errors=True)
+            self._lock.close()
+            raise
+        os.environ[MULTIPROCESS_ENV] = str(self.path)  # before any worker starts (and imports prometheus_client)
         self.port: int = self._server.server_port
 
     def worker_exited(self, pid: int) -> None:
