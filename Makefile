@@ -21,16 +21,18 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-## proto: regenerate the committed stubs in client/keyguard/ from protos/
+## proto: regenerate the committed stubs in client/keyguard/ and Envoy's descriptor set from protos/
 proto: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python protos/generate.py client
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python protos/generate.py client protos/keyguard.binpb
 
 ## lint: ruff, mypy and buf lint (protos/keyguard/v1; protos/keyguard/envoy follows Envoy's names)
+# buf lints an image protoc builds with the installed google/api protos (buf has no network here).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	cd protos && ../$(BIN)/buf lint
+	$(BIN)/python protos/generate.py --lint-image $(VENV)/buf-lint.binpb
+	cd protos && ../$(BIN)/buf lint ../$(VENV)/buf-lint.binpb --config buf.yaml --path keyguard/v1
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

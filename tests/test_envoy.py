@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import secrets
@@ -132,16 +133,26 @@ def keyguard(launch: StartServer) -> Iterator[RunningServer]:
 @pytest.fixture(scope="module")
 def envoy(keyguard: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Envoy's listener URL."""
-    assert ENVOY is not None
     upstream = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    work = tmp_path_factory.mktemp("envoy")
-    config = work / "bootstrap.yaml"
-    config.write_text(
-        BOOTSTRAP.format(
-            token=keyguard.admin_token, upstream_port=upstream.server_address[1], keyguard_port=keyguard.server.port
-        )
+    bootstrap = BOOTSTRAP.format(
+        token=keyguard.admin_token, upstream_port=upstream.server_address[1], keyguard_port=keyguard.server.port
     )
+    try:
+        with run_envoy(bootstrap, tmp_path_factory.mktemp("envoy")) as url:
+            yield url
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
+
+
+@contextlib.contextmanager
+def run_envoy(bootstrap: str, work: Path) -> Iterator[str]:
+    """A real Envoy with this bootstrap config (its first listener on port 0), in ``work``;
+    yields that listener's URL. A random --base-id lets several run side by side."""
+    assert ENVOY is not None
+    config = work / "bootstrap.yaml"
+    config.write_text(bootstrap)
     admin_path = work / "admin.address"
     log = (work / "envoy.log").open("w")
     proc = subprocess.Popen(
@@ -156,8 +167,6 @@ def envoy(keyguard: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> 
         proc.terminate()
         proc.wait(10)
         log.close()
-        upstream.shutdown()
-        upstream.server_close()
 
 
 def _listener_url(proc: subprocess.Popen[bytes], admin_path: Path, log: Path) -> str:

@@ -8,11 +8,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import google.rpc
 import pytest
 
 from tests.conftest import RunningServer
 
 NODE_DIR = Path(__file__).parent / "node"
+# google/api/annotations.proto, imported by keyguard.proto for its HTTP rules: from googleapis-common-protos.
+GOOGLEAPIS = str(Path(google.rpc.__path__[0]).parents[1])
 NODE, NPM = shutil.which("node"), shutil.which("npm")
 
 
@@ -34,7 +37,7 @@ def node_client() -> Path:
 def test_node_client_creates_a_key_and_authorizes(node_client: Path, server: RunningServer, account: str) -> None:
     assert NODE is not None
     out = subprocess.run(
-        [NODE, str(node_client), server.target, server.admin_token, account],
+        [NODE, str(node_client), server.target, server.admin_token, account, GOOGLEAPIS],
         capture_output=True,
         text=True,
         timeout=60,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib.util
 import ipaddress
 import os
 import re
@@ -206,11 +207,16 @@ class Config:
     # Who may call. Empty: loopback only, with a generated admin token in
     # <data_dir>/admin.token that the CLI picks up.
     callers: tuple[Caller, ...] = ()
-    # Prometheus metrics over HTTP ("" = off). With --workers N, worker i
-    # listens on the port + i - 1.
+    # Prometheus metrics over HTTP ("" = off). With --workers N the supervisor
+    # serves it alone: the sum over every worker (prometheus_client's
+    # multiprocess mode, files in a fresh <data_dir>/metrics-* directory).
     metrics_listen: str = ""
     # "text" or "json" (one JSON object per line).
     log_format: str = "text"
+    # OpenTelemetry spans per RPC: "" (off: nothing of OpenTelemetry is imported)
+    # or "otlp" (exported over OTLP/gRPC to OTEL_EXPORTER_OTLP_ENDPOINT; needs
+    # pip install 'keyguard[tracing]').
+    tracing: str = ""
     # Envoy ext_authz (envoy.service.auth.v3.Authorization/Check): where the
     # bot's credentials and the withdrawal destination are in its HTTP request
     # (header names, any case: stored in lower case), where the client IP comes
@@ -326,6 +332,13 @@ class Config:
             raise ValueError("config tls_client_ca_file needs tls_cert_file and tls_key_file")
         if self.log_format not in ("text", "json"):
             raise ValueError("config log_format must be text or json")
+        if self.tracing not in ("", "otlp"):
+            raise ValueError('config tracing must be "" (off) or "otlp"')
+        if self.tracing and (missing := _missing_modules(TRACING_MODULES)):
+            raise ValueError(
+                f"config tracing = {self.tracing!r} needs OpenTelemetry, and {missing[0]} is not installed: "
+                "pip install 'keyguard[tracing]'"
+            )
         seen: dict[tuple[str, str], EnvoyRoute] = {}
         for route in self.envoy_routes:
             other = seen.setdefault((route.key, route.method), route)
@@ -403,6 +416,27 @@ def trusted_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6N
         return tuple(ipaddress.ip_network(entry) for entry in text.replace(",", " ").split())
     except ValueError as exc:
         raise ValueError(f"config envoy_trusted_proxies: {exc}") from None
+
+
+# What tracing = "otlp" imports (the packages of the keyguard[tracing] extra).
+TRACING_MODULES = (
+    "opentelemetry.sdk.trace",
+    "opentelemetry.instrumentation.grpc",
+    "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+)
+
+
+def _missing_modules(names: tuple[str, ...]) -> list[str]:
+    """The modules of ``names`` that cannot be found (found, not imported)."""
+    missing = []
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ImportError:  # a parent package is missing
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
 
 
 def _is_loopback(listen: str) -> bool:

@@ -18,9 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
-import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from playhouse import db_url
 
 from keyguard import KeyguardError
@@ -32,6 +30,9 @@ from keyguard_server._auth import CallerInterceptor, ensure_admin_token
 from keyguard_server._config import Config
 from keyguard_server._envoy import EnvoyAuthorizationServicer
 from keyguard_server._grpc import AuthorizationServicer, KeyManagementServicer
+from keyguard_server._metrics import MULTIPROCESS_ENV, WorkerMetrics, multiprocess_values
+from keyguard_server._metrics import serve as serve_metrics
+from keyguard_server._reflection import enable_server_reflection
 from keyguard_server._secrets import SecretHasher
 from keyguard_server._service import DAY_US, Authorizer, KeyManager
 from keyguard_server._store import Store
@@ -75,8 +76,12 @@ MAX_HEALTH_WATCHES = 64
 class KeyguardServer:
     """Store, argon2 pool and gRPC server, started and stopped as one."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, tracer_provider: Any = None) -> None:
+        """``tracer_provider``: an OpenTelemetry SDK TracerProvider to trace into (tests, embedding),
+        whatever ``config.tracing`` says; otherwise ``tracing = "otlp"`` makes one that exports over OTLP."""
         self.config = config
+        self._tracer_provider = tracer_provider
+        self._tracing: Any = None
         self.port = 0
         self._store: Store | None = None
         self._hasher: SecretHasher | None = None
@@ -104,8 +109,14 @@ class KeyguardServer:
         )
         await self._hasher.calibrate()
         self.authorizer = Authorizer(self._store, self._hasher, config)
+        interceptors: list[grpc.aio.ServerInterceptor] = [CallerInterceptor(callers)]
+        if config.tracing or self._tracer_provider is not None:
+            from keyguard_server._tracing import Tracing  # off: nothing of OpenTelemetry is imported
+
+            self._tracing = Tracing(self._tracer_provider)
+            interceptors[:0] = self._tracing.interceptors  # outermost: a span covers the caller check too
         server = grpc.aio.server(
-            interceptors=[CallerInterceptor(callers)],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 # Only workers share a port; otherwise a second server fails loudly.
@@ -119,9 +130,7 @@ class KeyguardServer:
         pb_grpc.add_AuthorizationServicer_to_server(self._authorization, server)
         ext_grpc.add_AuthorizationServicer_to_server(EnvoyAuthorizationServicer(self.authorizer, config), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, ENVOY_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        enable_server_reflection((*SERVICE_NAMES, ENVOY_SERVICE, health.SERVICE_NAME), server)
         try:
             if config.tls:
                 self.port = server.add_secure_port(config.listen, _tls_credentials(config))
@@ -132,7 +141,8 @@ class KeyguardServer:
         await server.start()
         self._server = server
         if config.metrics_listen:
-            self._start_metrics(config.metrics_listen)
+            self._metrics_server = serve_metrics(config.metrics_listen)
+            self.metrics_port = self._metrics_server.server_port
         await self._set_health(await self._store.ping(config.health_check_timeout_seconds))
         self._background = [
             asyncio.create_task(self._flush_usage_periodically()),
@@ -171,6 +181,8 @@ class KeyguardServer:
             self._hasher.close()
         if self._store is not None:
             await self._store.close()
+        if self._tracing is not None:
+            await asyncio.to_thread(self._tracing.close)  # exports what is buffered: not on the loop
         log.info("keyguard stopped")
 
     async def flush_usage(self) -> None:
@@ -183,12 +195,6 @@ class KeyguardServer:
             log.warning("could not record last-used times: %s", exc.message)
         except Exception:  # a failed flush must not stop the server; the next one retries
             log.exception("could not record last-used times")
-
-    def _start_metrics(self, listen: str) -> None:
-        host, _, port = listen.rpartition(":")
-        self._metrics_server, _ = prometheus_client.start_http_server(int(port), addr=host.strip("[]"))
-        self.metrics_port = self._metrics_server.server_port
-        log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -276,9 +282,22 @@ def run(config: Config) -> None:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
             probe.bind((host.strip("[]"), 0))
             config = dataclasses.replace(config, listen=f"{host}:{probe.getsockname()[1]}")
+    # One metrics endpoint, here: the workers only write their values (see _metrics.WorkerMetrics).
+    metrics = None
+    if config.metrics_listen:
+        Path(config.data_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        metrics = WorkerMetrics(config.data_dir, config.metrics_listen)
+    try:
+        _supervise(dataclasses.replace(config, metrics_listen=""), metrics)
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+def _supervise(config: Config, metrics: WorkerMetrics | None) -> None:
     context = multiprocessing.get_context("spawn")
     workers = [
-        context.Process(target=_worker, args=(_worker_config(config, i),), name=f"worker-{i + 1}")
+        context.Process(target=_worker, args=(config, metrics is not None), name=f"worker-{i + 1}")
         for i in range(config.workers)
     ]
     for worker in workers:
@@ -296,6 +315,8 @@ def run(config: Config) -> None:
         for ready in multiprocessing.connection.wait(list(sentinels)):
             worker = sentinels.pop(ready)  # type: ignore[arg-type]  # wait() returns what it was given
             worker.join()  # the sentinel can fire before the exit code is collectable
+            if metrics is not None and worker.pid is not None:
+                metrics.worker_exited(worker.pid)
             if worker.exitcode != 0 and sentinels:
                 log.error("%s exited with %s; stopping the others", worker.name, worker.exitcode)
                 stop(signal.SIGTERM, None)
@@ -303,16 +324,12 @@ def run(config: Config) -> None:
         raise SystemExit(1)
 
 
-def _worker_config(config: Config, index: int) -> Config:
-    """Each worker serves its own metrics, on the configured port + its index."""
-    if not config.metrics_listen:
-        return config
-    host, _, port = config.metrics_listen.rpartition(":")
-    return dataclasses.replace(config, metrics_listen=f"{host}:{int(port) + index}")
-
-
-def _worker(config: Config) -> None:
+def _worker(config: Config, shared_metrics: bool) -> None:
     configure_logging(config)
+    if shared_metrics and not multiprocess_values():
+        # prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was set: this
+        # worker's values would be invisible to the supervisor's endpoint.
+        raise RuntimeError(f"{MULTIPROCESS_ENV} was not set when prometheus_client was imported")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into SIGTERM
     asyncio.run(serve(config))
 

@@ -1,14 +1,16 @@
 // Creates a key and authorizes with it, through stubs loaded from protos/ at run time: with
 // Authorize, and with several messages on one AuthorizeStream stream (answers keyed by id).
-// Usage: node client.js TARGET TOKEN ACCOUNT_ID  -> prints one JSON line with the results.
+// Usage: node client.js TARGET TOKEN ACCOUNT_ID GOOGLEAPIS_DIR  -> prints one JSON line with the results.
+// GOOGLEAPIS_DIR holds google/api/annotations.proto (the HTTP rules keyguard.proto imports), e.g.
+// googleapis-common-protos' site-packages directory, or a clone of github.com/googleapis/googleapis.
 "use strict";
 const path = require("path");
 const grpc = require("@grpc/grpc-js");
 const protoLoader = require("@grpc/proto-loader");
 
-const [target, token, accountId] = process.argv.slice(2);
+const [target, token, accountId, googleapis] = process.argv.slice(2);
 const definition = protoLoader.loadSync("keyguard/v1/keyguard.proto", {
-  includeDirs: [path.join(__dirname, "..", "..", "protos")],
+  includeDirs: [path.join(__dirname, "..", "..", "protos"), googleapis],
   keepCase: true,
   enums: String,
   longs: String,

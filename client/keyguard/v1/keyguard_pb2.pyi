@@ -1502,7 +1502,7 @@ Global___AuthorizeStreamResponse: _TypeAlias = AuthorizeStreamResponse  # noqa: 
 @_typing.final
 class RpcStatus(_message.Message):
     """The same fields and numbers as google.rpc.Status, so its bytes parse as one
-    (declared here because this module has no dependency on googleapis). For
+    (declared here so that a stream's clients need not compile google/rpc). For
     INVALID_ARGUMENT, details holds a google.rpc.BadRequest naming each
     offending field, as in a unary call's grpc-status-details-bin.
     """

