@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import importlib.util
 import ipaddress
 import os
@@ -69,6 +70,7 @@ CANONICAL_PATH_RULE = (
 _SUFFIX = re.compile(r"[.!].*")
 
 
+@functools.lru_cache(maxsize=4096)
 def route_key(path: str) -> str:
     """What a route matches a canonical path by: lower case (an upstream may route
     "/Withdraw" to "/withdraw"), and each segment up to its first dot or "!" (frameworks
@@ -100,16 +102,20 @@ class EnvoyRoute:
         object.__setattr__(self, "path_prefix", self.path_prefix.lower())
         object.__setattr__(self, "method", self.method.upper())
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """The paths this route covers, as matched (see :func:`route_key`); longer is more specific."""
         return route_key(self.path_prefix.rstrip("/"))
 
     def matches(self, method: str, path: str) -> bool:
         """``path`` is canonical (the caller refuses any other)."""
+        return self.covers(method.upper(), route_key(path))
+
+    def covers(self, method: str, key: str) -> bool:
+        """:meth:`matches` for a request whose upper-case method and :func:`route_key` are known,
+        so that a request checked against every route computes them once."""
         base = self.key
-        path = route_key(path)
-        return (path == base or path.startswith(base + "/")) and self.method in ("*", method.upper())
+        return (key == base or key.startswith(base + "/")) and self.method in ("*", method)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,7 @@ the key), 403 for what the proven key may not do, 429 (rate limited), 400
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -51,7 +52,14 @@ from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from keyguard.envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
 from keyguard.envoy.type.v3 import http_status_pb2 as http_status
-from keyguard_server._config import CANONICAL_PATH, CANONICAL_PATH_RULE, Config, EnvoyRoute, trusted_networks
+from keyguard_server._config import (
+    CANONICAL_PATH,
+    CANONICAL_PATH_RULE,
+    Config,
+    EnvoyRoute,
+    route_key,
+    trusted_networks,
+)
 from keyguard_server._grpc import maps_errors
 from keyguard_server._service import Authorizer
 
@@ -167,7 +175,8 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
         return _allow(result, destination, headers, config.envoy_private_key_header, symbol.upper())
 
     def _route(self, method: str, path: str) -> EnvoyRoute | None:
-        return next((r for r in self._routes if r.matches(method, path)), None)
+        method, key = method.upper(), route_key(path)
+        return next((r for r in self._routes if r.covers(method, key)), None)
 
     def _client_ip(self, request: ext.CheckRequest) -> str:
         """The peer of Envoy's downstream connection, or behind trusted proxies the right-most
@@ -207,6 +216,8 @@ def _overrides(http: AttributeContext.HttpRequest, query: str) -> bool:
     if _OVERRIDE_HEADERS & {name.replace("_", "-") for name in http.headers}:
         return True
     body = http.raw_body or http.body.encode()
+    if not query and not body:
+        return False
     form = http.headers.get("content-type", "").lower()
     fields = [name for name, _ in parse_qsl(query, keep_blank_values=True)]
     if form.startswith("application/x-www-form-urlencoded"):
@@ -228,6 +239,7 @@ def _whole_body(http: AttributeContext.HttpRequest) -> bytes | None:
     return body
 
 
+@functools.lru_cache(maxsize=4096)
 def _encoded(value: str) -> str:
     """Percent-encoded UTF-8, so a header value never carries a ',' (a list separator to
     many HTTP stacks), ';', a non-ASCII byte or a control character."""
@@ -259,14 +271,21 @@ def _allow(
     if symbol:
         # What was checked is what the upstream must trade (not the query or body's symbol).
         answer["x-keyguard-symbol"] = symbol
-    forged = [
+    forged = (
         name for name in request_headers if name.replace("_", "-").startswith("x-keyguard-") and name not in answer
-    ]
+    )
+    return _ok(tuple(answer.items()), (private_key_header, *forged))
+
+
+@functools.lru_cache(maxsize=4096)
+def _ok(answer: tuple[tuple[str, str], ...], headers_to_remove: tuple[str, ...]) -> ext.CheckResponse:
+    """The ALLOW message, built once per distinct answer (a key's requests share one).
+    Never mutated: gRPC only serializes it."""
     return ext.CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),
         ok_response=ext.OkHttpResponse(
-            headers=[_header(name, value) for name, value in answer.items()],
-            headers_to_remove=[private_key_header, *forged],
+            headers=[_header(name, value) for name, value in answer],
+            headers_to_remove=headers_to_remove,
         ),
     )
 
