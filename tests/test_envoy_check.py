@@ -22,6 +22,7 @@ from keyguard import Client, CreatedKey, KeyType, Permission, WithdrawalDestinat
 from keyguard._signing import envoy_payload
 from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
+from keyguard_server import _envoy
 from keyguard_server._config import EnvoyRoute
 from keyguard_server._store import now_us
 from tests.conftest import RunningServer, StartServer
@@ -254,6 +255,20 @@ def test_forged_keyguard_headers_are_removed(check: Check, client: Client, accou
     answer = check("POST", "/api/v3/order", {**secret(key), **forged})
     assert answer.headers["x-keyguard-account-id"] == account  # overwritten
     assert sorted(answer.removed) == ["x-api-secret", "x-keyguard-withdraw-address", "x_keyguard_account_id"]
+
+
+def test_forged_header_names_never_grow_the_answer_cache(check: Check, client: Client, account: str) -> None:
+    """ALLOW answers are memoised, but never by what a client chose: a key holder sending new
+    x-keyguard-* names on every request gets them removed without filling keyguard's memory."""
+    key = client.create_key(account, "bot", "trade", ["127.0.0.1"])
+    check("POST", "/api/v3/order", secret(key))  # the key's own answer, cached once
+    cached = _envoy._ok.cache_info().currsize
+    for i in range(64):
+        forged = f"x-keyguard-{'junk' * 50}-{i}"
+        answer = check("POST", "/api/v3/order", {**secret(key), forged: "x"})
+        assert answer.decision == "ALLOW"
+        assert forged in answer.removed
+    assert _envoy._ok.cache_info().currsize == cached
 
 
 def test_the_checked_withdrawal_destination_is_passed_on(check: Check, client: Client, account: str) -> None:

@@ -70,7 +70,6 @@ CANONICAL_PATH_RULE = (
 _SUFFIX = re.compile(r"[.!].*")
 
 
-@functools.lru_cache(maxsize=4096)
 def route_key(path: str) -> str:
     """What a route matches a canonical path by: lower case (an upstream may route
     "/Withdraw" to "/withdraw"), and each segment up to its first dot or "!" (frameworks

@@ -271,16 +271,19 @@ def _allow(
     if symbol:
         # What was checked is what the upstream must trade (not the query or body's symbol).
         answer["x-keyguard-symbol"] = symbol
-    forged = (
+    forged = [
         name for name in request_headers if name.replace("_", "-").startswith("x-keyguard-") and name not in answer
-    )
-    return _ok(tuple(answer.items()), (private_key_header, *forged))
+    ]
+    if forged:  # the client's own header names: never a cache key (a client could fill the cache with them)
+        return _ok.__wrapped__(tuple(answer.items()), (private_key_header, *forged))
+    return _ok(tuple(answer.items()), (private_key_header,))
 
 
 @functools.lru_cache(maxsize=4096)
 def _ok(answer: tuple[tuple[str, str], ...], headers_to_remove: tuple[str, ...]) -> ext.CheckResponse:
-    """The ALLOW message, built once per distinct answer (a key's requests share one).
-    Never mutated: gRPC only serializes it."""
+    """The ALLOW message, built once per distinct answer (a key's requests share one): its
+    headers come from the key's row and checked values, each bounded in length. Never mutated:
+    gRPC only serializes it."""
     return ext.CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),
         ok_response=ext.OkHttpResponse(

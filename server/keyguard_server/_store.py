@@ -50,6 +50,7 @@ import contextlib
 import functools
 import ipaddress
 import json
+import socket
 import sqlite3
 import threading
 import time
@@ -772,24 +773,27 @@ class _LoopLookups:
     the connection is free sent in one statement (``access_key = ANY(...)``, prepared once per
     connection).
 
-    No thread is involved, so a lookup costs no thread hop, no GIL hand-over and no wake-up of
-    the loop from outside: sending a query and reading its answer are a non-blocking ``send`` and
-    ``recv`` on the loop, which never waits for them. While one statement is on its way, the
-    lookups arriving meanwhile queue and share the next, so under load a round trip serves many.
-    Each lookup still reads the row as it is after it arrived: a delete on any replica holds on
-    the very next call.
+    No thread is involved on the way, so a lookup costs no thread hop, no GIL hand-over and no
+    wake-up of the loop from outside: sending a query and reading its answer are a non-blocking
+    ``send`` and ``recv`` on the loop, which never waits for them. While one statement is on its
+    way, the lookups arriving meanwhile queue and share the next, so under load a round trip
+    serves many. Each lookup still reads the row as it is after it arrived: a delete on any
+    replica holds on the very next call.
 
     Every waiter gives up at its own deadline (``Unavailable``). A connection that fails is
-    replaced at once and its statement sent again once (reads are safe to repeat); one that
-    stops answering (a partition) is abandoned after the statement timeout and replaced.
+    replaced and its statement sent again once (reads are safe to repeat); one that stops
+    answering (a partition) is abandoned after the statement timeout. Opening a connection
+    (``PQconnectStart``, which resolves the host name) runs on a thread, never on the loop; a
+    connection that cannot be opened fails the lookups waiting for it at once, and the next
+    attempt waits ``RECONNECT_PAUSE``, so a refusing database is never hammered.
     """
 
     MAX_BATCH = 256
     MAX_WAITING = 10_000
-    RECONNECT_PAUSE = 0.2  # after a failed connect, lookups fail at once for this long
+    RECONNECT_PAUSE = 0.5  # after a failed connection, lookups fail at once for this long
 
     def __init__(self, db: pw.Database, sql: str, settings: DatabaseSettings) -> None:
-        self._connect_args: dict[str, Any] = {"database": db.database, **db.connect_params}
+        self._connect_args: dict[str, Any] = {"database": db.database, **db.connect_params, "async_": True}
         self._prepare = f"PREPARE keyguard_lookup(text[]) AS {sql.replace('%s', '$1')}"
         self._connect_timeout = settings.connect_timeout
         self._answer_timeout = settings.statement_timeout + 1.0  # the server's own timeout, then ours
@@ -800,7 +804,8 @@ class _LoopLookups:
         self._cursor: Any = None
         self._fd = -1
         self._writing = False
-        self._state = "down"  # down, connecting, preparing, ready, busy
+        self._state = "down"  # down, opening (on a thread), connecting, preparing, ready, busy
+        self._attempt = 0  # which connection attempt is current: a stale one's result is dropped
         self._stall: asyncio.TimerHandle | None = None
         self._down_until = 0.0
         self._closed = False
@@ -813,12 +818,12 @@ class _LoopLookups:
         if len(self._waiting) >= self.MAX_WAITING:
             raise Unavailable("too many key lookups are waiting for the database")
         answer: asyncio.Future[tuple[Any, ...] | None] = loop.create_future()
+        timer = loop.call_later(within, _expire, answer, within)
         self._waiting.append(_Lookup(access_key, answer))
         if self._state == "ready":
             self._send()
         elif self._state == "down":
-            self._connect()
-        timer = loop.call_later(within, _expire, answer, within)
+            self._open()
         try:
             return await answer
         finally:
@@ -826,34 +831,52 @@ class _LoopLookups:
 
     # -- the connection's life, driven by its socket's readiness ------------------------
 
-    def _connect(self) -> None:
+    def _open(self) -> None:
         if time.monotonic() < self._down_until:
             self._fail_waiting(Unavailable("the database is unreachable"))
             return
-        try:
-            self._conn = psycopg2.connect(**self._connect_args, async_=True)
-        except psycopg2.Error:
-            self._down_until = time.monotonic() + self.RECONNECT_PAUSE
-            self._fail_waiting(Unavailable("the database is unreachable"))
-            return
         assert self._loop is not None
-        self._fd = self._conn.fileno()
-        self._state = "connecting"
-        self._writing = False
-        self._loop.add_reader(self._fd, self._on_io)
+        self._attempt += 1
+        self._state = "opening"
         self._stall = self._loop.call_later(self._connect_timeout, self._stalled)
+        opening = self._loop.run_in_executor(None, _start_connection, self._connect_args)
+        opening.add_done_callback(functools.partial(self._opened, self._attempt))
+
+    def _opened(self, attempt: int, opening: asyncio.Future[Any]) -> None:
+        conn = None if opening.cancelled() or opening.exception() else opening.result()
+        if attempt != self._attempt or self._closed:  # given up on meanwhile (stall, close)
+            if conn is not None:
+                conn.close()
+            return
+        if conn is None:
+            self._unreachable()
+            return
+        self._conn, self._state = conn, "connecting"
         self._on_io()
 
     def _on_io(self) -> None:
         """The socket is ready (or a statement was just sent): let psycopg2 move on."""
+        if self._conn is None:  # dropped after this readiness was already queued
+            return
         try:
             status = self._conn.poll()
+            fd = self._conn.fileno()  # libpq may move to a new socket (another host or address)
         except psycopg2.Error as exc:
             self._failed(exc)
             return
+        if fd != self._fd or self._state == "connecting":
+            # While connecting, libpq may close its socket and open another (the next host or
+            # address), which can get the same number: register it anew each time.
+            self._unwatch()
+            self._fd = fd
+            assert self._loop is not None
+            self._loop.add_reader(fd, self._on_io)
         if status == psycopg2.extensions.POLL_OK:
             self._watch_writes(False)
-            self._completed()
+            try:
+                self._completed()
+            except psycopg2.Error as exc:
+                self._failed(exc)
         else:
             self._watch_writes(status == psycopg2.extensions.POLL_WRITE)
 
@@ -906,19 +929,31 @@ class _LoopLookups:
         self._on_io()
 
     def _failed(self, exc: psycopg2.Error) -> None:
-        if self._conn is not None and not self._conn.closed and exc.pgcode == _QUERY_CANCELED:
+        if self._state in ("connecting", "preparing"):  # the connection never became usable
+            self._unreachable()
+        elif self._state == "busy" and not self._conn.closed and exc.pgcode == _QUERY_CANCELED:
             self._stop_stall_timer()  # the server's statement timeout: the connection is fine
             batch, self._batch = self._batch, []
             self._state = "ready"
             _fail(batch, Unavailable("the database did not answer in time (statement timeout)"))
             self._send()
-            return
-        self._reconnect(retry=True)
+        else:
+            self._reconnect(retry=True)
 
     def _stalled(self) -> None:
         """No answer within the timeout: a partition or a stuck server. Abandon the connection."""
         self._stall = None
-        self._reconnect(retry=False)
+        if self._state in ("opening", "connecting", "preparing"):
+            self._unreachable()
+        else:
+            self._reconnect(retry=False)
+
+    def _unreachable(self) -> None:
+        """A connection could not be opened: everyone waiting is told at once, and the next
+        attempt waits RECONNECT_PAUSE."""
+        self._drop_connection()
+        self._down_until = time.monotonic() + self.RECONNECT_PAUSE
+        self._fail_waiting(Unavailable("the database is unreachable"))
 
     def _reconnect(self, *, retry: bool) -> None:
         """Drops the connection; its statement's lookups are sent again on a new one (once)."""
@@ -929,19 +964,28 @@ class _LoopLookups:
         for waiter in reversed(again):
             waiter.retried = True
             self._waiting.appendleft(waiter)
+        self._waiting = deque(w for w in self._waiting if not w.answer.done())
         if self._waiting and not self._closed:
-            self._connect()
+            self._open()
+
+    def _unwatch(self) -> None:
+        if self._loop is not None and self._fd >= 0:
+            # The socket may already be closed (libpq moved on): nothing left to unregister then.
+            with contextlib.suppress(OSError, ValueError):
+                self._loop.remove_reader(self._fd)
+            with contextlib.suppress(OSError, ValueError):
+                self._loop.remove_writer(self._fd)
+        self._fd, self._writing = -1, False
 
     def _drop_connection(self) -> None:
+        self._state = "down"
+        self._attempt += 1  # an open still running on its thread is now stale
         self._stop_stall_timer()
-        if self._loop is not None and self._fd >= 0:
-            self._loop.remove_reader(self._fd)
-            self._loop.remove_writer(self._fd)
-        if self._conn is not None:
+        self._unwatch()
+        conn, self._conn, self._cursor = self._conn, None, None
+        if conn is not None:
             with contextlib.suppress(Exception):
-                self._conn.close()
-        self._conn = self._cursor = None
-        self._fd, self._writing, self._state = -1, False, "down"
+                conn.close()
 
     def _stop_stall_timer(self) -> None:
         if self._stall is not None:
@@ -959,6 +1003,44 @@ class _LoopLookups:
         self._drop_connection()
         _fail(batch, Unavailable("the server is shutting down"))
         self._fail_waiting(Unavailable("the server is shutting down"))
+
+
+def _start_connection(args: dict[str, Any]) -> Any:
+    """``psycopg2.connect`` (asynchronous) with every host name resolved first, on this thread.
+
+    psycopg2 keeps the GIL while libpq starts a connection, and libpq resolves host names
+    there: a slow DNS answer would stall every thread, the event loop included. Resolved here
+    (``getaddrinfo`` releases the GIL) and passed as ``hostaddr``, libpq has nothing to resolve;
+    ``host`` stays as given, for TLS and pg_hba.
+    """
+    hosts = str(args.get("host") or "").split(",")
+    if "hostaddr" not in args and any(h and not h.startswith("/") and not _is_ip(h) for h in hosts):
+        addresses = [
+            ""
+            if not h or h.startswith("/")
+            else h
+            if _is_ip(h)
+            else socket.getaddrinfo(h, None, type=socket.SOCK_STREAM)[0][4][0]
+            for h in hosts
+        ]
+        args = {**args, "hostaddr": ",".join(str(a) for a in addresses)}
+    return psycopg2.connect(**args)
+
+
+def _address_of(host: str) -> str:
+    """A libpq ``hostaddr`` entry for ``host``: "" for a socket directory, the address itself,
+    or the first address the name resolves to."""
+    if not host or host.startswith("/") or _is_ip(host):
+        return "" if not host or host.startswith("/") else host
+    return str(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(eq=False)
