@@ -28,7 +28,7 @@ prints b/a by req/s and by server CPU per request, keyguard's own CPU per
 Authorize (cpu(b) - cpu(a)), p99(b)/p99(a) and p99(f)/p99(b); then c/b, e and d.
 
 Run: .venv/bin/python benchmarks/authorize.py [--requests 20000] [--rounds 3] [--streams 16]
-     [--no-pg] [--write-rate 100] [--writer-threads 1]
+     [--no-pg] [--write-rate 100] [--writer-threads 4]
 """
 
 from __future__ import annotations
@@ -380,7 +380,9 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=16, help="concurrent streams (4 per connection)")
     parser.add_argument("--flood-rate", type=float, default=100.0, help="wrong secrets per second in (c)")
     parser.add_argument("--write-rate", type=float, default=100.0, help="management writes per second in (f)")
-    parser.add_argument("--writer-threads", type=int, default=1, help="threads sharing the writes in (f)")
+    parser.add_argument(
+        "--writer-threads", type=int, default=4, help="threads sharing the writes in (f): one alone falls behind fsyncs"
+    )
     parser.add_argument("--no-pg", action="store_true", help="SQLite only")
     args = parser.parse_args()
     ensure_h2load()
