@@ -6,7 +6,7 @@ key and private key from configurable headers, client IP from the peer address
 Envoy reports (or, behind trusted proxies, a header they append to), required
 permission from the longest matching (method, path prefix) route. ED25519 keys
 sign instead: signature, timestamp and nonce come from headers, and the signed
-payload is :func:`keyguard._signing.envoy_payload` of the request (method,
+payload is :func:`keyguard.signing.envoy_payload` of the request (method,
 path and query, the body's SHA-256 and a withdrawal's destination), so Envoy
 must forward the whole body (``with_request_body``).
 
@@ -45,15 +45,15 @@ import grpc
 from google.rpc import code_pb2, status_pb2
 
 from keyguard import AuthorizeResult, Decision, InvalidArgument, Permission, SignedRequest, WithdrawalDestination
-from keyguard._signing import envoy_payload
-from keyguard.envoy.config.core.v3 import base_pb2 as core
-from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
-from keyguard.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
-from keyguard.envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
-from keyguard.envoy.type.v3 import http_status_pb2 as http_status
+from keyguard.signing import envoy_payload
 from keyguard_server._config import CANONICAL_PATH, CANONICAL_PATH_RULE, Config, EnvoyRoute, trusted_networks
 from keyguard_server._grpc import maps_errors
 from keyguard_server._service import Authorizer
+from keyguard_server.envoy.config.core.v3 import base_pb2 as core
+from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
+from keyguard_server.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
+from keyguard_server.envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
+from keyguard_server.envoy.type.v3 import http_status_pb2 as http_status
 
 _OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # Headers and query parameters that make some frameworks (Rails, Laravel,

@@ -22,8 +22,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from playhouse import db_url
 
 from keyguard import KeyguardError
-from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
-from keyguard.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._auth import CallerInterceptor, ensure_admin_token
@@ -36,6 +34,8 @@ from keyguard_server._reflection import enable_server_reflection
 from keyguard_server._secrets import SecretHasher
 from keyguard_server._service import DAY_US, Authorizer, KeyManager
 from keyguard_server._store import Store
+from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
+from keyguard_server.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 
 log = logging.getLogger("keyguard.server")
 
@@ -272,7 +272,7 @@ def configure_logging(config: Config) -> None:
 
 
 def run(config: Config) -> None:
-    """`keyguard serve`: one process, or ``config.workers`` processes on one port."""
+    """`keyguard-server serve`: one process, or ``config.workers`` processes on one port."""
     configure_logging(config)
     if config.workers == 1:
         asyncio.run(serve(config))

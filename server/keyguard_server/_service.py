@@ -33,8 +33,8 @@ from keyguard import (
     Unavailable,
     WithdrawalAddress,
     WithdrawalDestination,
+    signing,
 )
-from keyguard import _signing as signing
 from keyguard_server._config import Config
 from keyguard_server._metrics import CACHE_HITS, DECISIONS
 from keyguard_server._secrets import (

@@ -15,8 +15,7 @@ from collections.abc import Iterable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from keyguard import FieldViolation, InvalidArgument, KeyType, Permission, SignedRequest
-from keyguard import _signing as signing
+from keyguard import FieldViolation, InvalidArgument, KeyType, Permission, SignedRequest, signing
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
