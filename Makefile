@@ -28,14 +28,16 @@ test: $(STAMP)
 proto: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python protos/generate.py client server protos/keyguard.binpb
 
-## lint: ruff, mypy and buf lint (protos/keyguard/v1; protos/keyguard_server/envoy follows Envoy's names)
-# buf lints an image protoc builds with the installed google/api protos (buf has no network here).
+## lint: ruff, mypy, buf lint (protos/keyguard/v1; protos/keyguard_server/envoy follows Envoy's names)
+## and buf breaking of keyguard/v1 against the previous commit (skipped, saying so, without one)
+# buf reads images protoc builds with the installed google/api protos (buf has no network here).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/python protos/generate.py --lint-image $(VENV)/buf-lint.binpb
 	cd protos && ../$(BIN)/buf lint ../$(VENV)/buf-lint.binpb --config buf.yaml --path keyguard/v1
+	$(BIN)/python protos/breaking.py $(CURDIR)/$(BIN)/buf $(CURDIR)/$(VENV)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

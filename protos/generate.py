@@ -29,13 +29,13 @@ CLIENT_PROTOS = "keyguard"
 SERVER_PROTOS = "keyguard_server"
 
 
-def _includes() -> list[str]:
+def _includes(root: Path = HERE) -> list[str]:
     googleapis = Path(google.rpc.__path__[0]).parents[1]
-    return [f"-I{HERE}", f"-I{googleapis}", f"-I{Path(protoc.__file__).parent / '_proto'}"]
+    return [f"-I{root}", f"-I{googleapis}", f"-I{Path(protoc.__file__).parent / '_proto'}"]
 
 
-def _protos(top: str = "") -> list[str]:
-    return sorted(str(p.relative_to(HERE)) for p in (HERE / top).rglob("*.proto"))
+def _protos(top: str = "", root: Path = HERE) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in (root / top).rglob("*.proto"))
 
 
 def _stubs(out_dir: str, protos: list[str]) -> int:
@@ -69,17 +69,18 @@ def generate(client_dir: str, server_dir: str, descriptor_set: str) -> int:
     )
 
 
-def lint_image(path: str) -> int:
-    """Every proto here with its imports and source info: `buf lint` reads it as an image, so buf
-    needs neither the network nor a copy of googleapis to resolve google/api/annotations.proto."""
+def lint_image(path: str, root: Path = HERE) -> int:
+    """Every proto under ``root`` (here, or an earlier commit's protos/ for `buf breaking`) with
+    its imports and source info: buf reads it as an image, so buf needs neither the network nor a
+    copy of googleapis to resolve google/api/annotations.proto."""
     return protoc.main(
         [
             "grpc_tools.protoc",
-            *_includes(),
+            *_includes(root),
             "--include_imports",
             "--include_source_info",
             f"--descriptor_set_out={path}",
-            *_protos(),
+            *_protos(root=root),
         ]
     )
 
