@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: starting `keyguard serve`, pinning, h2load, gRPC framing."""
+"""What the benchmark scripts share: starting `keyguard-server serve`, pinning, h2load, gRPC framing."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-KEYGUARD = str(Path(sys.executable).parent / "keyguard")
+KEYGUARD_SERVER = str(Path(sys.executable).parent / "keyguard-server")
 
 
 def ensure_h2load() -> str:
@@ -57,7 +57,7 @@ class Measured:
 
 
 class KeyguardProcess:
-    """`keyguard serve` on a free loopback port in ``data_dir`` (one worker: pinned to core 0 unless
+    """`keyguard-server serve` on a free loopback port in ``data_dir`` (one worker: pinned to core 0 unless
     ``pin`` is false); its port is read from its log, its admin token from the data dir."""
 
     def __init__(
@@ -67,7 +67,7 @@ class KeyguardProcess:
         self.workers = workers
         self.log_path = data_dir / log_name
         self.log = self.log_path.open("w")
-        command = [KEYGUARD, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir), *args]
+        command = [KEYGUARD_SERVER, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir), *args]
         command += ["--workers", str(workers)]
         self.proc = subprocess.Popen(
             pinned(0, command) if workers == 1 and pin else command, stdout=self.log, stderr=subprocess.STDOUT

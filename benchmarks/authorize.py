@@ -1,6 +1,6 @@
 """Authorize throughput and latency against the gRPC ceiling, on SQLite and PostgreSQL, in one run.
 
-Starts `keyguard serve` (real argon2 parameters) once per backend: SQLite in a
+Starts `keyguard-server serve` (real argon2 parameters) once per backend: SQLite in a
 temporary data dir, and PostgreSQL in a fresh database kg_bench_authorize_<random>
 on 127.0.0.1:5432 (user postgres, trust auth; created with psycopg2 and dropped
 again WITH (FORCE), also on failure). Creates keys, and drives load with h2load
@@ -58,8 +58,8 @@ import psycopg2
 
 from _harness import KeyguardProcess, Measured, cpu_seconds, ensure_h2load, grpc_frame, pinned
 from keyguard import Aborted, Client, CreatedKey, Decision, KeyguardError
-from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard.v1 import keyguard_pb2 as pb
+from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
 
 BOT_IP = "203.0.113.7"
 PG_HOST = "127.0.0.1"

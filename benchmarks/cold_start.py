@@ -1,6 +1,6 @@
 """Time to serve N cold keys: a restart's stampede of correct secrets, with real argon2.
 
-Starts `keyguard serve` (default argon2 parameters, SQLite in a temporary data
+Starts `keyguard-server serve` (default argon2 parameters, SQLite in a temporary data
 dir), creates N keys in N accounts, restarts the server (every verification
 cache is empty again), then lets N bots send 5 concurrent requests each, from
 their own addresses, through a client whose deadline is 1 s (a gateway's); a

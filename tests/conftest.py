@@ -1,7 +1,7 @@
 """Fixtures: real keyguard servers on real loopback ports, on real databases.
 
 In-process servers run on one shared asyncio loop in a background thread (as
-``keyguard serve`` runs them on its main loop); tests talk to them through the
+``keyguard-server serve`` runs them on its main loop); tests talk to them through the
 generated stubs via :class:`keyguard.Client` over a real TCP channel. Every
 test that starts a server runs twice: on SQLite files and on PostgreSQL
 (``tests/databases.py``).
@@ -121,7 +121,7 @@ def database_for(backend: str, request: pytest.FixtureRequest) -> Callable[[str]
 
 @pytest.fixture
 def serve_database(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> tuple[list[str], str]:
-    """For `keyguard serve` processes run in tmp_path: (extra flags, database URL)."""
+    """For `keyguard-server serve` processes run in tmp_path: (extra flags, database URL)."""
     if backend == "sqlite":
         return [], f"sqlite:///{tmp_path / 'data' / 'keyguard.db'}"
     url = request.getfixturevalue("postgres").create()

@@ -1,4 +1,4 @@
-"""`keyguard serve` and the `keyguard` CLI as separate processes, as a user runs them."""
+"""`keyguard-server serve` and the `keyguard` CLI as separate processes, as a user runs them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 
 from keyguard import Client
 
-KEYGUARD = str(Path(sys.executable).parent / "keyguard")
+KEYGUARD = str(Path(sys.executable).parent / "keyguard")  # the client distribution's admin CLI
+KEYGUARD_SERVER = str(Path(sys.executable).parent / "keyguard-server")  # the server distribution's command
 FAST_ARGON2_ENV = {
     "KEYGUARD_ARGON2_TIME_COST": "1",
     "KEYGUARD_ARGON2_MEMORY_KIB": "1024",
@@ -21,14 +22,14 @@ FAST_ARGON2_ENV = {
 
 
 class ServeProcess:
-    """`keyguard serve --listen 127.0.0.1:0` in ``cwd``; its port is read from its log."""
+    """`keyguard-server serve --listen 127.0.0.1:0` in ``cwd``; its port is read from its log."""
 
     def __init__(self, cwd: Path, *args: str, log_name: str = "serve.log", env: dict[str, str] | None = None) -> None:
         self.cwd = cwd
         self.log = cwd / log_name
         self._log_file = self.log.open("w")
         self.proc = subprocess.Popen(
-            [KEYGUARD, "serve", "--listen", "127.0.0.1:0", *args],
+            [KEYGUARD_SERVER, "serve", "--listen", "127.0.0.1:0", *args],
             cwd=cwd,
             env={**os.environ, **FAST_ARGON2_ENV, **(env or {})},
             stdout=self._log_file,
@@ -53,7 +54,7 @@ class ServeProcess:
             text=True,
             input=stdin,
             timeout=30,
-            cwd=self.cwd,  # where `keyguard serve` left data/admin.token, as for a user
+            cwd=self.cwd,  # where `keyguard-server serve` left data/admin.token, as for a user
         )
 
     def terminate(self) -> int:

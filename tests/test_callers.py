@@ -14,11 +14,11 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keyguard import Client, PermissionDenied, Unauthenticated
-from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard_server import Config
 from keyguard_server._auth import token_sha256
 from keyguard_server._config import Caller, Role
+from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
 from tests.certs import CertificateAuthority
 from tests.conftest import RunningServer, StartServer
 

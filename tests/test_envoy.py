@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from keyguard import CreatedKey, KeyType, Permission, SignedRequest, WithdrawalDestination, sign_request
-from keyguard._signing import envoy_payload
+from keyguard.signing import envoy_payload
 from keyguard_server._config import EnvoyRoute
 from tests.conftest import RunningServer, StartServer
 

@@ -19,12 +19,12 @@ import grpc
 import pytest
 
 from keyguard import Client, CreatedKey, KeyType, Permission, WithdrawalDestination, sign_request
-from keyguard._signing import envoy_payload
-from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
-from keyguard.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
+from keyguard.signing import envoy_payload
 from keyguard_server import _envoy
 from keyguard_server._config import EnvoyRoute
 from keyguard_server._store import now_us
+from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
+from keyguard_server.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from tests.conftest import RunningServer, StartServer
 from tests.test_envoy import GENERIC_401, ROUTES
 

@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard.v1 import keyguard_pb2 as pb
+from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
 from tests.conftest import RunningServer, StartServer
 
 TABLES = ("account_model", "key_model", "address_model", "audit_model")

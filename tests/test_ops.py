@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from keyguard import Decision
 from tests.conftest import StartServer
 from tests.databases import Postgres
-from tests.processes import FAST_ARGON2_ENV, KEYGUARD, ServeProcess
+from tests.processes import FAST_ARGON2_ENV, KEYGUARD, KEYGUARD_SERVER, ServeProcess
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -79,7 +79,11 @@ def test_json_logs_one_object_per_line_and_no_secrets(tmp_path: Path) -> None:
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [KEYGUARD, "serve", "--listen", "127.0.0.1:0"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
+            [KEYGUARD_SERVER, "serve", "--listen", "127.0.0.1:0"],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         try:
             deadline = time.monotonic() + 20

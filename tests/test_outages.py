@@ -32,9 +32,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keyguard import Aborted, Client, CreatedKey, Decision, KeyguardError, Permission, Unavailable
-from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
-from keyguard.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from keyguard_server._config import EnvoyRoute
+from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
+from keyguard_server.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from tests.conftest import RunningServer, StartServer
 from tests.databases import Postgres
 from tests.proxy import TcpProxy

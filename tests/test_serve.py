@@ -1,10 +1,11 @@
-"""`keyguard serve` as a user runs it, and the CLI walk-through of the README."""
+"""`keyguard-server serve` as a user runs it, and the CLI walk-through of the README."""
 
 from __future__ import annotations
 
 import json
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from tests.processes import KEYGUARD, ServeProcess
+from tests.processes import KEYGUARD, KEYGUARD_SERVER, ServeProcess
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +144,8 @@ def test_sigterm_shuts_down_cleanly(tmp_path: Path) -> None:
 
 
 def test_second_server_on_the_same_port_fails_loudly(serve: ServeProcess, tmp_path: Path) -> None:
+    """Through the client's `keyguard serve`, which runs `keyguard-server serve`: the server's
+    exit status and message reach the user unchanged."""
     out = subprocess.run(
         [KEYGUARD, "serve", "--listen", serve.target, "--data-dir", str(tmp_path)],
         capture_output=True,
@@ -210,3 +213,32 @@ def test_cli_protections(serve: ServeProcess) -> None:
     off = serve.cli("address-management", "off", "acct-45").stdout
     assert "is on." in off and "It turns off at" in off
     assert "turns off at" in serve.cli("accounts", "show", "acct-45").stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[KEYGUARD_SERVER, "new-token"], [sys.executable, "-m", "keyguard_server", "new-token"], [KEYGUARD, "new-token"]],
+    ids=["keyguard-server", "python -m keyguard_server", "keyguard (client)"],
+)
+def test_every_spelling_of_the_server_command_makes_a_token(command: list[str]) -> None:
+    out = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True)
+    token = re.search(r"^token: +(kgt_\w+)$", out.stdout, re.MULTILINE)
+    assert token and re.search(r'^token_sha256 = "[0-9a-f]{64}"$', out.stdout, re.MULTILINE), out.stdout
+
+
+def test_keyguard_serve_without_the_server_says_what_to_install(tmp_path: Path) -> None:
+    """The client distribution alone (here: a PATH and an interpreter directory without
+    keyguard-server) has no server to run: `keyguard serve` says which package brings it."""
+    script = (
+        "import sys; from keyguard import cli; sys.executable = sys.argv[1]; "
+        "sys.exit(cli.main(['serve', '--listen', '127.0.0.1:0']))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "python")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": str(tmp_path)},
+    )
+    assert out.returncode == 1, out
+    assert "pip install keyguard-server" in out.stderr and "Traceback" not in out.stderr

@@ -155,7 +155,7 @@ def test_tracing_without_the_packages_says_what_to_install(tmp_path: Path) -> No
                 return None
 
         sys.meta_path.insert(0, Uninstalled())
-        from keyguard.cli import main
+        from keyguard_server.cli import main
         sys.exit(main(["serve", "--listen", "127.0.0.1:0", "--data-dir", sys.argv[1]]))
         """
     )
@@ -164,7 +164,7 @@ def test_tracing_without_the_packages_says_what_to_install(tmp_path: Path) -> No
         capture_output=True, text=True, timeout=60, env={"KEYGUARD_TRACING": "otlp", "PATH": ""},
     )  # fmt: skip
     assert out.returncode == 1, out
-    assert "pip install 'keyguard[tracing]'" in out.stderr, out.stderr
+    assert "pip install 'keyguard-server[tracing]'" in out.stderr, out.stderr
     assert not (tmp_path / "data").exists()  # refused before anything started
 
 

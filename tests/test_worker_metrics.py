@@ -1,4 +1,4 @@
-"""`keyguard serve --workers 2`: one metrics endpoint, in the supervisor, with the sum over the workers."""
+"""`keyguard-server serve --workers 2`: one metrics endpoint, in the supervisor, with the sum over the workers."""
 
 from __future__ import annotations
 

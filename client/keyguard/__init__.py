@@ -2,7 +2,8 @@
 
 ``keyguard.Client`` talks to a keyguard server (``Client.authorizer()`` gives a
 ``StreamingAuthorizer`` for high-rate Authorize calls); the dataclasses, enums and
-errors here are the vocabulary shared by client and server.
+errors here are the vocabulary shared by client and server; ``keyguard.signing`` is what an
+ED25519 key signs (``sign_request`` is re-exported here).
 """
 
 from keyguard._client import DEFAULT_TARGET, Client, StreamingAuthorizer
@@ -33,7 +34,7 @@ from keyguard._models import (
     WithdrawalAddress,
     WithdrawalDestination,
 )
-from keyguard._signing import envoy_payload, sign_request
+from keyguard.signing import envoy_payload, sign_request
 
 __all__ = [
     "DEFAULT_TARGET",

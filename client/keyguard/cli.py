@@ -2,6 +2,10 @@
 
 Exit status: 0 success (or an allowed authorize), 1 error, 2 usage error,
 3 authorize refused.
+
+``keyguard serve`` and ``keyguard new-token`` belong to the server: they run the
+``keyguard-server`` command of the separate ``keyguard-server`` distribution (the
+client never imports the server), and say what to install when it is missing.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import dataclasses
 import enum
 import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -30,12 +35,18 @@ PRIVATE_KEY_WARNING = (
 )
 
 
+# The client's commands that are the server's: `keyguard-server serve ...` is `keyguard-server serve ...`.
+SERVER_COMMANDS = ("serve", "new-token")
+SERVER_PROGRAM = "keyguard-server"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SERVER_COMMANDS:
+        return _run_server(argv)
     args = _parser().parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
-    if args.command == "new-token":
-        return _new_token()
+    if args.command in SERVER_COMMANDS:  # after global flags, which the server has no use for
+        return _run_server(argv[argv.index(args.command) :])
     try:
         with _connect(args) as client:
             result: int = args.run(client, args)
@@ -66,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         "--token-file",
         default=os.environ.get("KEYGUARD_TOKEN_FILE", DEFAULT_TOKEN_FILE),
         help="file holding the caller token (env KEYGUARD_TOKEN_FILE, default %(default)s: "
-        "the admin token `keyguard serve` generates with no callers configured)",
+        "the admin token `keyguard-server serve` generates with no callers configured)",
     )
     auth.add_argument("--tls-ca", default=os.environ.get("KEYGUARD_TLS_CA"), help="CA certificate (PEM) for TLS")
     auth.add_argument("--tls-cert", default=os.environ.get("KEYGUARD_TLS_CERT"), help="client certificate for mTLS")
@@ -75,12 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     out = argparse.ArgumentParser(add_help=False)
     out.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    serve = commands.add_parser("serve", help="run the keyguard server")
-    serve.add_argument("--config", help="TOML config file (env KEYGUARD_CONFIG)")
-    serve.add_argument("--listen", help="host:port to listen on (default 127.0.0.1:50051)")
-    serve.add_argument("--data-dir", help="directory for local state (default ./data)")
-    serve.add_argument("--database", help="database URL (default sqlite:///<data-dir>/keyguard.db)")
-    serve.add_argument("--workers", type=int, help="processes serving the same port (default 1)")
+    # Listed for --help; main() hands them to keyguard-server before parsing (see _run_server).
+    commands.add_parser("serve", help=f"run the keyguard server ({SERVER_PROGRAM} serve)", add_help=False)
 
     keys = commands.add_parser("keys", help="create, list and delete API keys").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -184,7 +191,9 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--limit", type=int, default=20, help="how many events (default %(default)s)")
     audit.set_defaults(run=_audit)
 
-    commands.add_parser("new-token", help="generate a caller token and the token_sha256 line for the config")
+    commands.add_parser(
+        "new-token", help=f"a caller token and its config line ({SERVER_PROGRAM} new-token)", add_help=False
+    )
 
     management = commands.add_parser(
         "address-management", parents=[out], help="withdrawals only to whitelisted addresses: on, off or status"
@@ -234,7 +243,7 @@ def _connect(args: argparse.Namespace) -> Client:
     """A client with the credentials the flags and environment name.
 
     Token: KEYGUARD_TOKEN, else the token file if it exists (so the zero-config
-    admin token just works when run next to `keyguard serve`).
+    admin token just works when run next to `keyguard-server serve`).
     """
     token = os.environ.get("KEYGUARD_TOKEN")
     if not token and os.path.exists(args.token_file):
@@ -257,28 +266,27 @@ def _connect(args: argparse.Namespace) -> Client:
     )
 
 
-def _new_token() -> int:
-    from keyguard_server._auth import new_token, token_sha256
-
-    token = new_token()
-    print(f"token:        {token}")
-    print(f'token_sha256 = "{token_sha256(token)}"')
-    print("Give the token to the caller (its KEYGUARD_TOKEN); put only token_sha256 in the server config.")
-    return 0
+def server_program() -> str | None:
+    """The ``keyguard-server`` command: beside this Python first (the same virtualenv, even when
+    it is not activated), else on PATH; None when the server is not installed."""
+    here = os.path.dirname(sys.executable)
+    return shutil.which(SERVER_PROGRAM, path=os.pathsep.join([here, os.environ.get("PATH", "")]))
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from keyguard_server import Config, run
-
-    try:
-        config = Config.load(
-            args.config, listen=args.listen, data_dir=args.data_dir, database=args.database, workers=args.workers
+def _run_server(argv: list[str]) -> int:
+    """Replaces this process with ``keyguard-server ARGV`` (same pid, so signals and the exit
+    status are the server's), or says how to get it."""
+    program = server_program()
+    if program is None:
+        print(
+            f"error: `keyguard {argv[0]}` needs the server, which is not installed here: "
+            f"pip install keyguard-server (then `{SERVER_PROGRAM} {argv[0]}`)",
+            file=sys.stderr,
         )
-        run(config)
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(program, [program, *argv])  # noqa: S606  # our own command, found as above, no shell
 
 
 def _keys_create(client: Client, args: argparse.Namespace) -> int:

@@ -37,23 +37,21 @@ from google.protobuf.message import DecodeError
 
 from keyguard_server._config import Caller, Config, Role
 from keyguard_server._metrics import RPC_SECONDS
+from keyguard_server._services import AUTHORIZATION, ENVOY_AUTHORIZATION, KEY_MANAGEMENT, OPEN_SERVICES
 
 log = logging.getLogger("keyguard.auth")
 
-OPEN_SERVICES = frozenset(
-    {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
-)
-_AUTHORIZATION = frozenset({"keyguard.v1.Authorization", "envoy.service.auth.v3.Authorization"})
+_AUTHORIZATION = frozenset({AUTHORIZATION, ENVOY_AUTHORIZATION})
 ROLE_SERVICES: dict[Role, frozenset[str]] = {
     Role.AUTHORIZER: _AUTHORIZATION,
-    Role.MANAGER: frozenset({"keyguard.v1.KeyManagement"}),
-    Role.ADMIN: _AUTHORIZATION | {"keyguard.v1.KeyManagement"},
+    Role.MANAGER: frozenset({KEY_MANAGEMENT}),
+    Role.ADMIN: _AUTHORIZATION | {KEY_MANAGEMENT},
 }
 # Methods narrower than their service: only these roles may call them, on top of ROLE_SERVICES.
 # Freezing stops every bot of an account at once: an operator's decision, not the website's.
 METHOD_ROLES: dict[str, frozenset[Role]] = {
-    "/keyguard.v1.KeyManagement/FreezeAccount": frozenset({Role.ADMIN}),
-    "/keyguard.v1.KeyManagement/UnfreezeAccount": frozenset({Role.ADMIN}),
+    f"/{KEY_MANAGEMENT}/FreezeAccount": frozenset({Role.ADMIN}),
+    f"/{KEY_MANAGEMENT}/UnfreezeAccount": frozenset({Role.ADMIN}),
 }
 
 

@@ -220,7 +220,7 @@ class Config:
     log_format: str = "text"
     # OpenTelemetry spans per RPC: "" (off: nothing of OpenTelemetry is imported)
     # or "otlp" (exported over OTLP/gRPC to OTEL_EXPORTER_OTLP_ENDPOINT; needs
-    # pip install 'keyguard[tracing]').
+    # pip install 'keyguard-server[tracing]').
     tracing: str = ""
     # Envoy ext_authz (envoy.service.auth.v3.Authorization/Check): where the
     # bot's credentials and the withdrawal destination are in its HTTP request
@@ -342,7 +342,7 @@ class Config:
         if self.tracing and (missing := _missing_modules(TRACING_MODULES)):
             raise ValueError(
                 f"config tracing = {self.tracing!r} needs OpenTelemetry, and {missing[0]} is not installed: "
-                "pip install 'keyguard[tracing]'"
+                "pip install 'keyguard-server[tracing]'"
             )
         seen: dict[tuple[str, str], EnvoyRoute] = {}
         for route in self.envoy_routes:
@@ -423,7 +423,7 @@ def trusted_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6N
         raise ValueError(f"config envoy_trusted_proxies: {exc}") from None
 
 
-# What tracing = "otlp" imports (the packages of the keyguard[tracing] extra).
+# What tracing = "otlp" imports (the packages of the keyguard-server[tracing] extra).
 TRACING_MODULES = (
     "opentelemetry.sdk.trace",
     "opentelemetry.instrumentation.grpc",

@@ -6,7 +6,7 @@ key and private key from configurable headers, client IP from the peer address
 Envoy reports (or, behind trusted proxies, a header they append to), required
 permission from the longest matching (method, path prefix) route. ED25519 keys
 sign instead: signature, timestamp and nonce come from headers, and the signed
-payload is :func:`keyguard._signing.envoy_payload` of the request (method,
+payload is :func:`keyguard.signing.envoy_payload` of the request (method,
 path and query, the body's SHA-256 and a withdrawal's destination), so Envoy
 must forward the whole body (``with_request_body``).
 
@@ -46,12 +46,7 @@ import grpc
 from google.rpc import code_pb2, status_pb2
 
 from keyguard import AuthorizeResult, Decision, InvalidArgument, Permission, SignedRequest, WithdrawalDestination
-from keyguard._signing import envoy_payload
-from keyguard.envoy.config.core.v3 import base_pb2 as core
-from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
-from keyguard.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
-from keyguard.envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
-from keyguard.envoy.type.v3 import http_status_pb2 as http_status
+from keyguard.signing import envoy_payload
 from keyguard_server._config import (
     CANONICAL_PATH,
     CANONICAL_PATH_RULE,
@@ -62,6 +57,11 @@ from keyguard_server._config import (
 )
 from keyguard_server._grpc import maps_errors
 from keyguard_server._service import Authorizer
+from keyguard_server.envoy.config.core.v3 import base_pb2 as core
+from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
+from keyguard_server.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
+from keyguard_server.envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
+from keyguard_server.envoy.type.v3 import http_status_pb2 as http_status
 
 _OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # Headers and query parameters that make some frameworks (Rails, Laravel,
@@ -85,24 +85,41 @@ _OVERRIDE_PARAMETER = "_method"
 _FORM = re.compile(rb'name\s*=\s*"?\s*_method', re.IGNORECASE)
 _UNAUTHENTICATED = (http_status.Unauthorized, code_pb2.UNAUTHENTICATED)
 _FORBIDDEN = (http_status.Forbidden, code_pb2.PERMISSION_DENIED)
-# Decisions that may be told as they are; any other refusal reached Authorize
-# before the credential was proven (unknown, disabled or expired key, client
-# IP, secret, signature, timestamp, nonce) and gets the one generic 401.
-_TOLD: dict[str, tuple[http_status.StatusCode.ValueType, int]] = {
-    Decision.PERMISSION_DENIED.name: _FORBIDDEN,
-    Decision.ADDRESS_NOT_WHITELISTED.name: _FORBIDDEN,
-    Decision.IP_RESTRICTION_REQUIRED.name: _FORBIDDEN,
-    Decision.SYMBOL_NOT_ALLOWED.name: _FORBIDDEN,
-    Decision.ADDRESS_ON_HOLD.name: _FORBIDDEN,
+# Decisions that may be told as they are, with their HTTP status, gRPC code and the message the
+# client reads: one table, keyed by the Decision itself. Any other refusal reached Authorize
+# before the credential was proven (unknown, disabled or expired key, client IP, secret,
+# signature, timestamp, nonce) and gets the one generic 401.
+_TOLD_DECISIONS: dict[Decision, tuple[http_status.StatusCode.ValueType, int, str]] = {
+    Decision.PERMISSION_DENIED: (*_FORBIDDEN, "this API key lacks the permission for this request"),
+    Decision.ADDRESS_NOT_WHITELISTED: (*_FORBIDDEN, "withdrawal address is not on the account's whitelist"),
+    Decision.IP_RESTRICTION_REQUIRED: (
+        *_FORBIDDEN,
+        "this API key has no IP restriction; restrict it to IP addresses to trade",
+    ),
+    Decision.SYMBOL_NOT_ALLOWED: (*_FORBIDDEN, "this API key may not trade this symbol (send it in the symbol header)"),
+    Decision.ADDRESS_ON_HOLD: (*_FORBIDDEN, "withdrawal address was whitelisted too recently; it is on hold"),
     # Not ACCOUNT_FROZEN: it is decided before the credential is proven, so it gets the generic
     # 401 like KEY_DISABLED (whoever holds only an access key must not learn the account is frozen).
-    Decision.RATE_LIMITED.name: (http_status.TooManyRequests, code_pb2.RESOURCE_EXHAUSTED),
+    Decision.RATE_LIMITED: (
+        http_status.TooManyRequests,
+        code_pb2.RESOURCE_EXHAUSTED,
+        "too many failed attempts; try again later",
+    ),
+}
+# Refusals of Check itself, before Authorize (their messages are made where they are decided).
+_CHECK_REFUSALS: dict[str, tuple[http_status.StatusCode.ValueType, int]] = {
     "MISSING_CREDENTIALS": _UNAUTHENTICATED,
     "BAD_REQUEST": (http_status.BadRequest, code_pb2.INVALID_ARGUMENT),
     "PATH_NOT_CANONICAL": _FORBIDDEN,
     "METHOD_OVERRIDE": _FORBIDDEN,
     "ROUTE_NOT_MAPPED": _FORBIDDEN,
 }
+# What _deny looks up, by the name in the answer: both of the above.
+_TOLD: dict[str, tuple[http_status.StatusCode.ValueType, int]] = {
+    **{decision.name: (status, code) for decision, (status, code, _) in _TOLD_DECISIONS.items()},
+    **_CHECK_REFUSALS,
+}
+_REASONS = {decision: reason for decision, (_, _, reason) in _TOLD_DECISIONS.items()}
 _NOT_AUTHENTICATED = ("UNAUTHENTICATED", "invalid API key, secret or signature, or not allowed from this IP")
 
 
@@ -198,16 +215,6 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
         except ValueError:
             return False  # becomes the client IP, which Authorize refuses as malformed
         return any(ip in network for network in self._trusted_proxies)
-
-
-_REASONS = {
-    Decision.RATE_LIMITED: "too many failed attempts; try again later",
-    Decision.PERMISSION_DENIED: "this API key lacks the permission for this request",
-    Decision.ADDRESS_NOT_WHITELISTED: "withdrawal address is not on the account's whitelist",
-    Decision.IP_RESTRICTION_REQUIRED: "this API key has no IP restriction; restrict it to IP addresses to trade",
-    Decision.SYMBOL_NOT_ALLOWED: "this API key may not trade this symbol (send it in the symbol header)",
-    Decision.ADDRESS_ON_HOLD: "withdrawal address was whitelisted too recently; it is on hold",
-}
 
 
 def _overrides(http: AttributeContext.HttpRequest, query: str) -> bool:

@@ -27,9 +27,18 @@ from keyguard_server._metrics import ARGON2_PENDING, ARGON2_VERIFICATIONS
 from keyguard_server._verify import VerificationCache
 
 _BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
+# The formats of the two halves of a key, defined once: the generators below and the checks
+# (_validation for requests, is_well_formed_private_key) derive from these.
 ACCESS_KEY_PREFIX = "kg_"
+ACCESS_KEY_LENGTH = 24  # base62 characters after the prefix
+ACCESS_KEY_RE = re.compile(rf"{ACCESS_KEY_PREFIX}[0-9A-Za-z]{{{ACCESS_KEY_LENGTH}}}")
+ACCESS_KEY_RULE = f'is not an access key ("{ACCESS_KEY_PREFIX}" and {ACCESS_KEY_LENGTH} letters or digits)'
 PRIVATE_KEY_PREFIX = "kgsk_"
-_PRIVATE_KEY_RE = re.compile(r"kgsk_([0-9A-Za-z]{43})_([0-9A-Za-z]{6})")
+_PRIVATE_KEY_BODY = 43  # base62 characters (~256 bits), then "_" and a 6-character checksum
+_CHECKSUM_LENGTH = 6  # 62**6 > 2**32
+_PRIVATE_KEY_RE = re.compile(
+    rf"{PRIVATE_KEY_PREFIX}([0-9A-Za-z]{{{_PRIVATE_KEY_BODY}}})_([0-9A-Za-z]{{{_CHECKSUM_LENGTH}}})"
+)
 
 
 def _random_base62(length: int) -> str:
@@ -39,18 +48,18 @@ def _random_base62(length: int) -> str:
 def _checksum(body: str) -> str:
     crc = zlib.crc32(body.encode("ascii"))
     digits = []
-    for _ in range(6):  # 62**6 > 2**32
+    for _ in range(_CHECKSUM_LENGTH):
         crc, digit = divmod(crc, 62)
         digits.append(_BASE62[digit])
     return "".join(reversed(digits))
 
 
 def new_access_key() -> str:
-    return ACCESS_KEY_PREFIX + _random_base62(24)
+    return ACCESS_KEY_PREFIX + _random_base62(ACCESS_KEY_LENGTH)
 
 
 def new_private_key() -> str:
-    body = _random_base62(43)
+    body = _random_base62(_PRIVATE_KEY_BODY)
     return f"{PRIVATE_KEY_PREFIX}{body}_{_checksum(body)}"
 
 

@@ -22,9 +22,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from playhouse import db_url
 
 from keyguard import KeyguardError
-from keyguard.envoy.service.auth.v3 import external_auth_pb2 as ext
-from keyguard.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
-from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._auth import CallerInterceptor, ensure_admin_token
 from keyguard_server._config import Config
@@ -35,12 +32,12 @@ from keyguard_server._metrics import serve as serve_metrics
 from keyguard_server._reflection import enable_server_reflection
 from keyguard_server._secrets import SecretHasher
 from keyguard_server._service import DAY_US, Authorizer, KeyManager
+from keyguard_server._services import ENVOY_AUTHORIZATION, HEALTH, KEYGUARD_SERVICES
 from keyguard_server._store import Store
+from keyguard_server.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 
 log = logging.getLogger("keyguard.server")
 
-SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
-ENVOY_SERVICE = ext.DESCRIPTOR.services_by_name["Authorization"].full_name
 
 # The largest valid request (30 allowlist entries) is a few KiB.
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -130,7 +127,7 @@ class KeyguardServer:
         pb_grpc.add_AuthorizationServicer_to_server(self._authorization, server)
         ext_grpc.add_AuthorizationServicer_to_server(EnvoyAuthorizationServicer(self.authorizer, config), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        enable_server_reflection((*SERVICE_NAMES, ENVOY_SERVICE, health.SERVICE_NAME), server)
+        enable_server_reflection((*KEYGUARD_SERVICES, ENVOY_AUTHORIZATION, HEALTH), server)
         try:
             if config.tls:
                 self.port = server.add_secure_port(config.listen, _tls_credentials(config))
@@ -198,7 +195,7 @@ class KeyguardServer:
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", *SERVICE_NAMES, ENVOY_SERVICE):
+        for name in ("", *KEYGUARD_SERVICES, ENVOY_AUTHORIZATION):
             await self._health.set(name, status)
 
     async def _watch_database(self) -> None:
@@ -272,7 +269,7 @@ def configure_logging(config: Config) -> None:
 
 
 def run(config: Config) -> None:
-    """`keyguard serve`: one process, or ``config.workers`` processes on one port."""
+    """`keyguard-server serve`: one process, or ``config.workers`` processes on one port."""
     configure_logging(config)
     if config.workers == 1:
         asyncio.run(serve(config))

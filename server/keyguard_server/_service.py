@@ -33,11 +33,12 @@ from keyguard import (
     Unavailable,
     WithdrawalAddress,
     WithdrawalDestination,
+    signing,
 )
-from keyguard import _signing as signing
 from keyguard_server._config import Config
 from keyguard_server._metrics import CACHE_HITS, DECISIONS
 from keyguard_server._secrets import (
+    ACCESS_KEY_RE,
     HasherBusy,
     SecretHasher,
     is_well_formed_private_key,
@@ -46,7 +47,6 @@ from keyguard_server._secrets import (
 )
 from keyguard_server._store import AuthRow, Store, now_us, to_datetime
 from keyguard_server._validation import (
-    ACCESS_KEY_RE,
     IPAddress,
     Violations,
     client_address,

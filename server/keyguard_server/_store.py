@@ -152,11 +152,7 @@ class AuthRow:
         """Whether a secret verified against ``secret_hash`` is valid for this key now."""
         if secret_hash == self.secret_hash:
             return True
-        return (
-            secret_hash == self.previous_secret_hash
-            and self.previous_valid_until_us is not None
-            and now < self.previous_valid_until_us
-        )
+        return secret_hash == self.previous_secret_hash and self.in_grace(now)
 
     def admits(self, ip: IPAddress) -> bool:
         """Whether the allowlist admits ``ip`` (an empty list admits every address)."""

@@ -36,7 +36,9 @@ try:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.trace import Status, StatusCode
 except ImportError as exc:  # the check in Config should have said so already
-    raise ImportError(f"tracing needs OpenTelemetry ({exc.name} is missing): pip install 'keyguard[tracing]'") from exc
+    raise ImportError(
+        f"tracing needs OpenTelemetry ({exc.name} is missing): pip install 'keyguard-server[tracing]'"
+    ) from exc
 
 from keyguard.v1 import keyguard_pb2 as pb
 

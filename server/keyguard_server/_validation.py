@@ -15,13 +15,12 @@ from collections.abc import Iterable
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from keyguard import FieldViolation, InvalidArgument, KeyType, Permission, SignedRequest
-from keyguard import _signing as signing
+from keyguard import FieldViolation, InvalidArgument, KeyType, Permission, SignedRequest, signing
+from keyguard_server._secrets import ACCESS_KEY_RE, ACCESS_KEY_RULE
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-ACCESS_KEY_RE = re.compile(r"kg_[0-9A-Za-z]{24}")
 _ASSET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
 _NONCE_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")
 # A trading symbol, after upper-casing: BTCUSDT, or two parts joined as in ETH-USDT, ETH_USDT, ETH/USDT.
@@ -104,7 +103,7 @@ class Violations:
         if not value:
             self.add(field, "is required")
         elif not ACCESS_KEY_RE.fullmatch(value):
-            self.add(field, 'is not an access key ("kg_" and 24 letters or digits)')
+            self.add(field, ACCESS_KEY_RULE)
         return value
 
     def permission(self, value: int, field: str = "permission") -> Permission:
