@@ -16,9 +16,9 @@ import pytest
 
 from keyguard import ApiKey, Client, CreatedKey, Decision, WithdrawalAddress
 from keyguard_server import Config
+from keyguard_server._authorize import DAY_US
 from keyguard_server._schema import VERSION
 from keyguard_server._secrets import new_private_key
-from keyguard_server._service import DAY_US
 from keyguard_server._store import AccountState, Store
 from keyguard_server._verify import FailureLimiter
 from tests.conftest import RunningServer, StartServer
