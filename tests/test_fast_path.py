@@ -24,6 +24,9 @@ from keyguard_server._verify import FailureLimiter
 from tests.conftest import RunningServer, StartServer
 from tests.processes import ServeProcess
 
+# Storage-dependent: the Authorize lookup is SQLite inline vs PostgreSQL on the loop.
+pytestmark = pytest.mark.all_backends
+
 BOT_IP = "203.0.113.7"
 WRONG = new_private_key()  # well-formed, checksum and all: only argon2 can tell it is wrong
 # Slow enough that a test can act while one verification is running.

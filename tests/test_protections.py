@@ -27,6 +27,9 @@ from keyguard_server._authorize import DAY_US, _key_rule_refusal, management_on
 from keyguard_server._store import AuthRow, now_us
 from tests.conftest import RunningServer, StartServer
 
+# Storage-dependent: freezes, holds and pending changes are stored and read in the one lookup.
+pytestmark = pytest.mark.all_backends
+
 BOT_IP = "203.0.113.7"
 HOLD = timedelta(hours=24)  # the default address_hold_seconds
 LAPSE_DAYS = 90
