@@ -2,9 +2,9 @@
 
 In-process servers run on one shared asyncio loop in a background thread (as
 ``keyguard-server serve`` runs them on its main loop); tests talk to them through the
-generated stubs via :class:`keyguard.Client` over a real TCP channel. Every
-test that starts a server runs twice: on SQLite files and on PostgreSQL
-(``tests/databases.py``).
+generated stubs via :class:`keyguard.Client` over a real TCP channel. Tests
+whose behaviour depends on the database (marked ``all_backends``) run twice: on
+SQLite files and on PostgreSQL (``tests/databases.py``); the others on SQLite.
 """
 
 from __future__ import annotations
@@ -98,8 +98,27 @@ def postgres() -> Iterator[Postgres]:
     pg.drop_all()
 
 
-@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+BACKENDS = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Which databases a test's servers run on: both for tests marked ``all_backends`` (whose
+    behaviour depends on the backend: storage, outages, replicas, durability, migrations,
+    concurrency limits), SQLite alone for every other (what they prove is the same on both).
+    A test that parametrizes ``backend`` itself keeps its own choice."""
+    if "backend" not in metafunc.fixturenames:
+        return
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0]
+        if "backend" in ([n.strip() for n in names.split(",")] if isinstance(names, str) else names):
+            return
+    backends = BACKENDS if metafunc.definition.get_closest_marker("all_backends") else BACKENDS[:1]
+    metafunc.parametrize("backend", backends, indirect=True, scope="session", ids=list(backends))
+
+
+@pytest.fixture(scope="session")
 def backend(request: pytest.FixtureRequest) -> str:
+    """The database of the test's servers (see ``pytest_generate_tests``)."""
     return str(request.param)
 
 

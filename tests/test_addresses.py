@@ -7,6 +7,9 @@ import pytest
 from keyguard import AlreadyExists, Client, LimitExceeded, NotFound
 from tests.conftest import StartServer
 
+# Storage-dependent: whitelist storage and its limits.
+pytestmark = pytest.mark.all_backends
+
 
 def test_unknown_account_has_the_defaults(client: Client, account: str) -> None:
     settings = client.get_account_settings(account)

@@ -7,6 +7,9 @@ import pytest
 from keyguard import AlreadyExists, AuditAction, Client, InvalidArgument, LimitExceeded, NotFound
 from tests.conftest import StartServer
 
+# Storage-dependent: the audit log's storage and paging.
+pytestmark = pytest.mark.all_backends
+
 
 def actions(client: Client, account: str) -> list[tuple[AuditAction, str]]:
     events, _ = client.list_audit_events(account, page_size=500)

@@ -13,6 +13,9 @@ from keyguard import (
     WithdrawalDestination,
 )
 
+# Storage-dependent: the decision reads the key row and the whitelist from the database.
+pytestmark = pytest.mark.all_backends
+
 BOT_IP = "203.0.113.7"
 BTC = WithdrawalDestination("BTC", "bc1qexampleaddress0000000000000000000000")
 

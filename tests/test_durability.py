@@ -8,9 +8,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from keyguard import AuditAction, CreatedKey, KeyguardError, LimitExceeded, Unavailable
 from tests.databases import run_sql
 from tests.processes import ServeProcess
+
+# Storage-dependent: what survives a crash, and what another replica reads.
+pytestmark = pytest.mark.all_backends
 
 
 def test_fifty_concurrent_creates_over_two_processes_make_exactly_sixteen(

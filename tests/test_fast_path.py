@@ -16,13 +16,16 @@ import pytest
 
 from keyguard import ApiKey, Client, CreatedKey, Decision, WithdrawalAddress
 from keyguard_server import Config
+from keyguard_server._authorize import DAY_US
 from keyguard_server._schema import VERSION
 from keyguard_server._secrets import new_private_key
-from keyguard_server._service import DAY_US
 from keyguard_server._store import AccountState, Store
 from keyguard_server._verify import FailureLimiter
 from tests.conftest import RunningServer, StartServer
 from tests.processes import ServeProcess
+
+# Storage-dependent: the Authorize lookup is SQLite inline vs PostgreSQL on the loop.
+pytestmark = pytest.mark.all_backends
 
 BOT_IP = "203.0.113.7"
 WRONG = new_private_key()  # well-formed, checksum and all: only argon2 can tell it is wrong

@@ -11,6 +11,9 @@ import pytest
 from keyguard import AlreadyExists, Client, InvalidArgument, LimitExceeded, NotFound, Permission
 from tests.conftest import StartServer
 
+# Storage-dependent: key storage: counts and limits under concurrent creates, unique names, transactions.
+pytestmark = pytest.mark.all_backends
+
 ACCESS_KEY = re.compile(r"kg_[0-9A-Za-z]{24}")
 PRIVATE_KEY = re.compile(r"kgsk_[0-9A-Za-z]{43}_[0-9A-Za-z]{6}")
 

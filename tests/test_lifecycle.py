@@ -9,6 +9,9 @@ import pytest
 from keyguard import AlreadyExists, AuditAction, Client, CreatedKey, Decision, InvalidArgument, NotFound, Permission
 from tests.conftest import RunningServer, StartServer
 
+# Storage-dependent: updates, rotation and expiry as stored and read back.
+pytestmark = pytest.mark.all_backends
+
 BOT_IP = "203.0.113.7"
 
 

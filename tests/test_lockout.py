@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from keyguard import Client, CreatedKey, Decision, KeyType, Unavailable, sign_request
+from keyguard import Client, CreatedKey, Decision, KeyType, Permission, Unavailable, sign_request
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._secrets import new_private_key
@@ -224,7 +224,9 @@ def test_calls_out_of_time_hold_no_tokens(start_server: StartServer, account: st
         for _ in range(3):
             try:
                 result = server.run(
-                    authorizer.authorize(key.key.access_key, new_private_key(), BOT_IP, 1, None, None, 1e-6)
+                    authorizer.authorize(
+                        key.key.access_key, new_private_key(), BOT_IP, required=Permission.READ, time_left=1e-6
+                    )
                 )
             except Unavailable:
                 continue  # the row read ran out of time first (PostgreSQL's round trip): fine too

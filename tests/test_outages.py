@@ -39,6 +39,9 @@ from tests.conftest import RunningServer, StartServer
 from tests.databases import Postgres
 from tests.proxy import TcpProxy
 
+# Storage-dependent: database outages, timeouts and reconnection differ per driver.
+pytestmark = pytest.mark.all_backends
+
 T = TypeVar("T")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

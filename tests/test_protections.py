@@ -23,9 +23,12 @@ from keyguard import (
     Permission,
     WithdrawalDestination,
 )
-from keyguard_server._service import DAY_US, _key_rule_refusal, _management_on
+from keyguard_server._authorize import DAY_US, _key_rule_refusal, management_on
 from keyguard_server._store import AuthRow, now_us
 from tests.conftest import RunningServer, StartServer
+
+# Storage-dependent: freezes, holds and pending changes are stored and read in the one lookup.
+pytestmark = pytest.mark.all_backends
 
 BOT_IP = "203.0.113.7"
 HOLD = timedelta(hours=24)  # the default address_hold_seconds
@@ -233,8 +236,8 @@ def test_the_lapse_rule_covers_withdraw_and_only_unrestricted_keys() -> None:
     assert _key_rule_refusal(row, Permission.TRADE, "", lapsed, 0) is None  # policy off
     fenced = auth_row(Permission.TRADE, "10.0.0.1", None)
     assert _key_rule_refusal(fenced, Permission.TRADE, "", lapsed, 90 * DAY_US) is None
-    assert _management_on(True, None, 5) and _management_on(True, 6, 5)
-    assert not _management_on(True, 5, 5) and not _management_on(False, None, 5)
+    assert management_on(True, None, 5) and management_on(True, 6, 5)
+    assert not management_on(True, 5, 5) and not management_on(False, None, 5)
 
 
 # -- 4. per-key symbol lists ----------------------------------------------------------

@@ -12,6 +12,9 @@ from keyguard import Client
 from keyguard_server._secrets import is_well_formed_private_key, new_private_key
 from tests.conftest import StartServer
 
+# Storage-dependent: what each database holds of a secret (only its argon2 hash).
+pytestmark = pytest.mark.all_backends
+
 
 def test_secret_is_in_neither_database_files_nor_logs(
     start_server: StartServer, caplog: pytest.LogCaptureFixture

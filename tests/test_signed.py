@@ -13,6 +13,9 @@ from keyguard import Client, CreatedKey, Decision, InvalidArgument, KeyType, Sig
 from keyguard_server._store import now_us
 from tests.conftest import RunningServer, StartServer
 
+# Storage-dependent: replay nonces are stored in the database, shared by replicas.
+pytestmark = pytest.mark.all_backends
+
 BOT_IP = "203.0.113.7"
 ORDER = "POST /api/v3/order symbol=BTCUSDT&side=BUY&quantity=1"
 

@@ -159,3 +159,14 @@ def test_authorize_refuses_unknown_permission_values(raw: RawStubs, permission: 
     with pytest.raises(InvalidArgument) as err:
         raw.call(raw.auth.Authorize, request)
     assert err.value.fields == ("required_permission",)
+
+
+def test_an_unknown_permission_is_named_with_every_other_malformed_field(raw: RawStubs) -> None:
+    """The servicer turns the wire number into a Permission before Authorize; a number that is
+    none still gets the whole request validated, as every other malformed request does."""
+    request = pb.AuthorizeRequest(
+        access_key="", client_ip="not an ip", required_permission=pb.Permission.ValueType(9), symbol="b t c"
+    )
+    with pytest.raises(InvalidArgument) as err:
+        raw.call(raw.auth.Authorize, request)
+    assert err.value.fields == ("access_key", "client_ip", "required_permission", "symbol")

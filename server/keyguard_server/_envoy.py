@@ -47,6 +47,7 @@ from google.rpc import code_pb2, status_pb2
 
 from keyguard import AuthorizeResult, Decision, InvalidArgument, Permission, SignedRequest, WithdrawalDestination
 from keyguard.signing import envoy_payload
+from keyguard_server._authorize import Authorizer
 from keyguard_server._config import (
     CANONICAL_PATH,
     CANONICAL_PATH_RULE,
@@ -56,7 +57,6 @@ from keyguard_server._config import (
     trusted_networks,
 )
 from keyguard_server._grpc import maps_errors
-from keyguard_server._service import Authorizer
 from keyguard_server.envoy.config.core.v3 import base_pb2 as core
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
@@ -179,11 +179,11 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
                 access_key,
                 private_key,
                 self._client_ip(request),
-                route.permission,
-                destination,
-                signed,
-                context.time_remaining(),
-                symbol,
+                required=route.permission,  # a Permission already: EnvoyRoute holds the domain enum
+                destination=destination,
+                signed=signed,
+                time_left=context.time_remaining(),
+                symbol=symbol,
             )
         except InvalidArgument as exc:
             return _deny("BAD_REQUEST", exc.message)

@@ -34,7 +34,8 @@ from keyguard import (
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._auth import current_caller
-from keyguard_server._service import Authorizer, KeyManager
+from keyguard_server._authorize import Authorizer, permission, refuse_malformed
+from keyguard_server._keys import KeyManager
 from keyguard_server._stream import StreamDecider
 
 log = logging.getLogger("keyguard.grpc")
@@ -370,15 +371,20 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
         if request.HasField("signed"):
             r = request.signed
             signed = SignedRequest(r.payload, r.timestamp_ms, r.nonce, r.signature)
+        required = permission(request.required_permission)
+        if required is None:
+            refuse_malformed(
+                request.access_key, request.client_ip, request.required_permission, destination, signed, request.symbol
+            )
         result = await self._authorizer.authorize(
             request.access_key,
             request.private_key,
             request.client_ip,
-            request.required_permission,
-            destination,
-            signed,
-            time_left,
-            request.symbol,
+            required=required,
+            destination=destination,
+            signed=signed,
+            time_left=time_left,
+            symbol=request.symbol,
         )
         return pb.AuthorizeResponse(
             allowed=result.allowed,

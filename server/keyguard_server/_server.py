@@ -24,14 +24,15 @@ from playhouse import db_url
 from keyguard import KeyguardError
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._auth import CallerInterceptor, ensure_admin_token
+from keyguard_server._authorize import DAY_US, Authorizer
 from keyguard_server._config import Config
 from keyguard_server._envoy import EnvoyAuthorizationServicer
 from keyguard_server._grpc import AuthorizationServicer, KeyManagementServicer
+from keyguard_server._keys import KeyManager
 from keyguard_server._metrics import MULTIPROCESS_ENV, WorkerMetrics, multiprocess_values
 from keyguard_server._metrics import serve as serve_metrics
 from keyguard_server._reflection import enable_server_reflection
 from keyguard_server._secrets import SecretHasher
-from keyguard_server._service import DAY_US, Authorizer, KeyManager
 from keyguard_server._services import ENVOY_AUTHORIZATION, HEALTH, KEYGUARD_SERVICES
 from keyguard_server._store import Store
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
