@@ -236,8 +236,8 @@ class Authorizer:
         concurrent attempts never fail more often than there are tokens, and
         joining a run already under way for the same secret costs nothing.
         """
-        network = client_network(ip)
-        buckets = (f"{access_key} {network}", network)
+        buckets = failure_buckets(access_key, ip)
+        network = buckets[1]
         proven = network in self._proven.get(access_key, ()) or (
             bool(last_used_ip) and network == client_network(ipaddress.ip_address(last_used_ip))
         )
@@ -313,8 +313,7 @@ class Authorizer:
             [row.previous_public_key] if row.previous_public_key and row.in_grace(self.clock()) else []
         )
         if not any(signing.verify(_public_key(pem), access_key, signed) for pem in keys):
-            network = client_network(ip)
-            limited = not self._failures.spend(f"{access_key} {network}", network)
+            limited = not self._failures.spend(*failure_buckets(access_key, ip))
             return _deny(Decision.RATE_LIMITED if limited else Decision.BAD_SIGNATURE)
         if not await self._store.use_nonce(access_key, signed.nonce, signed.timestamp_ms, self._read_budget(deadline)):
             return _deny(Decision.REPLAYED_REQUEST)
@@ -383,6 +382,14 @@ def refuse_malformed(
 
 
 _DENIALS = {decision: AuthorizeResult(False, decision) for decision in Decision}
+
+
+def failure_buckets(access_key: str, ip: IPAddress) -> tuple[str, str]:
+    """The failure buckets an attempt from ``ip`` on ``access_key`` is charged to: the (key,
+    client network) one and the network's own. Never the key's alone: failures from one network
+    must not refuse another network's correct credential."""
+    network = client_network(ip)
+    return f"{access_key} {network}", network
 
 
 def _deny(decision: Decision) -> AuthorizeResult:
