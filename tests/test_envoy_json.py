@@ -40,6 +40,20 @@ static_resources:
               - match: {{prefix: "/"}}
                 route: {{cluster: keyguard, timeout: 15s}}
           http_filters:
+          - name: envoy.filters.http.rbac
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+              rules:
+                action: ALLOW
+                policies:
+                  paging-only-in-the-query:
+                    permissions:
+                    - header:
+                        name: ":path"
+                        string_match:
+                          safe_regex:
+                            regex: '[^?]*([?]page_?([sS]ize|[tT]oken)=[^&]*(&page_?([sS]ize|[tT]oken)=[^&]*)*)?'
+                    principals: [{{any: true}}]
           - name: envoy.filters.http.grpc_json_transcoder
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder
@@ -156,8 +170,8 @@ def test_settings_addresses_and_audit_over_json(api: Http, account: str) -> None
     status, audit, _ = api("GET", f"{base}/audit-events?pageSize=2")
     assert status == 200 and len(audit["events"]) == 2 and audit["nextPageToken"]
     assert {e["action"] for e in audit["events"]} == {"AUDIT_ACTION_ADDRESS_REMOVED", "AUDIT_ACTION_ADDRESS_ADDED"}
-    status, everyone, _ = api("GET", f"/v1/audit-events?accountId={account}")
-    assert status == 200 and len(everyone["events"]) == 3
+    status, everyone, _ = api("GET", "/v1/audit-events?pageSize=500")  # every account's (admins)
+    assert status == 200 and len([e for e in everyone["events"] if e["accountId"] == account]) == 3
 
 
 def test_validation_error_is_400_with_the_field_violations(api: Http, account: str) -> None:
@@ -181,4 +195,30 @@ def test_missing_or_unknown_caller_token_is_401(envoy: str, account: str) -> Non
 
 def test_unknown_paths_and_parameters_never_reach_keyguard(api: Http, account: str) -> None:
     assert api("GET", "/v1/nothing-here")[0] == 404
-    assert api("GET", f"/v1/accounts/{account}/keys?admin=true")[0] == 400
+    assert api("GET", f"/v1/accounts/{account}/keys?admin=true")[0] == 403  # RBAC: paging parameters only
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["accountId={victim}", "account_id={victim}", "pageSize=1&accountId={victim}", "account%49d={victim}"],
+    ids=["camelCase", "snake_case", "after-a-paging-parameter", "percent-encoded"],
+)
+def test_the_query_cannot_point_a_call_at_another_account(api: Http, account: str, query: str) -> None:
+    """The transcoder binds query parameters over the path's fields: `/v1/accounts/A/keys?accountId=B`
+    would act on B, so a backend (or a path-based policy in front) scoping by URL would be
+    bypassed. Only paging parameters may be in the query; anything else is refused at Envoy."""
+    victim = f"{account}-victim"
+    assert api("POST", f"/v1/accounts/{victim}/keys", {"name": "bot", "permission": "PERMISSION_READ"})[0] == 200
+    suffix = "?" + query.format(victim=victim)
+    for method, path, body in [
+        ("GET", f"/v1/accounts/{account}/keys", None),
+        ("DELETE", f"/v1/accounts/{account}/keys", None),
+        ("POST", f"/v1/accounts/{account}/keys", {"name": "planted", "permission": "PERMISSION_TRADE"}),
+        ("POST", f"/v1/accounts/{account}:freeze", {}),
+        ("GET", f"/v1/accounts/{account}/audit-events", None),
+    ]:
+        status, _, text = api(method, path + suffix, body)
+        assert status == 403, (method, path + suffix, status, text)
+    status, listed, _ = api("GET", f"/v1/accounts/{victim}/keys")
+    assert status == 200 and [k["name"] for k in listed["keys"]] == ["bot"]  # untouched
+    assert api("GET", f"/v1/accounts/{victim}/settings")[1]["settings"]["frozen"] is False
