@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
+import grpc
 import pytest
 
 from keyguard import (
@@ -18,6 +19,7 @@ from keyguard import (
     Client,
     CreatedKey,
     Decision,
+    FailedPrecondition,
     InvalidArgument,
     KeyType,
     Permission,
@@ -217,6 +219,46 @@ def test_the_policy_is_off_by_default(client: Client, account: str) -> None:
     assert trader.key.unrestricted_until is None
 
 
+WHOLE_INTERNET = ["0.0.0.0/1", "128.0.0.0/1", "::/1", "8000::/1"]
+EVERY_ENTRY = [f"allowed_ips[{i}]" for i in range(len(WHOLE_INTERNET))]
+
+
+def test_an_allowlist_covering_the_internet_does_not_dodge_the_lapse(kg: Client, account: str) -> None:
+    """With the policy on, a TRADE or WITHDRAW key's allowlist counts as a restriction only if
+    every entry is as narrow as a WITHDRAW key's must be; a wider one is refused, not stored."""
+    for level in ("trade", "withdraw"):
+        with pytest.raises(InvalidArgument) as err:
+            kg.create_key(account, f"{level}-anywhere", level, WHOLE_INTERNET)
+        assert list(err.value.fields) == EVERY_ENTRY
+        assert err.value.violations[0].description == f"a {level.upper()} key's networks must be /24 or narrower"
+    assert err.value.violations[3].description == "a WITHDRAW key's networks must be /48 or narrower"  # 8000::/1
+    with pytest.raises(InvalidArgument) as err:  # all of IPv4 behind NAT64 is as wide as 0.0.0.0/0
+        kg.create_key(account, "nat64", "trade", ["64:ff9b::/96", "198.51.100.0/24", "2001:db8::/48"])
+    assert list(err.value.fields) == ["allowed_ips[0]"]
+    assert kg.list_keys(account) == []
+
+    trader = kg.create_key(account, "trader", "trade", [BOT_IP])
+    with pytest.raises(InvalidArgument) as err:
+        kg.update_key(account, trader.key.access_key, allowed_ips=WHOLE_INTERNET)
+    assert list(err.value.fields) == EVERY_ENTRY
+    assert kg.get_key(account, trader.key.access_key) == trader.key
+
+    # READ keys are not under the policy; their list cannot be carried into TRADE by an upgrade.
+    reader = kg.create_key(account, "reader", "read", WHOLE_INTERNET)
+    assert reader.key.allowed_ips == tuple(WHOLE_INTERNET)
+    with pytest.raises(InvalidArgument) as err:
+        kg.update_key(account, reader.key.access_key, permission="trade")
+    assert list(err.value.fields) == EVERY_ENTRY
+    assert kg.get_key(account, reader.key.access_key).permission is Permission.READ
+    narrowed = kg.update_key(account, reader.key.access_key, permission="trade", allowed_ips=["198.51.100.0/24"])
+    assert (narrowed.permission, narrowed.unrestricted_until) == (Permission.TRADE, None)
+    assert actions(kg, account) == [AuditAction.KEY_CREATED, AuditAction.KEY_CREATED, AuditAction.KEY_UPDATED]
+
+
+def test_wide_trade_allowlists_are_accepted_with_the_policy_off(client: Client, account: str) -> None:
+    assert client.create_key(account, "trader", "trade", WHOLE_INTERNET).key.allowed_ips == tuple(WHOLE_INTERNET)
+
+
 def auth_row(permission: Permission, allowed_ips: str, unrestricted_since_us: int | None) -> AuthRow:
     return AuthRow(
         "acct", "bot", permission, allowed_ips, "", False, True, None, "", None, KeyType.SECRET, "", "",
@@ -320,8 +362,6 @@ def test_a_frozen_account_refuses_every_key_until_unfrozen(guarded: RunningServe
     assert authorizer.argon2_verifications == runs  # decided before any argon2
     assert trade(kg, neighbour) is Decision.ALLOW  # other accounts are not touched
     assert len(kg.list_keys(account)) == 2  # keys are kept
-    late = kg.create_key(account, "late", "read")
-    assert trade(kg, late, need="read") is Decision.ACCOUNT_FROZEN
     assert not kg.unfreeze_account(account).frozen
     assert trade(kg, trader) is Decision.ALLOW
     assert trade(kg, reader, need="read") is Decision.ALLOW
@@ -335,8 +375,74 @@ def test_a_frozen_account_refuses_every_key_until_unfrozen(guarded: RunningServe
 def test_freezing_an_account_never_seen_holds_for_keys_made_later(kg: Client, account: str) -> None:
     assert not kg.get_account_settings(account).frozen
     assert kg.freeze_account(account).frozen
-    key = kg.create_key(account, "bot", "read")
-    assert trade(kg, key, need="read") is Decision.ACCOUNT_FROZEN
+    with pytest.raises(FailedPrecondition):
+        kg.create_key(account, "bot", "read")
+    assert kg.list_keys(account) == []
+
+
+def test_a_frozen_account_refuses_every_change_that_widens_access(kg: Client, account: str) -> None:
+    """A hijacked manager session, the usual reason for a freeze, can queue nothing for the
+    moment support unfreezes: no key, no rotation, no update, no address, no management off."""
+    trader = kg.create_key(account, "trader", "trade", [BOT_IP])
+    kg.set_address_management(account, True)
+    entry = kg.add_withdrawal_address(account, "BTC", "bc1qcold")
+    kg.freeze_account(account, reason="hijacked session")
+    settings = kg.get_account_settings(account)
+    events = kg.list_audit_events(account)[0]
+    refused: list[Callable[[], object]] = [
+        lambda: kg.create_key(account, "thief", "withdraw", [BOT_IP]),
+        lambda: kg.create_key(account, "thief", "read"),
+        lambda: kg.rotate_key(account, trader.key.access_key),
+        lambda: kg.update_key(account, trader.key.access_key, allowed_ips=[]),
+        lambda: kg.update_key(account, trader.key.access_key, name="renamed"),  # any field
+        lambda: kg.update_key(account, trader.key.access_key, enabled=False),
+        lambda: kg.add_withdrawal_address(account, "BTC", "bc1qthief"),
+        lambda: kg.set_address_management(account, False),
+    ]
+    for change in refused:
+        with pytest.raises(FailedPrecondition) as err:
+            change()
+        frozen = f"account {account!r} is frozen; unfreeze it first"
+        assert (err.value.code, err.value.message) == (grpc.StatusCode.FAILED_PRECONDITION, frozen)
+    # A refused change wrote nothing.
+    assert kg.list_audit_events(account)[0] == events
+    assert kg.list_keys(account) == [trader.key]
+    assert kg.list_withdrawal_addresses(account) == [entry]
+    assert kg.get_account_settings(account) == settings
+    # What narrows access stays allowed.
+    assert kg.set_address_management(account, True).address_management
+    kg.remove_withdrawal_address(account, entry.id)
+    kg.delete_key(account, trader.key.access_key)
+    assert kg.delete_all_keys(account) == 0
+    kg.unfreeze_account(account)
+    assert trade(kg, kg.create_key(account, "bot", "trade", [BOT_IP])) is Decision.ALLOW
+
+
+@pytest.mark.parametrize("change", ["create", "rotate"])
+def test_a_freeze_racing_a_change_wins(
+    guarded: RunningServer, kg: Client, account: str, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """The freeze commits while the change hashes its new secret, after any early look at the
+    account: the change's own transaction still sees the freeze and refuses."""
+    manager = guarded.server.manager
+    assert manager is not None
+    trader = kg.create_key(account, "trader", "trade", [BOT_IP])
+    credential = manager._credential
+
+    async def freeze_meanwhile(kind: KeyType, public_key: str) -> tuple[str, str, str]:
+        made = await credential(kind, public_key)
+        await manager._store.set_frozen(caller="support", account_id=account, frozen=True, reason="race")
+        return made
+
+    monkeypatch.setattr(manager, "_credential", freeze_meanwhile)
+    changes: dict[str, Callable[[], object]] = {
+        "create": lambda: kg.create_key(account, "thief", "trade", [BOT_IP]),
+        "rotate": lambda: kg.rotate_key(account, trader.key.access_key),
+    }
+    with pytest.raises(FailedPrecondition):
+        changes[change]()
+    assert kg.list_keys(account) == [trader.key]
+    assert actions(kg, account) == [AuditAction.KEY_CREATED, AuditAction.ACCOUNT_FROZEN]
 
 
 def test_freeze_validates_its_input(kg: Client, account: str) -> None:

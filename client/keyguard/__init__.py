@@ -10,6 +10,7 @@ from keyguard._client import DEFAULT_TARGET, Client, StreamingAuthorizer
 from keyguard._errors import (
     Aborted,
     AlreadyExists,
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     KeyguardError,
@@ -48,6 +49,7 @@ __all__ = [
     "Client",
     "CreatedKey",
     "Decision",
+    "FailedPrecondition",
     "FieldViolation",
     "InvalidArgument",
     "KeyType",

@@ -86,11 +86,27 @@ class Aborted(KeyguardError):
     code = grpc.StatusCode.ABORTED
 
 
+class FailedPrecondition(KeyguardError):
+    """The change is refused in the account's current state (it is frozen: unfreeze it first);
+    nothing was changed. Retrying is useless until the state changes."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class ServerError(KeyguardError):
     """Anything else the server answered (INTERNAL, UNKNOWN, ...)."""
 
 
 ERRORS_BY_CODE: dict[grpc.StatusCode, type[KeyguardError]] = {
     cls.code: cls
-    for cls in (NotFound, AlreadyExists, LimitExceeded, Unauthenticated, PermissionDenied, Unavailable, Aborted)
+    for cls in (
+        NotFound,
+        AlreadyExists,
+        LimitExceeded,
+        Unauthenticated,
+        PermissionDenied,
+        Unavailable,
+        Aborted,
+        FailedPrecondition,
+    )
 }

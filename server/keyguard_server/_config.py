@@ -142,8 +142,9 @@ class Config:
     max_allowed_ips: int = 30
     # Refuse WITHDRAW keys with an empty IP allowlist (what exchanges do).
     withdraw_requires_ip_allowlist: bool = True
-    # WITHDRAW keys' allowlist entries must be at least this specific: a wide
-    # network would let anyone in it use a stolen withdrawal key.
+    # WITHDRAW keys' allowlist entries (and TRADE keys' too while unrestricted_key_days
+    # is on) must be at least this specific: a wide network would let anyone in it use
+    # a stolen key, and 0.0.0.0/1 + 128.0.0.0/1 would "restrict" a key to the internet.
     withdraw_min_prefix_ipv4: int = 24
     withdraw_min_prefix_ipv6: int = 48
     max_withdrawal_addresses: int = 200

@@ -86,12 +86,14 @@ class KeyManager:
         ips = v.allowed_ips(allowed_ips, max_count=self._config.max_allowed_ips)
         tickers = v.symbols(symbols or [], max_count=self._config.max_symbols_per_key)
         expires_us = self._future(v, expires_at)
-        self._withdraw_policy(v, level, ips)
+        self._allowlist_policy(v, level, ips)
         kind = KeyType.SECRET if key_type == 0 else v.key_type(key_type)
         if public_key and kind is not KeyType.ED25519:
             v.add("public_key", "is only for ED25519 keys")
         v.raise_if_any()
-        # A full account or a taken name is refused before argon2 spends anything on it.
+        # A frozen or full account or a taken name is refused before argon2 spends anything on it
+        # (the insert's transaction checks each again).
+        await self._store.check_unfrozen(account_id)
         await self._store.check_key_room(account_id, name, self._config.max_keys_per_account)
         private_key, secret_hash, public_key = await self._credential(kind, public_key)
         key = await self._store.insert_key(
@@ -132,8 +134,9 @@ class KeyManager:
         enabled: bool | None = None,
         symbols: list[str] | None = None,
     ) -> ApiKey:
-        """Changes what is given, under the same rules as creation. Emptying the IP allowlist
-        starts the unrestricted-key period afresh; setting one ends it."""
+        """Changes what is given, under the same rules as creation, checked against the key as it
+        results (permission and allowlist together). Emptying the IP allowlist starts the
+        unrestricted-key period afresh; setting one ends it. Refused while the account is frozen."""
         v = Violations()
         v.account_id(account_id)
         v.access_key(access_key)
@@ -158,7 +161,7 @@ class KeyManager:
 
         def check(result: ApiKey) -> None:
             after = Violations()
-            self._withdraw_policy(after, result.permission, list(result.allowed_ips))
+            self._allowlist_policy(after, result.permission, list(result.allowed_ips))
             after.raise_if_any()
 
         key = await self._store.update_key(
@@ -182,6 +185,7 @@ class KeyManager:
         kind = (await self._store.get_key(account_id, access_key)).key_type  # NOT_FOUND before any work
         if public_key and kind is not KeyType.ED25519:
             raise InvalidArgument([FieldViolation("public_key", "is only for ED25519 keys")])
+        await self._store.check_unfrozen(account_id)  # before argon2; the rotation's transaction decides
         private_key, secret_hash, public_key = await self._credential(kind, public_key)
         key = await self._store.rotate_key(
             caller=caller,
@@ -213,13 +217,20 @@ class KeyManager:
         except ValueError as exc:
             raise InvalidArgument([FieldViolation("public_key", str(exc))]) from None
 
-    def _withdraw_policy(self, v: Violations, level: Permission, ips: list[str]) -> None:
-        """WITHDRAW keys need an allowlist, and one that restricts: without a minimum prefix,
-        0.0.0.0/1 + 128.0.0.0/1 would be "restricted" to the whole internet."""
-        if level is not Permission.WITHDRAW or not self._config.withdraw_requires_ip_allowlist:
-            return
-        if not ips:
+    def _allowlist_policy(self, v: Violations, level: Permission, ips: list[str]) -> None:
+        """Which allowlists count as a restriction. WITHDRAW keys need one
+        (``withdraw_requires_ip_allowlist``). A list counts only if every entry is at least
+        ``withdraw_min_prefix_ipv4``/``_ipv6`` long: without a minimum, 0.0.0.0/1 + 128.0.0.0/1
+        (+ ::/1 + 8000::/1) would be "restricted" to the whole internet. The minimum applies to
+        WITHDRAW keys under that rule, and to TRADE and WITHDRAW keys whenever unrestricted keys
+        lapse (``unrestricted_key_days``), else such a list would dodge the lapse for good.
+        READ keys are never restricted by it."""
+        withdraw_rule = level is Permission.WITHDRAW and self._config.withdraw_requires_ip_allowlist
+        lapse_rule = level >= Permission.TRADE and self._config.unrestricted_key_days > 0
+        if withdraw_rule and not ips:
             v.add("allowed_ips", "a WITHDRAW key must be restricted to at least one IP address or network")
+        if not (withdraw_rule or lapse_rule):
+            return
         v4, v6 = self._config.withdraw_min_prefix_ipv4, self._config.withdraw_min_prefix_ipv6
         for i, entry in enumerate(ips):
             network = ipaddress.ip_network(entry)
@@ -230,7 +241,7 @@ class KeyManager:
             else:
                 shortest = v6
             if network.prefixlen < shortest:
-                v.add(f"allowed_ips[{i}]", f"a WITHDRAW key's networks must be /{shortest} or narrower")
+                v.add(f"allowed_ips[{i}]", f"a {level.name} key's networks must be /{shortest} or narrower")
 
     @staticmethod
     def _future(v: Violations, moment: datetime | None, field: str = "expires_at") -> int | None:

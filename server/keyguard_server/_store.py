@@ -74,6 +74,7 @@ from keyguard import (
     AuditEvent,
     AuthorizeResult,
     Decision,
+    FailedPrecondition,
     KeyType,
     LimitExceeded,
     NotFound,
@@ -448,13 +449,27 @@ class _Queries:
                     & (KeyModel.last_used_at_us.is_null() | (KeyModel.last_used_at_us < at_us))
                 ).execute()
 
-    def _lock_account(self, account_id: str) -> None:
-        """Inside a transaction: serialise this account's limited changes across processes."""
+    def _lock_account(self, account_id: str) -> bool:
+        """Inside a transaction: serialise this account's changes across processes. Returns
+        whether the account is frozen, read under the lock: a freeze committed before it is seen,
+        and one not yet committed waits for this transaction (it locks the same row)."""
         AccountModel.insert(account_id=account_id).on_conflict_ignore().execute()
+        query = AccountModel.select(AccountModel.frozen).where(AccountModel.account_id == account_id)
         if self._row_locks:
-            AccountModel.select(AccountModel.account_id).where(
-                AccountModel.account_id == account_id
-            ).for_update().execute()
+            query = query.for_update()
+        return bool(query.scalar())
+
+    def _lock_unfrozen(self, account_id: str) -> None:
+        """``_lock_account`` for a change that widens or creates access: refused (nothing
+        written) while the account is frozen."""
+        if self._lock_account(account_id):
+            raise _frozen(account_id)
+
+    def check_unfrozen(self, account_id: str) -> None:
+        """Outside a transaction, before costly work (argon2): an early answer only; the change's
+        own transaction decides (``_lock_unfrozen``)."""
+        if AccountModel.select().where((AccountModel.account_id == account_id) & AccountModel.frozen).exists():
+            raise _frozen(account_id)
 
     def _audit(
         self, caller: str, action: AuditAction, account_id: str, access_key: str = "", **details: object
@@ -488,7 +503,7 @@ class _Queries:
         """Insert a key unless the account is full or the name taken, atomically (``now``: the
         domain's clock, else the system's)."""
         with _transaction(self.db):
-            self._lock_account(account_id)
+            self._lock_unfrozen(account_id)
             self.check_key_room(account_id, name, max_keys)
             created = now_us() if now is None else now
             row = KeyModel(
@@ -550,7 +565,7 @@ class _Queries:
         An allowlist emptied ``now`` (the domain's clock, else the system's) starts the key's
         unrestricted period; one set ends it."""
         with _transaction(self.db):
-            self._lock_account(account_id)
+            self._lock_unfrozen(account_id)  # any field: support unfreezes first
             row = KeyModel.get_or_none((KeyModel.account_id == account_id) & (KeyModel.access_key == access_key))
             if row is None:
                 raise NotFound(f"account {account_id!r} has no key {access_key!r}")
@@ -585,6 +600,7 @@ class _Queries:
         """New credential (hash for SECRET keys, public key for ED25519); the old one
         stays valid for ``grace_us`` (0: not at all)."""
         with _transaction(self.db):
+            self._lock_unfrozen(account_id)
             row = KeyModel.get_or_none((KeyModel.account_id == account_id) & (KeyModel.access_key == access_key))
             if row is None:
                 raise NotFound(f"account {account_id!r} has no key {access_key!r}")
@@ -629,9 +645,11 @@ class _Queries:
 
     def set_address_management(self, *, caller: str, account_id: str, enabled: bool, now: int, hold_us: int) -> None:
         """On: at once, cancelling a pending off. Off: after ``hold_us`` (0: at once); while an
-        off is pending, asking again changes nothing (the hold is not restarted, nor audited)."""
+        off is pending, asking again changes nothing (the hold is not restarted, nor audited).
+        Off is refused while the account is frozen."""
         with _transaction(self.db):
-            self._lock_account(account_id)
+            if self._lock_account(account_id) and not enabled:
+                raise _frozen(account_id)  # on narrows access, so it is allowed
             account = AccountModel.get(AccountModel.account_id == account_id)
             off_at = account.address_management_off_at_us
             pending = bool(account.address_management) and off_at is not None and now < off_at
@@ -681,9 +699,10 @@ class _Queries:
         now: int,
         hold_us: int,
     ) -> WithdrawalAddress:
-        """Whitelists the destination at ``now``, usable for withdrawals ``hold_us`` later."""
+        """Whitelists the destination at ``now``, usable for withdrawals ``hold_us`` later
+        (refused while the account is frozen)."""
         with _transaction(self.db):
-            self._lock_account(account_id)
+            self._lock_unfrozen(account_id)
             if self.whitelisted(account_id, asset, address, memo):
                 raise AlreadyExists(f"{asset} address {address!r} is already on the whitelist")
             entries = AddressModel.select().where(AddressModel.account_id == account_id)
@@ -1247,11 +1266,16 @@ class Store:
     add_address = _on_writes(_Queries.add_address)
     remove_address = _on_writes(_Queries.remove_address)
     check_key_room = _on_reads(_Queries.check_key_room)
+    check_unfrozen = _on_reads(_Queries.check_unfrozen)
     list_keys = _on_reads(_Queries.list_keys)
     get_key = _on_reads(_Queries.get_key)
     account_settings = _on_reads(_Queries.account_settings)
     list_addresses = _on_reads(_Queries.list_addresses)
     audit_events = _on_reads(_Queries.audit_events)
+
+
+def _frozen(account_id: str) -> FailedPrecondition:
+    return FailedPrecondition(f"account {account_id!r} is frozen; unfreeze it first")
 
 
 def _auth_row(row: tuple[Any, ...]) -> AuthRow:
