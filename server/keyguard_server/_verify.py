@@ -1,7 +1,7 @@
 """Keeping argon2 off the hot path, and floods of wrong secrets cheap.
 
-- :class:`VerificationCache`: after argon2 accepted a secret, remember an
-  HMAC-SHA256 of it (under a per-process random key) indexed by the stored
+- :class:`VerificationCache`: after argon2 accepted a secret, remember a keyed
+  BLAKE2b MAC of it (under a per-process random key) indexed by the stored
   argon2 hash string. Later calls compare digests in constant time. Deleting
   or re-keying a key removes or changes its stored hash, so the cache can
   never keep a dead secret alive: a lookup needs the *current* hash.
@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import ipaddress
 import secrets
@@ -34,7 +35,9 @@ class VerificationCache:
         self._max = max_entries
 
     def _digest(self, secret: str) -> bytes:
-        return hmac.digest(self._key, secret.encode(), "sha256")
+        # Keyed BLAKE2b is a MAC by design (RFC 7693) and CPython's own code: a third of the
+        # cost of OpenSSL 3's HMAC-SHA256, which fetches its digest and takes locks per call.
+        return hashlib.blake2b(secret.encode(), key=self._key, digest_size=32).digest()
 
     def hit(self, stored_hash: str, secret: str) -> bool:
         known = self._digests.get(stored_hash)
