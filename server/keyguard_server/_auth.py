@@ -145,6 +145,10 @@ class _Malformed:
 class CallerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, callers: tuple[Caller, ...]) -> None:
         self._by_token = {c.token_sha256: c for c in callers if c.token_sha256}
+        # Tokens that matched, by themselves: one SHA-256 per caller, not per call. Bounded by
+        # the callers (an unknown token is never kept); str hashes are keyed per process
+        # (SipHash), so the lookup's timing tells nothing of the tokens held.
+        self._known_tokens: dict[str, Caller] = {}
         self._by_cert = {c.cert_common_name: c for c in callers if c.cert_common_name}
         # Guarded handlers are built once per method, not per call (the hot path).
         self._guarded: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
@@ -179,14 +183,20 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
             )
         return caller.name
 
+    def _by_digest(self, token: str) -> Caller | None:
+        # A dict lookup by digest: timing can only reveal digests, not tokens.
+        caller = self._by_token.get(token_sha256(token))
+        if caller is not None:
+            self._known_tokens[token] = caller
+        return caller
+
     def _identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller | None:
         for key, value in context.invocation_metadata() or ():
             if key == "authorization" and isinstance(value, str):
                 scheme, _, token = value.partition(" ")
                 token = token.strip()  # "Bearer  " is no token, not the empty token
                 if scheme.lower() == "bearer" and token:
-                    # A dict lookup by digest: timing can only reveal digests, not tokens.
-                    return self._by_token.get(token_sha256(token))
+                    return self._known_tokens.get(token) or self._by_digest(token)
                 return None
         pem = next(iter(context.auth_context().get("x509_pem_cert", ())), None)  # the client's, verified by TLS
         name = client_certificate_name(pem) if pem else None
