@@ -393,7 +393,7 @@ class _Queries:
 
     def build(self) -> None:
         """Builds the hot path's SQL once (on a thread whose models are bound)."""
-        key_and_account = KeyModel.select(
+        columns = (
             KeyModel.account_id,
             KeyModel.name,
             KeyModel.permission,
@@ -412,7 +412,14 @@ class _Queries:
             AccountModel.address_management_off_at_us,
             KeyModel.symbols,
             KeyModel.unrestricted_since_us,
-        ).join(AccountModel, pw.JOIN.LEFT_OUTER, on=AccountModel.account_id == KeyModel.account_id)
+        )
+        # The row as one JSON array text (the memo key of its AuthRow as it comes): the driver
+        # hands over one value instead of 18 (measured on SQLite: 17 -> 10 µs per lookup).
+        # (PostgreSQL: cast to text, or psycopg2 would parse it on every read.)
+        row = pw.fn.json_build_array(*columns).cast("text") if self._row_locks else pw.fn.json_array(*columns)
+        key_and_account = KeyModel.select(row).join(
+            AccountModel, pw.JOIN.LEFT_OUTER, on=AccountModel.account_id == KeyModel.account_id
+        )
         self.auth_sql = key_and_account.where(KeyModel.access_key == "").sql()[0]
         # PostgreSQL: every lookup waiting at once, in one statement (see _LoopLookups).
         batched = key_and_account.select_extend(KeyModel.access_key).where(
@@ -1279,9 +1286,10 @@ def _frozen(account_id: str) -> FailedPrecondition:
 
 
 def _auth_row(row: tuple[Any, ...]) -> AuthRow:
+    """The AuthRow of a lookup's row: (the JSON array of _Queries.build's columns,)."""
     (account_id, name, permission, allowed_ips, secret_hash, address_management, enabled, expires, prev, until,
      key_type, public_key, previous_public_key, last_used_ip,
-     frozen, management_off_at, symbols, unrestricted_since) = row  # fmt: skip
+     frozen, management_off_at, symbols, unrestricted_since) = json.loads(row[0])  # fmt: skip
     return AuthRow(
         account_id,
         name,
