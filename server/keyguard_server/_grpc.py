@@ -24,6 +24,7 @@ from keyguard import (
     AccountSettings,
     ApiKey,
     AuditEvent,
+    AuthorizeResult,
     FieldViolation,
     InvalidArgument,
     KeyguardError,
@@ -386,10 +387,28 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
             time_left=time_left,
             symbol=request.symbol,
         )
-        return pb.AuthorizeResponse(
-            allowed=result.allowed,
-            decision=pb.Decision.ValueType(result.decision),
-            account_id=result.account_id,
-            key_name=result.key_name,
-            permission=pb.Permission.ValueType(result.permission or 0),
-        )
+        return _answer(result)
+
+
+# Wire answers by the identity of their result (the result is kept with it, so its id cannot
+# be reused while the entry lives). The common results are built once per row value or once
+# per process, so the common answer is built once too. Callers never change a returned answer.
+_ANSWERS: dict[int, tuple[AuthorizeResult, pb.AuthorizeResponse]] = {}
+MAX_ANSWERS = 4096
+
+
+def _answer(result: AuthorizeResult) -> pb.AuthorizeResponse:
+    known = _ANSWERS.get(id(result))
+    if known is not None and known[0] is result:
+        return known[1]
+    answer = pb.AuthorizeResponse(
+        allowed=result.allowed,
+        decision=pb.Decision.ValueType(result.decision),
+        account_id=result.account_id,
+        key_name=result.key_name,
+        permission=pb.Permission.ValueType(result.permission or 0),
+    )
+    if len(_ANSWERS) >= MAX_ANSWERS:
+        _ANSWERS.clear()
+    _ANSWERS[id(result)] = (result, answer)
+    return answer
