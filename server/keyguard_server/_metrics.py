@@ -7,15 +7,24 @@ prometheus_client picks its multiprocess values when it is first imported: every
 worker writes its values to its own files there, and the supervisor alone serves
 one endpoint with their sum. (Multiprocess values cost ~2.7 µs more per Authorize,
 a counter and a histogram: one process does not pay it.)
+
+Every call bumps a decision counter and a latency histogram. In one process those are
+:class:`HotCounter` and :class:`HotHistogram`: plain numbers in list slots, read by a collector
+at scrape time, instead of prometheus_client's checks and lock on every call (~160 of the ~600
+bytecodes a cached Authorize ran). Same names, labels and buckets; the scrape reads them as
+they are, never a second late. With multiprocess values they are prometheus_client's own.
 """
 
 from __future__ import annotations
 
+import bisect
 import fcntl
 import logging
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,29 +38,9 @@ from prometheus_client import (
     start_http_server,
     values,
 )
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 log = logging.getLogger("keyguard.metrics")
-
-DECISIONS = Counter(
-    "keyguard_authorize_decisions_total",
-    "Authorize answers (gRPC Authorize and Envoy Check), by decision.",
-    ["decision"],
-)
-RPC_SECONDS = Histogram(
-    "keyguard_rpc_duration_seconds",
-    "Time to answer an RPC, by method (caller checks included).",
-    ["method"],
-    buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
-)
-ARGON2_VERIFICATIONS = Counter(
-    "keyguard_argon2_verifications_total", "Secrets checked with argon2 (cache misses that got that far)."
-)
-CACHE_HITS = Counter("keyguard_verify_cache_hits_total", "Secrets accepted from the verification cache.")
-ARGON2_PENDING = Gauge(
-    "keyguard_argon2_pending",
-    "argon2 verifications running or waiting for a thread.",
-    multiprocess_mode="livesum",  # --workers: the sum over the workers alive
-)
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -60,6 +49,137 @@ def multiprocess_values() -> bool:
     """Whether this process's metrics are written to ``PROMETHEUS_MULTIPROC_DIR`` (chosen when
     prometheus_client was first imported)."""
     return bool(getattr(values.ValueClass, "_multiprocess", False))
+
+
+class _Count:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self) -> None:
+        self.value += 1  # on the event loop only; a scrape reads it whole (the GIL)
+
+
+class _Latencies:
+    __slots__ = ("bounds", "buckets", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.buckets = [0] * (len(bounds) + 1)  # not cumulative; the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect.bisect_left(self.bounds, seconds)] += 1  # le: the first bound >= seconds
+        self.sum += seconds
+
+
+class HotCounter:
+    """A Counter for calls on the hot path, with at most one label: ``labels(v).inc()`` and
+    ``inc()`` as prometheus_client's, bumping a plain number (collected by a :class:`HotCollector`)."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str] = (), *, collector: HotCollector | None = None
+    ) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
+        self.created = time.time()
+        self._children: dict[str, _Count] = {}
+        self._count = _Count()
+        (collector or HOT).metrics.append(self)
+
+    def labels(self, value: str) -> _Count:
+        return self._children.setdefault(value, _Count())
+
+    def inc(self) -> None:
+        self._count.value += 1
+
+    def family(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        if not self.labelnames:
+            family.add_metric([], self._count.value, created=self.created)
+        for value, count in list(self._children.items()):
+            family.add_metric([value], count.value, created=self.created)
+        return family
+
+
+class HotHistogram:
+    """A Histogram for calls on the hot path, with one label: ``labels(v).observe(s)`` as
+    prometheus_client's, a bisect and two additions (collected by a :class:`HotCollector`)."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        *,
+        collector: HotCollector | None = None,
+    ) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
+        self.bounds = tuple(float(b) for b in buckets)
+        self._children: dict[str, _Latencies] = {}
+        (collector or HOT).metrics.append(self)
+
+    def labels(self, value: str) -> _Latencies:
+        return self._children.setdefault(value, _Latencies(self.bounds))
+
+    def family(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for value, child in list(self._children.items()):
+            counts, total = list(child.buckets), child.sum  # as of one moment, then made cumulative
+            cumulative, running = [], 0
+            for bound, count in zip((*map(str, self.bounds), "+Inf"), counts, strict=True):
+                running += count
+                cumulative.append((bound, float(running)))
+            family.add_metric([value], cumulative, total)
+        return family
+
+
+class HotCollector:
+    """Collects hot metrics at scrape time (:data:`HOT`: registered with the default registry)."""
+
+    def __init__(self) -> None:
+        self.metrics: list[HotCounter | HotHistogram] = []
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.metrics:
+            yield metric.family()
+
+
+HOT = HotCollector()
+
+DECISIONS: Any
+RPC_SECONDS: Any
+CACHE_HITS: Any
+_DECISIONS_ARGS = (
+    "keyguard_authorize_decisions_total",
+    "Authorize answers (gRPC Authorize and Envoy Check), by decision.",
+    ["decision"],
+)
+_RPC_SECONDS_ARGS = (
+    "keyguard_rpc_duration_seconds",
+    "Time to answer an RPC, by method (caller checks included).",
+    ["method"],
+)
+_RPC_SECONDS_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_CACHE_HITS_ARGS = ("keyguard_verify_cache_hits_total", "Secrets accepted from the verification cache.")
+if multiprocess_values():
+    DECISIONS = Counter(*_DECISIONS_ARGS)
+    RPC_SECONDS = Histogram(*_RPC_SECONDS_ARGS, buckets=_RPC_SECONDS_BUCKETS)
+    CACHE_HITS = Counter(*_CACHE_HITS_ARGS)
+else:
+    DECISIONS = HotCounter(*_DECISIONS_ARGS)
+    RPC_SECONDS = HotHistogram(*_RPC_SECONDS_ARGS, buckets=_RPC_SECONDS_BUCKETS)
+    CACHE_HITS = HotCounter(*_CACHE_HITS_ARGS)
+    REGISTRY.register(HOT)
+ARGON2_VERIFICATIONS = Counter(
+    "keyguard_argon2_verifications_total", "Secrets checked with argon2 (cache misses that got that far)."
+)
+ARGON2_PENDING = Gauge(
+    "keyguard_argon2_pending",
+    "argon2 verifications running or waiting for a thread.",
+    multiprocess_mode="livesum",  # --workers: the sum over the workers alive
+)
 
 
 def serve(listen: str, registry: CollectorRegistry = REGISTRY) -> Any:
