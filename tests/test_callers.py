@@ -104,6 +104,26 @@ def assert_admitted_as(
         assert code is grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_an_admitted_header_is_admitted_for_its_own_method_only(channel: grpc.Channel) -> None:
+    """Admissions are remembered per method: the gateway's header, admitted for Authorize a
+    moment ago, still gets no further than its role."""
+    gateway = bearer(GATEWAY_TOKEN)
+    for _ in range(2):
+        assert status_of(channel, "keyguard.v1.Authorization", "Authorize", gateway) not in DENIED
+        assert (
+            status_of(channel, "keyguard.v1.KeyManagement", "CreateKey", gateway) is grpc.StatusCode.PERMISSION_DENIED
+        )
+
+
+def test_any_number_of_spellings_of_a_token_is_admitted(channel: grpc.Channel) -> None:
+    """Past the bound of remembered headers, a caller is still checked, and admitted, every time."""
+    for pad in range(1, 80):
+        spelling = (("authorization", f"{'bearer' if pad % 2 else 'Bearer'}{' ' * pad}{GATEWAY_TOKEN}{' ' * pad}"),)
+        assert status_of(channel, "keyguard.v1.Authorization", "Authorize", spelling) not in DENIED
+    refused = (("authorization", f"Bearer {GATEWAY_TOKEN}x"),)
+    assert status_of(channel, "keyguard.v1.Authorization", "Authorize", refused) is grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_health_and_reflection_need_no_credential(channel: grpc.Channel) -> None:
     health: Any = health_pb2_grpc.HealthStub(channel)
     assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING

@@ -142,13 +142,14 @@ class _Malformed:
         self.error = error
 
 
+# Per method: admitted authorization headers remembered (a caller has one token; spellings of
+# it, "bearer" or padded, are each one more, up to the bound).
+MAX_ADMITTED_HEADERS = 64
+
+
 class CallerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, callers: tuple[Caller, ...]) -> None:
         self._by_token = {c.token_sha256: c for c in callers if c.token_sha256}
-        # Tokens that matched, by themselves: one SHA-256 per caller, not per call. Bounded by
-        # the callers (an unknown token is never kept); str hashes are keyed per process
-        # (SipHash), so the lookup's timing tells nothing of the tokens held.
-        self._known_tokens: dict[str, Caller] = {}
         self._by_cert = {c.cert_common_name: c for c in callers if c.cert_common_name}
         # Guarded handlers are built once per method, not per call (the hot path).
         self._guarded: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
@@ -166,14 +167,28 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
         service = method.split("/")[1] if "/" in method else ""
         if handler is None or service in OPEN_SERVICES:
             return handler
-        guarded = self._guarded[method] = _guarded(method, handler, functools.partial(self._admit, service, method))
+        admit = functools.partial(self._admit, service, method, {})
+        guarded = self._guarded[method] = _guarded(method, handler, admit)
         return guarded
 
     def _admit(
-        self, service: str, method: str, context: grpc.aio.ServicerContext[Any, Any]
+        self, service: str, method: str, admitted: dict[str | bytes, str], context: grpc.aio.ServicerContext[Any, Any]
     ) -> tuple[grpc.StatusCode, str] | str:
-        """The caller's name, or the status to refuse the call with."""
-        caller = self._identify(context)
+        """The caller's name, or the status to refuse the call with.
+
+        ``admitted``: this method's ``authorization`` headers that were admitted, with their
+        caller's name, so a caller's next call costs a dict lookup, not a SHA-256 and the role
+        rules. Only admitted headers are kept, at most MAX_ADMITTED_HEADERS; str hashes are keyed
+        per process (SipHash), so the lookup's timing tells nothing of the headers held.
+        """
+        header = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                header = value
+                break
+        if header is not None and (name := admitted.get(header)) is not None:
+            return name
+        caller = self._identify(header, context)
         if caller is None:
             return grpc.StatusCode.UNAUTHENTICATED, "a valid caller token or client certificate is required"
         if not may_call(caller.role, service, method):
@@ -181,23 +196,21 @@ class CallerInterceptor(grpc.aio.ServerInterceptor):
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"caller {caller.name!r} ({caller.role}) may not call {method or service}",
             )
+        if header is not None and len(admitted) < MAX_ADMITTED_HEADERS:
+            admitted[header] = caller.name
         return caller.name
 
-    def _by_digest(self, token: str) -> Caller | None:
-        # A dict lookup by digest: timing can only reveal digests, not tokens.
-        caller = self._by_token.get(token_sha256(token))
-        if caller is not None:
-            self._known_tokens[token] = caller
-        return caller
-
-    def _identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller | None:
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and isinstance(value, str):
-                scheme, _, token = value.partition(" ")
-                token = token.strip()  # "Bearer  " is no token, not the empty token
-                if scheme.lower() == "bearer" and token:
-                    return self._known_tokens.get(token) or self._by_digest(token)
+    def _identify(self, header: str | bytes | None, context: grpc.aio.ServicerContext[Any, Any]) -> Caller | None:
+        """The caller a call's first ``authorization`` header names, or without one its client certificate."""
+        if header is not None:
+            if not isinstance(header, str):
                 return None
+            scheme, _, token = header.partition(" ")
+            token = token.strip()  # "Bearer  " is no token, not the empty token
+            if scheme.lower() == "bearer" and token:
+                # A dict lookup by digest: timing can only reveal digests, not tokens.
+                return self._by_token.get(token_sha256(token))
+            return None
         pem = next(iter(context.auth_context().get("x509_pem_cert", ())), None)  # the client's, verified by TLS
         name = client_certificate_name(pem) if pem else None
         return self._by_cert.get(name) if name else None
