@@ -36,7 +36,7 @@ from keyguard_server._secrets import (
     SecretHasher,
     is_well_formed_private_key,
 )
-from keyguard_server._store import AuthRow, Store, now_us
+from keyguard_server._store import LATER, AuthRow, Store, now_us
 from keyguard_server._validation import (
     IPAddress,
     Violations,
@@ -126,6 +126,16 @@ class Authorizer:
     def argon2_verifications(self) -> int:
         return self._hasher.verifications
 
+    @property
+    def argon2_pending(self) -> int:
+        """argon2 verifications running or queued."""
+        return self._hasher.pending
+
+    @property
+    def argon2_seconds(self) -> float:
+        """argon2's time per verification on this machine (measured at start, then kept up to date)."""
+        return self._hasher.seconds
+
     @_counted
     async def authorize(
         self,
@@ -175,11 +185,13 @@ class Authorizer:
             return _deny(Decision.UNKNOWN_KEY)
         # Every wait below ends before the caller's deadline (with a margin to answer in).
         deadline = time.monotonic() + (self._read_timeout if time_left is None else 0.9 * time_left)
-        row = await self._store.auth_lookup(access_key, self._read_budget(deadline))
+        row = self._store.auth_row_now(access_key)
+        if row is LATER:
+            row = await self._store.auth_lookup(access_key, self._read_budget(deadline))
         if row is None:
             return _deny(Decision.UNKNOWN_KEY)
         now = self.clock()
-        if (refusal := _state_refusal(row, ip, now)) is not None:
+        if (refusal := _state_refusal(row, ip, now, client_ip)) is not None:
             return refusal
         if row.key_type is KeyType.ED25519:
             return await self._check_signature(access_key, row, ip, level, destination, signed, deadline, symbol)
@@ -191,7 +203,7 @@ class Authorizer:
             # no failure limit (a flood against a public access key must not
             # lock out the bot that holds the secret).
             CACHE_HITS.inc()
-            return await self._after_secret(access_key, row, ip, level, destination, deadline, symbol)
+            return await self._after_secret(access_key, row, ip, level, destination, deadline, symbol, now)
         if not is_well_formed_private_key(private_key):
             return _deny(Decision.BAD_SECRET)  # costs nothing, so it counts against nothing
 
@@ -213,7 +225,7 @@ class Authorizer:
             return refusal
         if not current.accepts_hash(matched, now):
             return _deny(Decision.BAD_SECRET)
-        return await self._after_secret(access_key, current, ip, level, destination, deadline, symbol)
+        return await self._after_secret(access_key, current, ip, level, destination, deadline, symbol, now)
 
     def _read_budget(self, deadline: float) -> float:
         return min(self._read_timeout, max(0.001, deadline - time.monotonic()))
@@ -317,7 +329,7 @@ class Authorizer:
             return _deny(Decision.RATE_LIMITED if limited else Decision.BAD_SIGNATURE)
         if not await self._store.use_nonce(access_key, signed.nonce, signed.timestamp_ms, self._read_budget(deadline)):
             return _deny(Decision.REPLAYED_REQUEST)
-        return await self._after_secret(access_key, row, ip, required, destination, deadline, symbol)
+        return await self._after_secret(access_key, row, ip, required, destination, deadline, symbol, self.clock())
 
     async def forget_old_nonces(self) -> int:
         """Forgets nonces whose requests no replica would accept any more.
@@ -336,11 +348,13 @@ class Authorizer:
         required: Permission,
         destination: WithdrawalDestination | None,
         deadline: float,
-        symbol: str = "",
+        symbol: str,
+        now: int,
     ) -> AuthorizeResult:
+        """Steps 7-10 of the order of checks, for a caller who proved it holds the key; ``now``
+        the authorizer's clock when the row was read."""
         if row.permission < required:
             return row.refusal(Decision.PERMISSION_DENIED)
-        now = self.clock()
         # An unrestricted key's lapsed rights, then the key's symbol list.
         if (refusal := _key_rule_refusal(row, required, symbol, now, self._lapse_us)) is not None:
             return row.refusal(refusal)
@@ -430,16 +444,16 @@ def _validated(
     return ip, level, destination, symbol
 
 
-def _state_refusal(row: AuthRow, ip: IPAddress, now: int) -> AuthorizeResult | None:
+def _state_refusal(row: AuthRow, ip: IPAddress, now: int, written_ip: str = "") -> AuthorizeResult | None:
     """Steps 3-4 of the order of checks (docs/architecture.md): frozen account, disabled,
-    expired, client IP."""
+    expired, client IP (``written_ip``: the text ``ip`` was parsed from, see ``AuthRow.admits``)."""
     if row.frozen:  # before anything else about the key, and before any argon2
         return _deny(Decision.ACCOUNT_FROZEN)
     if not row.enabled:
         return _deny(Decision.KEY_DISABLED)
     if row.expires_at_us is not None and now >= row.expires_at_us:
         return _deny(Decision.KEY_EXPIRED)
-    if not row.admits(ip):
+    if not row.admits(ip, written_ip):
         return _deny(Decision.IP_NOT_ALLOWED)
     return None
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import functools
 import ipaddress
 import json
@@ -90,6 +91,7 @@ T = TypeVar("T")
 
 # Replicas starting together wait for the one that migrates.
 MIGRATION_TIMEOUT = 120.0
+MAX_VERDICTS_PER_ROW = 8  # client addresses whose allowlist answer a key's AuthRow keeps (bounded memory)
 # Distinct key rows whose derived state (AuthRow) is kept; all are dropped when full.
 MAX_MEMOISED_ROWS = 20_000
 # PostgreSQL SQLSTATEs: lock_timeout and statement_timeout expired.
@@ -97,6 +99,15 @@ _LOCK_NOT_AVAILABLE = "55P03"
 _QUERY_CANCELED = "57014"
 _CONFLICTS = ("40P01", "40001")  # deadlock detected, serialization failure: rolled back, retry
 _READ_ONLY = "25006"  # a primary turned standby (failover): a new connection finds the new primary
+
+
+class Later(enum.Enum):
+    """A read that cannot be answered without waiting: await the store's async call instead."""
+
+    LATER = "later"
+
+
+LATER = Later.LATER
 
 
 @dataclass(frozen=True)
@@ -133,10 +144,13 @@ class AuthRow:
     # Derived from the fields above, once per row value.
     networks: tuple[IPNetwork, ...] = field(init=False, repr=False, compare=False)
     allow: AuthorizeResult = field(init=False, repr=False, compare=False)
+    # admits()'s answers by the client address as written (a bot calls from few addresses).
+    verdicts: dict[str, bool] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         networks = tuple(ipaddress.ip_network(parse_allowed_ip(entry)) for entry in self.allowed_ips.split())
         object.__setattr__(self, "networks", networks)
+        object.__setattr__(self, "verdicts", {})
         object.__setattr__(
             self, "allow", AuthorizeResult(True, Decision.ALLOW, self.account_id, self.name, self.permission)
         )
@@ -155,9 +169,19 @@ class AuthRow:
             return True
         return secret_hash == self.previous_secret_hash and self.in_grace(now)
 
-    def admits(self, ip: IPAddress) -> bool:
-        """Whether the allowlist admits ``ip`` (an empty list admits every address)."""
-        return not self.networks or any(ip in network for network in self.networks)
+    def admits(self, ip: IPAddress, written: str = "") -> bool:
+        """Whether the allowlist admits ``ip`` (an empty list admits every address). ``written``,
+        the text ``ip`` was parsed from, keeps the answer for the next call from the same text."""
+        if not self.networks:
+            return True
+        known = self.verdicts.get(written)
+        if known is None:
+            known = any(ip in network for network in self.networks)
+            if written:
+                if len(self.verdicts) >= MAX_VERDICTS_PER_ROW:
+                    self.verdicts.clear()
+                self.verdicts[written] = known
+        return known
 
 
 @dataclass(frozen=True)
@@ -1136,7 +1160,7 @@ class Store:
         self._nonce_db = open_database(settings, role="nonces")
         self._nonces = _DatabaseThreads(self._nonce_db, "db-nonce", 1, changes=True)
         self._inline = open_database(settings, role="inline") if settings.is_sqlite else None
-        self._inline_connection: Any = None  # the loop thread's sqlite3 connection, used without peewee
+        self._inline_cursor: Any = None  # on the loop thread's sqlite3 connection, used without peewee
         self._rows: dict[tuple[Any, ...], AuthRow] = {}
         self._q = _Queries(self.db, unrestricted_lapse_us)
         self._lookups: _LoopLookups | None = None  # PostgreSQL: made once the lookup's SQL is built
@@ -1148,7 +1172,7 @@ class Store:
         try:
             await store._writes.call(MIGRATION_TIMEOUT, store._migrate)
             if store._inline is not None:  # opened now, before serving, not by the first Authorize
-                store._inline_connection = _connection(store._inline)
+                store._inline_cursor = _connection(store._inline).cursor()
             else:
                 lookups_db = open_database(settings, role="lookups")
                 store._lookups = _LoopLookups(lookups_db, store._q.auth_many_sql, settings)
@@ -1166,7 +1190,7 @@ class Store:
         if self._lookups is not None:
             self._lookups.close()
         if self._inline is not None:
-            self._inline_connection = None
+            self._inline_cursor = None
             with contextlib.suppress(pw.DatabaseError):
                 self._inline.close()
         # A connection busy in a stalled statement can block close(): never on the loop.
@@ -1192,16 +1216,31 @@ class Store:
 
     # -- hot path -------------------------------------------------------------
 
+    def _read_now(self, sql: str, params: tuple[object, ...]) -> tuple[Any, ...] | Later | None:
+        """A point read made on the loop itself (SQLite in WAL mode: a read never waits for a
+        writer), or LATER when it cannot be made without waiting: on PostgreSQL, or when SQLite
+        asks to wait (e.g. WAL recovery); then a database thread reads it (``_read_one``)."""
+        if self._inline is None:
+            return LATER
+        try:
+            if self._inline_cursor is None:  # peewee's connections are per thread: the loop's own
+                self._inline_cursor = _connection(self._inline).cursor()
+            # One cursor, reused: each read is executed and fetched (to its end) without an await.
+            row: tuple[Any, ...] | None = self._inline_cursor.execute(sql, params).fetchone()
+            return row
+        except sqlite3.OperationalError:
+            return LATER
+
     async def _read_one(self, sql: str, params: tuple[object, ...], within: float) -> tuple[Any, ...] | None:
-        if self._inline is not None:
-            try:
-                if self._inline_connection is None:  # peewee's connections are per thread: the loop's own
-                    self._inline_connection = _connection(self._inline)
-                row: tuple[Any, ...] | None = self._inline_connection.execute(sql, params).fetchone()
-                return row
-            except sqlite3.OperationalError:
-                pass  # SQLite asks to wait (e.g. WAL recovery): wait on a database thread instead
-        return await self._reads.call(within, self._q.fetch_one, sql, params)
+        row = self._read_now(sql, params)
+        if row is LATER:
+            return await self._reads.call(within, self._q.fetch_one, sql, params)
+        return row
+
+    def auth_row_now(self, access_key: str) -> AuthRow | Later | None:
+        """:meth:`auth_lookup` answered without an await when it can be (SQLite), else LATER."""
+        row = self._read_now(self._q.auth_sql, (access_key,))
+        return row if row is None or row is LATER else self._auth_row(row)
 
     async def auth_lookup(self, access_key: str, within: float) -> AuthRow | None:
         """The key's current state, read within ``within`` seconds (else ``Unavailable``)."""
@@ -1212,8 +1251,9 @@ class Store:
                 row = await self._read_one(self._q.auth_sql, (access_key,), within)
         except Aborted as exc:  # a lock Authorize cannot get in time: the database is unavailable to it
             raise Unavailable(exc.message) from None
-        if row is None:
-            return None
+        return None if row is None else self._auth_row(row)
+
+    def _auth_row(self, row: tuple[Any, ...]) -> AuthRow:
         # The row is read on every call; only what follows from its value alone is kept, keyed
         # by that whole value, so a changed row (any column) is a new entry, never a stale one.
         known = self._rows.get(row)
