@@ -251,8 +251,9 @@ def test_an_account_flooding_from_networks_it_proved_cannot_starve_other_account
     """An attacker proves 8 networks on each of two keys of their own, then floods wrong secrets
     from them: those runs count as proven, yet other accounts' first verifications (not proven
     anywhere) take every other turn and are served within a gateway's deadline."""
-    # A wide burst stands for the many networks a determined attacker would spread this over.
-    server = start_server(argon2_threads=1, failure_burst=100_000, **SLOWER_ARGON2)
+    # A wide burst stands for the many networks a determined attacker would spread this over;
+    # a long queue lets the flood queue ~100 runs, so that waiting behind it would take seconds.
+    server = start_server(argon2_threads=1, failure_burst=100_000, argon2_max_wait_seconds=5.0, **SLOWER_ARGON2)
     networks = [f"2001:db8:{i:x}::1" for i in range(8)]
     with server.client() as client:
         own = [client.create_key(f"{account}-flooder", f"key-{i}", "read", []) for i in range(2)]
@@ -260,10 +261,17 @@ def test_an_account_flooding_from_networks_it_proved_cannot_starve_other_account
             for ip in networks:
                 assert decide(client, key, key.private_key, ip) is Decision.ALLOW  # proves the network
         others = [client.create_key(f"{account}-other-{i}", "bot", "read", []) for i in range(3)]
+        # The victims' deadline: a handful of argon2 runs on this machine (taking turns, each waits
+        # for a few of the flood's runs), far fewer than the ~100 the flood queues.
+        assert server.server.authorizer is not None
+        deadline = max(0.5, 15 * server.server.authorizer.argon2_seconds)
         with ThreadPoolExecutor(100) as pool:
             flood = [pool.submit(decide, client, own[i % 2], new_private_key(), networks[i % 8]) for i in range(150)]
-            time.sleep(0.1)  # the flood fills the queue
-            with Client(server.target, token=server.admin_token, timeout=0.5) as gateway:
+            filled_by = time.monotonic() + 10
+            while server.server.authorizer.argon2_pending < 60:  # the flood fills the queue
+                assert time.monotonic() < filled_by, "the flood did not queue"
+                time.sleep(0.01)
+            with Client(server.target, token=server.admin_token, timeout=deadline) as gateway:
                 victims = [pool.submit(decide, gateway, key, key.private_key, BOT_IP) for key in others]
                 assert [v.result() for v in victims] == [Decision.ALLOW] * len(others)
             for f in flood:
