@@ -38,8 +38,8 @@ from __future__ import annotations
 import functools
 import ipaddress
 import json
+import operator
 import re
-from collections.abc import Mapping
 from urllib.parse import parse_qsl, quote
 
 import grpc
@@ -121,6 +121,9 @@ _TOLD: dict[str, tuple[http_status.StatusCode.ValueType, int]] = {
 }
 _REASONS = {decision: reason for decision, (_, _, reason) in _TOLD_DECISIONS.items()}
 _NOT_AUTHENTICATED = ("UNAUTHENTICATED", "invalid API key, secret or signature, or not allowed from this IP")
+_PERMISSION_NAMES = {level: level.name for level in Permission}
+MAX_ROUTED_PATHS = 4096  # (method, path) pairs whose route Check remembers
+_STARTS_WITH_X = operator.methodcaller("startswith", "x")
 
 
 class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
@@ -130,6 +133,7 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
         self._trusted_proxies = trusted_networks(config.envoy_trusted_proxies)
         # Most specific first: longest prefix as matched (route_key), then a named method before "*".
         self._routes = sorted(config.envoy_routes, key=lambda r: (len(r.key), r.method != "*"), reverse=True)
+        self._routed: dict[tuple[str, str], EnvoyRoute | None] = {}
 
     @maps_errors
     async def Check(
@@ -141,7 +145,9 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
         path, _, query = http.path.partition("?")
         if not CANONICAL_PATH.fullmatch(path):
             return _deny("PATH_NOT_CANONICAL", f"the request path must be {CANONICAL_PATH_RULE}")
-        if _overrides(http, query):
+        # Every header name that matters below (an override, a forged x-keyguard-*) starts so.
+        x_names = list(filter(_STARTS_WITH_X, headers))
+        if _overrides(http, query, x_names):
             return _deny("METHOD_OVERRIDE", "method or URL override headers and parameters are not accepted")
         route = self._route(http.method, path)
         if route is None:
@@ -189,11 +195,18 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
             return _deny("BAD_REQUEST", exc.message)
         if not result.allowed:
             return _deny(result.decision.name, _REASONS.get(result.decision, result.decision.name))
-        return _allow(result, destination, headers, config.envoy_private_key_header, symbol.upper())
+        return _allow(result, destination, x_names, config.envoy_private_key_header, symbol.upper())
 
     def _route(self, method: str, path: str) -> EnvoyRoute | None:
-        method, key = method.upper(), route_key(path)
-        return next((r for r in self._routes if r.covers(method, key)), None)
+        """The route of (method, path), remembered for the next requests (bounded)."""
+        if (method, path) in self._routed:
+            return self._routed[method, path]
+        upper, key = method.upper(), route_key(path)
+        route = next((r for r in self._routes if r.covers(upper, key)), None)
+        if len(self._routed) >= MAX_ROUTED_PATHS:
+            self._routed.clear()
+        self._routed[method, path] = route
+        return route
 
     def _client_ip(self, request: ext.CheckRequest) -> str:
         """The peer of Envoy's downstream connection, or behind trusted proxies the right-most
@@ -217,10 +230,10 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
         return any(ip in network for network in self._trusted_proxies)
 
 
-def _overrides(http: AttributeContext.HttpRequest, query: str) -> bool:
+def _overrides(http: AttributeContext.HttpRequest, query: str, x_names: list[str]) -> bool:
     """Whether the request asks, in a header, a query or a form body, to be taken for another
-    method or path than the one routed."""
-    if _OVERRIDE_HEADERS & {name.replace("_", "-") for name in http.headers}:
+    method or path than the one routed (``x_names``: its header names that start with "x")."""
+    if _OVERRIDE_HEADERS & {name.replace("_", "-") for name in x_names}:
         return True
     body = http.raw_body or http.body.encode()
     if not query and not body:
@@ -260,15 +273,16 @@ def _header(name: str, value: str) -> core.HeaderValueOption:
 def _allow(
     result: AuthorizeResult,
     destination: WithdrawalDestination | None,
-    request_headers: Mapping[str, str],
+    x_names: list[str],
     private_key_header: str,
     symbol: str = "",
 ) -> ext.CheckResponse:
+    """``x_names``: the request's header names that start with "x" (any forged x-keyguard-*)."""
     assert result.permission is not None
     answer = {
         "x-keyguard-account-id": _encoded(result.account_id),
         "x-keyguard-key-name": _encoded(result.key_name),
-        "x-keyguard-permission": result.permission.name,
+        "x-keyguard-permission": _PERMISSION_NAMES[result.permission],
     }
     if destination is not None:
         # What was checked is what the upstream must execute (not the query or body).
@@ -278,9 +292,7 @@ def _allow(
     if symbol:
         # What was checked is what the upstream must trade (not the query or body's symbol).
         answer["x-keyguard-symbol"] = symbol
-    forged = [
-        name for name in request_headers if name.replace("_", "-").startswith("x-keyguard-") and name not in answer
-    ]
+    forged = [name for name in x_names if name.replace("_", "-").startswith("x-keyguard-") and name not in answer]
     if forged:  # the client's own header names: never a cache key (a client could fill the cache with them)
         return _ok.__wrapped__(tuple(answer.items()), (private_key_header, *forged))
     return _ok(tuple(answer.items()), (private_key_header,))
