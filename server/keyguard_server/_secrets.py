@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import argon2
 
 from keyguard_server._metrics import ARGON2_PENDING, ARGON2_VERIFICATIONS
+from keyguard_server._threads import share_core_until
 from keyguard_server._verify import VerificationCache
 
 _BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
@@ -168,7 +169,9 @@ class SecretHasher:
             raise HasherBusy
         self.pending_hashes += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._hash_pool, self._hasher.hash, secret)
+            hashing = asyncio.get_running_loop().run_in_executor(self._hash_pool, self._hasher.hash, secret)
+            share_core_until(hashing)
+            return await hashing
         finally:
             self.pending_hashes -= 1
 
@@ -246,6 +249,7 @@ class SecretHasher:
             ARGON2_VERIFICATIONS.inc()
             loop = asyncio.get_running_loop()
             run = loop.run_in_executor(self._pool, self._timed_verify, job.stored_hash, job.secret)
+            share_core_until(run)
             run.add_done_callback(functools.partial(self._finished, job))
 
     def _finished(self, job: _Job, run: asyncio.Future[tuple[bool, float]]) -> None:

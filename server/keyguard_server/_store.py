@@ -84,6 +84,7 @@ from keyguard import (
     WithdrawalAddress,
 )
 from keyguard_server._schema import MODELS, AccountModel, AddressModel, AuditModel, KeyModel, NonceModel, migrate
+from keyguard_server._threads import share_core_until
 from keyguard_server._validation import IPAddress, IPNetwork, parse_allowed_ip
 
 P = ParamSpec("P")
@@ -303,6 +304,7 @@ class _DatabaseThreads:
 
     async def call(self, within: float, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         future = self._pool.submit(functools.partial(self._reconnecting, fn, *args, **kwargs))
+        share_core_until(future)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), within)
         except TimeoutError:
