@@ -80,6 +80,7 @@ class Writes:
     done: int
     failed: int
     seconds: float
+    p99_ms: float  # of the writes' own latency (a write waits for the loop and a database thread)
 
 
 def pg_admin() -> Any:
@@ -233,6 +234,7 @@ def write_loop(
     next_at: float,
     stop: multiprocessing.synchronize.Event,
     counts: collections.Counter[str],
+    latencies: list[float],
 ) -> None:
     """Cycles through ``accounts`` (owned by this thread alone), one write every ``interval`` seconds."""
     addresses: dict[str, int] = {}
@@ -242,7 +244,9 @@ def write_loop(
             time.sleep(max(0.0, next_at - time.monotonic()))
             account, access_key = accounts[i % len(accounts)]
             try:
+                started = time.perf_counter()
                 write_once(client, account, access_key, (i // len(accounts)) % WRITE_STEPS, addresses)
+                latencies.append(time.perf_counter() - started)
                 counts["done"] += 1
             except KeyguardError as exc:
                 counts["failed"] += 1
@@ -263,10 +267,20 @@ def writer(
     """Management writes on ``accounts`` at ``rate`` per second in all, split over ``threads`` threads."""
     start = time.monotonic()
     per_thread = [collections.Counter[str]() for _ in range(threads)]
+    latencies: list[float] = []  # list.append is atomic: shared by the threads
     workers = [
         threading.Thread(
             target=write_loop,
-            args=(f"127.0.0.1:{port}", token, accounts[t::threads], threads / rate, start + t / rate, stop, counts),
+            args=(
+                f"127.0.0.1:{port}",
+                token,
+                accounts[t::threads],
+                threads / rate,
+                start + t / rate,
+                stop,
+                counts,
+                latencies,
+            ),
         )
         for t, counts in enumerate(per_thread)
     ]
@@ -277,12 +291,14 @@ def writer(
     seconds = time.monotonic() - start
     total = sum(per_thread, collections.Counter[str]())
     errors = {k: v for k, v in total.items() if k.startswith("failed:")}
+    latencies.sort()
+    p99_ms = latencies[int(len(latencies) * 0.99)] * 1000 if latencies else float("nan")
     print(
         f"  writer: {total['done']} writes in {seconds:.1f}s = {total['done'] / seconds:.0f}/s "
-        f"(target {rate:.0f}/s, {threads} threads), {total['failed']} failed {errors or ''}",
+        f"(target {rate:.0f}/s, {threads} threads), p99 {p99_ms:.0f} ms, {total['failed']} failed {errors or ''}",
         file=sys.stderr,
     )
-    report.put(Writes(total["done"], total["failed"], seconds))
+    report.put(Writes(total["done"], total["failed"], seconds, p99_ms))
 
 
 def median_result(results: list[Result]) -> Result:
@@ -496,7 +512,8 @@ def report_results(
         print(f"  p99(b)/p99(a) = {b.p99_ms / a.p99_ms:.2f} ({b.p99_ms:.2f} / {a.p99_ms:.2f} ms)")
         print(
             f"  p99(f)/p99(b) = {f.p99_ms / b.p99_ms:.2f} (goal <= 1.5); f/b = {f.rps / b.rps:.2f} by req/s; "
-            f"writer {rate:.0f} writes/s (target {args.write_rate:.0f}), {sum(x.failed for x in w)} failed"
+            f"writer {rate:.0f} writes/s (target {args.write_rate:.0f}), "
+            f"write p99 {statistics.median(x.p99_ms for x in w):.0f} ms, {sum(x.failed for x in w)} failed"
         )
         if b.pg_cpu_us is not None and f.pg_cpu_us is not None:
             print(f"  PostgreSQL backends' CPU per request: b {b.pg_cpu_us:.1f} us, f {f.pg_cpu_us:.1f} us")
