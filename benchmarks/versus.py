@@ -93,7 +93,7 @@ def main() -> None:
         for (build, command), database in zip(builds.items(), names, strict=True):
             for backend, db in (("sqlite", None), ("postgresql", database)):
                 server = Build(command, Path(stack.enter_context(tempfile.TemporaryDirectory())), db)
-                stack.callback(server.stop)
+                stack.callback(server.stop, f" ({build}, {backend})")
                 servers[build, backend] = (server, server.authorize_body())
         work = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         for _ in range(args.rounds):
