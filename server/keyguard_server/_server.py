@@ -294,6 +294,10 @@ def run(config: Config) -> None:
 
 
 def _supervise(config: Config, metrics: WorkerMetrics | None) -> None:
+    # The schema (and SQLite's WAL mode) is settled once, before any worker opens the database:
+    # workers starting together on a fresh database otherwise race, and SQLite answers a
+    # connection switching to WAL while another migrates "database is locked" without waiting.
+    asyncio.run(_open_and_close(config))
     context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(target=_worker, args=(config, metrics is not None), name=f"worker-{i + 1}")
@@ -321,6 +325,11 @@ def _supervise(config: Config, metrics: WorkerMetrics | None) -> None:
                 stop(signal.SIGTERM, None)
     if any(w.exitcode != 0 for w in workers):
         raise SystemExit(1)
+
+
+async def _open_and_close(config: Config) -> None:
+    store = await Store.open(config.database_settings, unrestricted_lapse_us=config.unrestricted_key_days * DAY_US)
+    await store.close()
 
 
 def _worker(config: Config, shared_metrics: bool) -> None:
