@@ -37,6 +37,7 @@ from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._auth import token_sha256
 from keyguard_server._config import Caller, Role
 from keyguard_server._secrets import new_private_key
+from keyguard_server._store import LATER
 from keyguard_server._stream import SHUTTING_DOWN
 from tests.conftest import LoopThread, RawStubs, RunningServer, StartServer
 from tests.processes import ServeProcess
@@ -235,6 +236,7 @@ def test_decisions_in_flight_per_stream_never_exceed_the_bound(
     with server.client() as client, grpc.insecure_channel(server.target) as ch:
         key = client.create_key(account, "bot", "read", [BOT_IP])
         monkeypatch.setattr(authorizer, "authorize", counted)
+        monkeypatch.setattr(authorizer, "decide_now", lambda *args, **kwargs: LATER)  # every message waits
         raw = RawStubs(ch, server.admin_token)
         # The sender pushes 200 messages as fast as gRPC takes them; the server reads 4 at a time.
         answers = stream(raw, (pb.AuthorizeStreamRequest(id=i, request=request(key)) for i in range(200)))

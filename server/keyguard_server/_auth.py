@@ -13,7 +13,6 @@ interceptor wraps each handler rather than deciding from the call details.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import errno
 import functools
@@ -272,11 +271,9 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler[Any, Any], admit: Admit
                 observe(perf_counter() - started)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, handler.response_serializer)
-    if handler.stream_stream is not None and inspect.isasyncgenfunction(handler.stream_stream):
+    if handler.stream_stream is not None and inspect.iscoroutinefunction(handler.stream_stream):
         inner_ss: Any = handler.stream_stream
 
-        # A coroutine (grpc's reader-writer API), so that cancellation reaches the handler's own
-        # code and the inner generator is closed at once, not whenever it is collected.
         async def stream_stream(request_iterator: None, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             # The caller once per stream, before any message is read: a refusal ends it at once.
             verdict = admit(context)
@@ -284,14 +281,12 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler[Any, Any], admit: Admit
                 await context.abort(*verdict)
             _caller.set(verdict)
             try:
-                async with contextlib.aclosing(inner_ss(_messages(context), context)) as responses:
-                    async for response in responses:
-                        await context.write(response)
+                await inner_ss(_messages(context), context)
             except _Unparseable as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"message does not parse: {exc}")
 
         return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, handler.response_serializer)
-    raise TypeError("only unary keyguard methods and async-generator bidi streams sit behind caller checks")
+    raise TypeError("only unary keyguard methods and reader-writer (coroutine) bidi streams sit behind caller checks")
 
 
 class _Unparseable(Exception):

@@ -36,7 +36,7 @@ from keyguard_server._secrets import (
     SecretHasher,
     is_well_formed_private_key,
 )
-from keyguard_server._store import LATER, AuthRow, Store, now_us
+from keyguard_server._store import LATER, AuthRow, Later, Store, now_us
 from keyguard_server._validation import (
     IPAddress,
     Violations,
@@ -82,6 +82,11 @@ class UsageRecorder:
 _DECISION_COUNTERS = {decision: DECISIONS.labels(decision.name) for decision in Decision}
 
 
+def _count(result: AuthorizeResult) -> AuthorizeResult:
+    _DECISION_COUNTERS[result.decision].inc()
+    return result
+
+
 def _counted(
     decide: Callable[P, Coroutine[Any, Any, AuthorizeResult]],
 ) -> Callable[P, Coroutine[Any, Any, AuthorizeResult]]:
@@ -89,9 +94,7 @@ def _counted(
 
     @functools.wraps(decide)
     async def counted(*args: P.args, **kwargs: P.kwargs) -> AuthorizeResult:
-        result = await decide(*args, **kwargs)
-        _DECISION_COUNTERS[result.decision].inc()
-        return result
+        return _count(await decide(*args, **kwargs))
 
     return counted
 
@@ -136,6 +139,44 @@ class Authorizer:
         """argon2's time per verification on this machine (measured at start, then kept up to date)."""
         return self._hasher.seconds
 
+    def decide_now(
+        self,
+        access_key: str,
+        private_key: str,
+        client_ip: str,
+        *,
+        required: Permission,
+        destination: WithdrawalDestination | None = None,
+        signed: SignedRequest | None = None,
+        symbol: str = "",
+    ) -> AuthorizeResult | Later:
+        """:meth:`authorize`'s decision when it can be made without waiting, counted the same;
+        LATER when it cannot (the row is not readable inline, a signature, a secret not in the
+        verification cache, a destination to look up): then ``await authorize(...)``, which
+        decides afresh. Raises what ``authorize`` raises.
+
+        The hot path (every bot request): a cached secret's READ or TRADE request on SQLite is
+        decided here with no await at all. The common shape skips ``Violations``, the key's
+        ``AuthRow`` and its ALLOW answer are built once per row value, refusals are precomputed.
+        Add no per-call objects, awaits or enum conversions here.
+        """
+        ip, level, destination, symbol = _shape(access_key, client_ip, required, destination, signed, symbol)
+        if not ACCESS_KEY_RE.fullmatch(access_key):
+            return _count(_deny(Decision.UNKNOWN_KEY))
+        row = self._store.auth_row_now(access_key)
+        if row is LATER:
+            return LATER
+        if row is None:
+            return _count(_deny(Decision.UNKNOWN_KEY))
+        now = self.clock()
+        if (refusal := _state_refusal(row, ip, now, client_ip)) is not None:
+            return _count(refusal)
+        if row.key_type is KeyType.ED25519 or not self._cached(row, private_key, now):
+            return LATER
+        CACHE_HITS.inc()
+        result = self._after_secret_now(access_key, row, ip, level, destination, symbol, now)
+        return result if result is LATER else _count(result)
+
     @_counted
     async def authorize(
         self,
@@ -158,29 +199,9 @@ class Authorizer:
         :class:`keyguard.Unavailable` when the key's row cannot be read in time
         (the gateway then fails closed); the read gives up before the deadline.
 
-        The hot path (every bot request): the common shape skips ``Violations``, the key's
-        ``AuthRow`` and its ALLOW answer are built once per row value, refusals are precomputed.
-        Add no per-call objects, awaits or enum conversions here.
+        Every case, waits included; servicers try :meth:`decide_now` first (no await).
         """
-        level = required
-        try:
-            ip: IPAddress | None = client_address(client_ip)
-        except ValueError:
-            ip = None
-        if (
-            ip is None
-            or level is Permission.WITHDRAW
-            or not access_key
-            or destination is not None
-            or signed is not None
-            or (symbol and not is_symbol(symbol))
-        ):
-            # Anything but the common shape (a secret key's READ or TRADE request) is
-            # validated in full, with every violation named.
-            ip, level, destination, symbol = _validated(access_key, client_ip, required, destination, signed, symbol)
-        else:
-            symbol = symbol.upper()
-
+        ip, level, destination, symbol = _shape(access_key, client_ip, required, destination, signed, symbol)
         if not ACCESS_KEY_RE.fullmatch(access_key):
             return _deny(Decision.UNKNOWN_KEY)
         # Every wait below ends before the caller's deadline (with a margin to answer in).
@@ -195,19 +216,15 @@ class Authorizer:
             return refusal
         if row.key_type is KeyType.ED25519:
             return await self._check_signature(access_key, row, ip, level, destination, signed, deadline, symbol)
-        in_grace = row.in_grace(now)
-        if self.cache.hit(row.secret_hash, private_key) or (
-            in_grace and self.cache.hit(row.previous_secret_hash, private_key)
-        ):
-            # Verified before against this very hash: no argon2, no await, and
-            # no failure limit (a flood against a public access key must not
-            # lock out the bot that holds the secret).
+        if self._cached(row, private_key, now):
+            # Verified before against this very hash: no argon2, and no failure limit (a flood
+            # against a public access key must not lock out the bot that holds the secret).
             CACHE_HITS.inc()
             return await self._after_secret(access_key, row, ip, level, destination, deadline, symbol, now)
         if not is_well_formed_private_key(private_key):
             return _deny(Decision.BAD_SECRET)  # costs nothing, so it counts against nothing
 
-        candidates = [row.secret_hash] + ([row.previous_secret_hash] if in_grace else [])
+        candidates = [row.secret_hash] + ([row.previous_secret_hash] if row.in_grace(now) else [])
         matched = await self._verify(
             access_key, row.account_id, ip, private_key, candidates, deadline, row.last_used_ip
         )
@@ -226,6 +243,13 @@ class Authorizer:
         if not current.accepts_hash(matched, now):
             return _deny(Decision.BAD_SECRET)
         return await self._after_secret(access_key, current, ip, level, destination, deadline, symbol, now)
+
+    def _cached(self, row: AuthRow, private_key: str, now: int) -> bool:
+        """Whether ``private_key`` was verified before against the row's hash (or, in a
+        rotation's grace, the previous one)."""
+        return self.cache.hit(row.secret_hash, private_key) or (
+            row.in_grace(now) and self.cache.hit(row.previous_secret_hash, private_key)
+        )
 
     def _read_budget(self, deadline: float) -> float:
         return min(self._read_timeout, max(0.001, deadline - time.monotonic()))
@@ -340,6 +364,29 @@ class Authorizer:
         """
         return await self._store.prune_nonces(self.clock() - (2 * self._window_ms + NONCE_CLOCK_MARGIN_MS) * 1000)
 
+    def _after_secret_now(
+        self,
+        access_key: str,
+        row: AuthRow,
+        ip: IPAddress,
+        required: Permission,
+        destination: WithdrawalDestination | None,
+        symbol: str,
+        now: int,
+    ) -> AuthorizeResult | Later:
+        """Steps 7-10 of the order of checks, for a caller who proved it holds the key; ``now``
+        the authorizer's clock when the row was read. LATER when the destination must be looked
+        up (address management on): then :meth:`_after_secret`."""
+        if row.permission < required:
+            return row.refusal(Decision.PERMISSION_DENIED)
+        # An unrestricted key's lapsed rights, then the key's symbol list.
+        if (refusal := _key_rule_refusal(row, required, symbol, now, self._lapse_us)) is not None:
+            return row.refusal(refusal)
+        if destination is not None and management_on(row.address_management, row.address_management_off_at_us, now):
+            return LATER
+        self.usage.record(access_key, ip)
+        return row.allow
+
     async def _after_secret(
         self,
         access_key: str,
@@ -351,22 +398,19 @@ class Authorizer:
         symbol: str,
         now: int,
     ) -> AuthorizeResult:
-        """Steps 7-10 of the order of checks, for a caller who proved it holds the key; ``now``
-        the authorizer's clock when the row was read."""
-        if row.permission < required:
-            return row.refusal(Decision.PERMISSION_DENIED)
-        # An unrestricted key's lapsed rights, then the key's symbol list.
-        if (refusal := _key_rule_refusal(row, required, symbol, now, self._lapse_us)) is not None:
-            return row.refusal(refusal)
-        if destination is not None and management_on(row.address_management, row.address_management_off_at_us, now):
-            # One lookup says whether the destination is whitelisted and from when.
-            usable_from = await self._store.address_usable_from(
-                row.account_id, destination.asset, destination.address, destination.memo, self._read_budget(deadline)
-            )
-            if usable_from is None:
-                return row.refusal(Decision.ADDRESS_NOT_WHITELISTED)
-            if now < usable_from:
-                return row.refusal(Decision.ADDRESS_ON_HOLD)
+        """:meth:`_after_secret_now`, the destination's whitelist entry looked up when needed."""
+        result = self._after_secret_now(access_key, row, ip, required, destination, symbol, now)
+        if result is not LATER:
+            return result
+        assert destination is not None
+        # One lookup says whether the destination is whitelisted and from when.
+        usable_from = await self._store.address_usable_from(
+            row.account_id, destination.asset, destination.address, destination.memo, self._read_budget(deadline)
+        )
+        if usable_from is None:
+            return row.refusal(Decision.ADDRESS_NOT_WHITELISTED)
+        if now < usable_from:
+            return row.refusal(Decision.ADDRESS_ON_HOLD)
         self.usage.record(access_key, ip)
         return row.allow
 
@@ -409,6 +453,31 @@ def failure_buckets(access_key: str, ip: IPAddress) -> tuple[str, str]:
 def _deny(decision: Decision) -> AuthorizeResult:
     """A refusal before the caller proved it holds the key: no identity in it."""
     return _DENIALS[decision]
+
+
+def _shape(
+    access_key: str,
+    client_ip: str,
+    required: Permission,
+    destination: WithdrawalDestination | None,
+    signed: SignedRequest | None,
+    symbol: str,
+) -> tuple[IPAddress, Permission, WithdrawalDestination | None, str]:
+    """:func:`_validated`'s answer; the common shape (a secret key's READ or TRADE request, a
+    well-formed client IP and symbol) without building ``Violations``."""
+    try:
+        ip = client_address(client_ip)
+    except ValueError:
+        return _validated(access_key, client_ip, required, destination, signed, symbol)
+    if (
+        required is Permission.WITHDRAW
+        or not access_key
+        or destination is not None
+        or signed is not None
+        or (symbol and not is_symbol(symbol))
+    ):
+        return _validated(access_key, client_ip, required, destination, signed, symbol)
+    return ip, required, None, symbol.upper()
 
 
 def _validated(

@@ -57,6 +57,7 @@ from keyguard_server._config import (
     trusted_networks,
 )
 from keyguard_server._grpc import maps_errors
+from keyguard_server._store import LATER
 from keyguard_server.envoy.config.core.v3 import base_pb2 as core
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
@@ -180,17 +181,30 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
                 return _deny("BAD_REQUEST", "keyguard did not get the whole body (Envoy: with_request_body)")
             payload = envoy_payload(http.method, http.path, body, destination, symbol)
             signed = SignedRequest(payload, timestamp_ms, headers.get(config.envoy_nonce_header, ""), signature)
+        client_ip = self._client_ip(request)
+        required = route.permission  # a Permission already: EnvoyRoute holds the domain enum
+        authorizer = self._authorizer
         try:
-            result = await self._authorizer.authorize(
+            result = authorizer.decide_now(
                 access_key,
                 private_key,
-                self._client_ip(request),
-                required=route.permission,  # a Permission already: EnvoyRoute holds the domain enum
+                client_ip,
+                required=required,
                 destination=destination,
                 signed=signed,
-                time_left=context.time_remaining(),
                 symbol=symbol,
             )
+            if result is LATER:
+                result = await authorizer.authorize(
+                    access_key,
+                    private_key,
+                    client_ip,
+                    required=required,
+                    destination=destination,
+                    signed=signed,
+                    time_left=context.time_remaining(),
+                    symbol=symbol,
+                )
         except InvalidArgument as exc:
             return _deny("BAD_REQUEST", exc.message)
         if not result.allowed:

@@ -7,7 +7,6 @@ INVALID_ARGUMENT carries a ``google.rpc.BadRequest`` naming each field.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,6 +27,7 @@ from keyguard import (
     FieldViolation,
     InvalidArgument,
     KeyguardError,
+    Permission,
     SignedRequest,
     WithdrawalAddress,
     WithdrawalDestination,
@@ -37,6 +37,7 @@ from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._auth import current_caller
 from keyguard_server._authorize import Authorizer, permission, refuse_malformed
 from keyguard_server._keys import KeyManager
+from keyguard_server._store import LATER, Later
 from keyguard_server._stream import StreamDecider
 
 log = logging.getLogger("keyguard.grpc")
@@ -333,14 +334,27 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
     async def Authorize(
         self, request: pb.AuthorizeRequest, context: Context[pb.AuthorizeRequest, pb.AuthorizeResponse]
     ) -> pb.AuthorizeResponse:
-        return await self._decide(request, context.time_remaining())
+        result = self._decide_now(request)
+        if result is LATER:
+            result = await self._decide(request, context.time_remaining())
+        return _answer(result)
 
-    async def AuthorizeStream(
+    async def AuthorizeStream(  # type: ignore[override]  # grpc's reader-writer form, which the stubs omit
         self,
         request_iterator: AsyncIterator[pb.AuthorizeStreamRequest],
         context: Context[pb.AuthorizeStreamRequest, pb.AuthorizeStreamResponse],
-    ) -> AsyncIterator[pb.AuthorizeStreamResponse]:
-        """Authorize per message (see _stream); each error is an answer, as maps_errors maps it."""
+    ) -> None:
+        """Authorize per message (see _stream); each error is an answer, as maps_errors maps it.
+        Answers are written on ``context`` (grpc's reader-writer form), not yielded."""
+
+        def answer_now(message: pb.AuthorizeStreamRequest) -> pb.AuthorizeStreamResponse | Later:
+            try:
+                result = self._decide_now(message.request)
+            except Exception as exc:
+                return _stream_error(message.id, exc)
+            if result is LATER:
+                return LATER
+            return pb.AuthorizeStreamResponse(id=message.id, response=_answer(result))
 
         async def answer(message: pb.AuthorizeStreamRequest) -> pb.AuthorizeStreamResponse:
             time_left = context.time_remaining()
@@ -348,36 +362,29 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
                 limit = message.timeout_ms / 1000
                 time_left = limit if time_left is None else min(limit, time_left)
             try:
-                response = await self._decide(message.request, time_left)
-            except KeyguardError as exc:
-                status = status_message(exc)
-                error = pb.RpcStatus(code=status.code, message=status.message, details=status.details)
-                return pb.AuthorizeStreamResponse(id=message.id, error=error)
-            except Exception:
-                log.exception("unexpected error in AuthorizeStream")
-                error = pb.RpcStatus(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
-                return pb.AuthorizeStreamResponse(id=message.id, error=error)
-            return pb.AuthorizeStreamResponse(id=message.id, response=response)
+                result = await self._decide(message.request, time_left)
+            except Exception as exc:
+                return _stream_error(message.id, exc)
+            return pb.AuthorizeStreamResponse(id=message.id, response=_answer(result))
 
-        async with contextlib.aclosing(self._streams.serve(request_iterator, context, answer)) as answers:
-            async for response in answers:
-                yield response
+        await self._streams.serve(request_iterator, context, answer_now, answer)
 
-    async def _decide(self, request: pb.AuthorizeRequest, time_left: float | None) -> pb.AuthorizeResponse:
-        destination = None
-        if request.HasField("destination"):
-            d = request.destination
-            destination = WithdrawalDestination(d.asset, d.address, d.memo)
-        signed = None
-        if request.HasField("signed"):
-            r = request.signed
-            signed = SignedRequest(r.payload, r.timestamp_ms, r.nonce, r.signature)
-        required = permission(request.required_permission)
-        if required is None:
-            refuse_malformed(
-                request.access_key, request.client_ip, request.required_permission, destination, signed, request.symbol
-            )
-        result = await self._authorizer.authorize(
+    def _decide_now(self, request: pb.AuthorizeRequest) -> AuthorizeResult | Later:
+        """The decision if it needs no wait, else LATER: then ``await _decide``."""
+        required, destination, signed = _parts(request)
+        return self._authorizer.decide_now(
+            request.access_key,
+            request.private_key,
+            request.client_ip,
+            required=required,
+            destination=destination,
+            signed=signed,
+            symbol=request.symbol,
+        )
+
+    async def _decide(self, request: pb.AuthorizeRequest, time_left: float | None) -> AuthorizeResult:
+        required, destination, signed = _parts(request)
+        return await self._authorizer.authorize(
             request.access_key,
             request.private_key,
             request.client_ip,
@@ -387,7 +394,36 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
             time_left=time_left,
             symbol=request.symbol,
         )
-        return _answer(result)
+
+
+def _parts(request: pb.AuthorizeRequest) -> tuple[Permission, WithdrawalDestination | None, SignedRequest | None]:
+    """The request's permission, destination and signature as the domain takes them;
+    :class:`InvalidArgument` (naming every malformed field) for a permission that is none."""
+    destination = None
+    if request.HasField("destination"):
+        d = request.destination
+        destination = WithdrawalDestination(d.asset, d.address, d.memo)
+    signed = None
+    if request.HasField("signed"):
+        r = request.signed
+        signed = SignedRequest(r.payload, r.timestamp_ms, r.nonce, r.signature)
+    required = permission(request.required_permission)
+    if required is None:
+        refuse_malformed(
+            request.access_key, request.client_ip, request.required_permission, destination, signed, request.symbol
+        )
+    return required, destination, signed
+
+
+def _stream_error(message_id: int, exc: Exception) -> pb.AuthorizeStreamResponse:
+    """A stream message's error answer, mapped as :func:`maps_errors` maps a unary call's."""
+    if isinstance(exc, KeyguardError):
+        status = status_message(exc)
+        error = pb.RpcStatus(code=status.code, message=status.message, details=status.details)
+    else:
+        log.exception("unexpected error in AuthorizeStream", exc_info=exc)
+        error = pb.RpcStatus(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
+    return pb.AuthorizeStreamResponse(id=message_id, error=error)
 
 
 # Wire answers by the identity of their result (the result is kept with it, so its id cannot

@@ -1,8 +1,10 @@
 """AuthorizeStream's contract: many requests on one stream, decided concurrently, bounded.
 
-- Every message read starts its decision at once, as a task of its own; its
-  answer is written as soon as it is decided, in whatever order decisions end,
-  so an argon2 verification never holds up the cached messages behind it.
+- A message that can be decided without waiting (``answer_now``: a cached secret on SQLite)
+  is decided and answered as it is read, by the stream's reader, with no task of its own;
+  any other starts its decision at once, as a task (``answer``). Answers are written as
+  soon as they are decided, in whatever order decisions end, so an argon2 verification
+  never holds up the cached messages behind it.
 - At most ``max_in_flight`` messages per stream are between "read" and "answer
   written". At that many the stream is not read: HTTP/2 flow control then holds
   the sender back, and neither decisions nor answers waiting for a slow reader
@@ -10,26 +12,32 @@
 - The stream ends once every message read has been answered: when the caller
   half-closes (OK), when reading fails (that error, e.g. a message that does not
   parse), or when the server stops (UNAVAILABLE, see :meth:`StreamDecider.stop`).
-  Only cancellation (the caller's, or a shutdown whose grace ran out) drops
-  decisions in flight; a message without an answer was otherwise never read.
+  Only cancellation (the caller's, or a shutdown whose grace ran out) or a write that
+  fails (the caller is gone) drops answers; a message without an answer was otherwise
+  never read.
 - The RPC latency histogram is observed per message (read to answer ready), not
   per stream: a stream lives for hours.
 
-Knows nothing of keyguard's messages: the servicer passes the function that
-answers one message (it never raises; errors are answers too).
+Why not an async generator of answers with a task per message: that machinery (a task,
+a queue and three generator hand-overs per message) cost more CPU than the decision and
+grpcio's own work on the message together.
+
+Knows nothing of keyguard's messages: the servicer passes the functions that answer one
+message (they never raise; errors are answers too).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 import grpc
 
 from keyguard_server._metrics import RPC_SECONDS
+from keyguard_server._store import LATER, Later
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -37,40 +45,75 @@ Resp = TypeVar("Resp")
 SHUTTING_DOWN = "server shutting down: every message it read has been answered; send the others again on a new stream"
 
 
-@dataclass
-class _Answer(Generic[Resp]):
-    response: Resp
-    started: float
-
-
-@dataclass
-class _ReadEnded:
-    """The reader is done: the caller half-closed (``error`` None) or reading failed."""
-
-    error: BaseException | None
-
-
-@dataclass
-class _Unanswered:
-    """``answer`` raised, which it must not: the stream ends with the error."""
-
-    error: Exception
-
-
-class _Stop:
-    pass
-
-
 class _Stream(Generic[Resp]):
-    """One stream's events (answers, end of reading, stop), consumed by its handler task only."""
+    """One stream's state; everything runs on the loop, so no step races another."""
 
-    def __init__(self, max_in_flight: int) -> None:
-        self.events: asyncio.Queue[_Answer[Resp] | _ReadEnded | _Unanswered | _Stop] = asyncio.Queue()
-        self.slots = asyncio.Semaphore(max_in_flight)
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], max_in_flight: int, observe: Any) -> None:
+        self.context = context
+        self.max_in_flight = max_in_flight
+        self.observe = observe
         self.in_flight = 0  # read, answer not yet written
+        self.backlog: collections.deque[Resp] = collections.deque()  # decided while another answer was written
+        self.writing = False
+        self.reading = True  # until the caller half-closes, reading fails, or the stream stops
+        self.stopping = False  # read no more
+        self.stopped = False  # by the server's shutdown
+        self.in_read = False  # the reader awaits a message: only then is it cancelled to stop
+        self.reader: asyncio.Task[None] | None = None
+        self.room: asyncio.Future[None] | None = None  # the reader waits for in_flight to drop
+        self.failure: BaseException | None = None
+        self.broken = False  # a write failed: nothing more can be answered
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def stop(self) -> None:
-        self.events.put_nowait(_Stop())
+    async def write(self, response: Resp, started: float) -> None:
+        """Writes an answer counted in ``in_flight``: now, or (while another is being written)
+        from the backlog by that writer, before it returns."""
+        self.observe(time.perf_counter() - started)
+        if self.writing:
+            self.backlog.append(response)
+            return
+        self.writing = True
+        try:
+            await self.context.write(response)
+            self._answered()
+            while self.backlog:
+                await self.context.write(self.backlog.popleft())
+                self._answered()
+        except Exception as exc:  # the call ended under us (the caller went away)
+            self.broken = True
+            self.fail(exc)
+        finally:
+            self.writing = False
+            self.check_end()
+
+    def _answered(self) -> None:
+        self.in_flight -= 1
+        if self.room is not None and not self.room.done():
+            self.room.set_result(None)
+
+    def unanswered(self, exc: BaseException) -> None:
+        """A decision raised, which it must not: its message stays unanswered, the stream ends with the error."""
+        self._answered()
+        self.fail(exc)
+        self.check_end()
+
+    def fail(self, exc: BaseException) -> None:
+        if self.failure is None:
+            self.failure = exc
+        self.stop_reading()
+
+    def stop_reading(self) -> None:
+        self.stopping = True
+        if self.in_read and self.reader is not None:
+            self.reader.cancel()
+        if self.room is not None and not self.room.done():
+            self.room.set_result(None)
+
+    def check_end(self) -> None:
+        if self.ended.done():
+            return
+        if self.broken or (not self.reading and not self.in_flight and not self.writing):
+            self.ended.set_result(None)
 
 
 class StreamDecider:
@@ -78,7 +121,7 @@ class StreamDecider:
 
     def __init__(self, max_in_flight: int, method: str) -> None:
         self._max_in_flight = max_in_flight
-        self._latency = RPC_SECONDS.labels(method)
+        self._observe = RPC_SECONDS.labels(method).observe
         self._streams: set[_Stream[Any]] = set()
         self._stopping = False
 
@@ -87,77 +130,79 @@ class StreamDecider:
         ends with UNAVAILABLE; streams that start from now on end so at once."""
         self._stopping = True
         for stream in self._streams:
-            stream.stop()
+            stream.stopped = True
+            stream.stop_reading()
 
     async def serve(
         self,
         requests: AsyncIterator[Req],
         context: grpc.aio.ServicerContext[Any, Any],
+        answer_now: Callable[[Req], Resp | Later],
         answer: Callable[[Req], Awaitable[Resp]],
-    ) -> AsyncGenerator[Resp, None]:
-        """The answers to ``requests``, each as soon as ``answer`` gives it."""
+    ) -> None:
+        """Answers ``requests`` on ``context`` (grpc's reader-writer API): each with ``answer_now``,
+        or, when that says LATER, with ``answer``. Raises what reading raised."""
         if self._stopping:
             context.set_code(grpc.StatusCode.UNAVAILABLE)
             context.set_details(SHUTTING_DOWN)
             return
-        stream: _Stream[Resp] = _Stream(self._max_in_flight)
+        stream: _Stream[Resp] = _Stream(context, self._max_in_flight, self._observe)
         decisions: set[asyncio.Task[None]] = set()
 
         async def decide(request: Req, started: float) -> None:
             try:
-                stream.events.put_nowait(_Answer(await answer(request), started))
-            except Exception as exc:  # answer() maps errors: a bug, which ends the stream
-                stream.events.put_nowait(_Unanswered(exc))
+                response = await answer(request)
+            except Exception as exc:
+                stream.unanswered(exc)
+                return
+            await stream.write(response, started)
 
         async def read() -> None:
+            loop = asyncio.get_running_loop()
+            perf_counter = time.perf_counter
             try:
-                while True:
-                    await stream.slots.acquire()  # no slot, no read: the backpressure
+                while not stream.stopping:
+                    if stream.in_flight >= stream.max_in_flight:  # no room, no read: the backpressure
+                        stream.room = loop.create_future()
+                        await stream.room
+                        continue
+                    stream.in_read = True
                     try:
                         request = await anext(requests)
-                    except BaseException:
-                        stream.slots.release()
-                        raise
-                    # No await from here to the task's creation: a message read is a message decided.
+                    finally:
+                        stream.in_read = False
+                    started = perf_counter()
+                    response = answer_now(request)
+                    # No await from here to the write or the task's creation: a message read is a message decided.
                     stream.in_flight += 1
-                    task = asyncio.create_task(decide(request, time.perf_counter()))
-                    decisions.add(task)
-                    task.add_done_callback(decisions.discard)
+                    if response is LATER:
+                        task = asyncio.create_task(decide(request, started))
+                        decisions.add(task)
+                        task.add_done_callback(decisions.discard)
+                    else:
+                        await stream.write(response, started)
             except StopAsyncIteration:
-                stream.events.put_nowait(_ReadEnded(None))
+                pass
             except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the handler task raises it
-                stream.events.put_nowait(_ReadEnded(exc))
+                if not stream.stopping:
+                    raise
+            except Exception as exc:  # the handler raises it, once the messages read are answered
+                stream.fail(exc)
+            finally:
+                stream.reading = False
+                stream.check_end()
 
         self._streams.add(stream)
-        reader = asyncio.create_task(read())
-        reading, stopped, failure = True, False, None
+        stream.reader = asyncio.create_task(read())
         try:
-            while reading or stream.in_flight:
-                event = await stream.events.get()
-                if isinstance(event, _Answer):
-                    self._latency.observe(time.perf_counter() - event.started)
-                    yield event.response  # returns once the answer is written
-                    stream.in_flight -= 1
-                    stream.slots.release()
-                elif isinstance(event, _ReadEnded):
-                    reading, failure = False, failure or event.error
-                elif isinstance(event, _Unanswered):
-                    stream.in_flight -= 1
-                    stream.slots.release()
-                    reader.cancel()
-                    reading, failure = False, failure or event.error
-                elif reading:  # _Stop
-                    reader.cancel()
-                    reading, stopped = False, True
-            if failure is not None:
-                raise failure
-            if stopped:
+            await stream.ended
+            if stream.failure is not None:
+                raise stream.failure
+            if stream.stopped:
                 context.set_code(grpc.StatusCode.UNAVAILABLE)
                 context.set_details(SHUTTING_DOWN)
         finally:
             self._streams.discard(stream)
-            reader.cancel()
+            stream.reader.cancel()
             for task in decisions:
                 task.cancel()
