@@ -285,7 +285,7 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler[Any, Any], admit: Admit
             except _Unparseable as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"message does not parse: {exc}")
 
-        return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, _bytes_or(handler.response_serializer))
     raise TypeError("only unary keyguard methods and reader-writer (coroutine) bidi streams sit behind caller checks")
 
 
@@ -299,6 +299,18 @@ async def _messages(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterato
         if isinstance(message, _Malformed):
             raise _Unparseable(str(message.error))
         yield message
+
+
+def _bytes_or(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """A stream's serializer that passes answers the handler serialized itself (bytes) as they are."""
+    if serializer is None:
+        return None
+    serialize = serializer
+
+    def serialize_unless_bytes(message: Any) -> bytes:
+        return message if message.__class__ is bytes else serialize(message)
+
+    return serialize_unless_bytes
 
 
 def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:

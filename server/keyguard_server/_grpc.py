@@ -345,18 +345,18 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
         context: Context[pb.AuthorizeStreamRequest, pb.AuthorizeStreamResponse],
     ) -> None:
         """Authorize per message (see _stream); each error is an answer, as maps_errors maps it.
-        Answers are written on ``context`` (grpc's reader-writer form), not yielded."""
+        Answers are written on ``context`` (grpc's reader-writer form), serialized, not yielded."""
 
-        def answer_now(message: pb.AuthorizeStreamRequest) -> pb.AuthorizeStreamResponse | Later:
+        def answer_now(message: pb.AuthorizeStreamRequest) -> bytes | Later:
             try:
                 result = self._decide_now(message.request)
             except Exception as exc:
                 return _stream_error(message.id, exc)
             if result is LATER:
                 return LATER
-            return pb.AuthorizeStreamResponse(id=message.id, response=_answer(result))
+            return _stream_answer(message.id, result)
 
-        async def answer(message: pb.AuthorizeStreamRequest) -> pb.AuthorizeStreamResponse:
+        async def answer(message: pb.AuthorizeStreamRequest) -> bytes:
             time_left = context.time_remaining()
             if message.timeout_ms:  # the message's own deadline, within the stream's
                 limit = message.timeout_ms / 1000
@@ -365,7 +365,7 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
                 result = await self._decide(message.request, time_left)
             except Exception as exc:
                 return _stream_error(message.id, exc)
-            return pb.AuthorizeStreamResponse(id=message.id, response=_answer(result))
+            return _stream_answer(message.id, result)
 
         await self._streams.serve(request_iterator, context, answer_now, answer)
 
@@ -415,28 +415,31 @@ def _parts(request: pb.AuthorizeRequest) -> tuple[Permission, WithdrawalDestinat
     return required, destination, signed
 
 
-def _stream_error(message_id: int, exc: Exception) -> pb.AuthorizeStreamResponse:
-    """A stream message's error answer, mapped as :func:`maps_errors` maps a unary call's."""
+def _stream_error(message_id: int, exc: Exception) -> bytes:
+    """A stream message's error answer (serialized), mapped as :func:`maps_errors` maps a unary call's."""
     if isinstance(exc, KeyguardError):
         status = status_message(exc)
         error = pb.RpcStatus(code=status.code, message=status.message, details=status.details)
     else:
         log.exception("unexpected error in AuthorizeStream", exc_info=exc)
         error = pb.RpcStatus(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
-    return pb.AuthorizeStreamResponse(id=message_id, error=error)
+    return pb.AuthorizeStreamResponse(id=message_id, error=error).SerializeToString()
 
 
-# Wire answers by the identity of their result (the result is kept with it, so its id cannot
+# Wire answers by the identity of their result (the result is kept with them, so its id cannot
 # be reused while the entry lives). The common results are built once per row value or once
 # per process, so the common answer is built once too. Callers never change a returned answer.
-_ANSWERS: dict[int, tuple[AuthorizeResult, pb.AuthorizeResponse]] = {}
+# A stream's answer is written as bytes: its id's, then the answer's as the stream carries it,
+# serialized once here (protobuf parses concatenated messages as one, merged), not a message
+# built and copied per answer.
+_ANSWERS: dict[int, tuple[AuthorizeResult, pb.AuthorizeResponse, bytes]] = {}
 MAX_ANSWERS = 4096
 
 
-def _answer(result: AuthorizeResult) -> pb.AuthorizeResponse:
+def _answers(result: AuthorizeResult) -> tuple[AuthorizeResult, pb.AuthorizeResponse, bytes]:
     known = _ANSWERS.get(id(result))
     if known is not None and known[0] is result:
-        return known[1]
+        return known
     answer = pb.AuthorizeResponse(
         allowed=result.allowed,
         decision=pb.Decision.ValueType(result.decision),
@@ -444,7 +447,17 @@ def _answer(result: AuthorizeResult) -> pb.AuthorizeResponse:
         key_name=result.key_name,
         permission=pb.Permission.ValueType(result.permission or 0),
     )
+    known = (result, answer, pb.AuthorizeStreamResponse(response=answer).SerializeToString())
     if len(_ANSWERS) >= MAX_ANSWERS:
         _ANSWERS.clear()
-    _ANSWERS[id(result)] = (result, answer)
-    return answer
+    _ANSWERS[id(result)] = known
+    return known
+
+
+def _answer(result: AuthorizeResult) -> pb.AuthorizeResponse:
+    return _answers(result)[1]
+
+
+def _stream_answer(message_id: int, result: AuthorizeResult) -> bytes:
+    """A stream's answer for message ``message_id``, serialized."""
+    return pb.AuthorizeStreamResponse(id=message_id).SerializeToString() + _answers(result)[2]

@@ -74,17 +74,19 @@ class _Stream(Generic[Resp]):
             return
         self.writing = True
         try:
-            await self.context.write(response)
-            self._answered()
-            while self.backlog:
-                await self.context.write(self.backlog.popleft())
+            while True:
+                await self.context.write(response)
                 self._answered()
+                if not self.backlog:
+                    break
+                response = self.backlog.popleft()
         except Exception as exc:  # the call ended under us (the caller went away)
             self.broken = True
             self.fail(exc)
         finally:
             self.writing = False
-            self.check_end()
+            if not self.reading or self.broken:
+                self.check_end()
 
     def _answered(self) -> None:
         self.in_flight -= 1
