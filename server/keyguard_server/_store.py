@@ -423,8 +423,32 @@ class _Statement:
     def __init__(self, query: pw.Query | None = None) -> None:
         self.sql, self._params = query.sql() if query is not None else ("", [])
 
+    def params(self, values: dict[object, object]) -> tuple[object, ...]:
+        return tuple(values.get(p, p) for p in self._params)
+
     def run(self, db: pw.Database, values: dict[object, object]) -> Any:
-        return _execute(db, self.sql, tuple(values.get(p, p) for p in self._params))
+        return _execute(db, self.sql, self.params(values))
+
+
+# What a change of a key may write (update_key, rotate_key): never its identity, its creation
+# time, or the last-used columns UsageRecorder writes (a change must not undo a flush).
+_KEY_SETTINGS = (
+    KeyModel.name,
+    KeyModel.permission,
+    KeyModel.allowed_ips,
+    KeyModel.secret_hash,
+    KeyModel.expires_at_us,
+    KeyModel.enabled,
+    KeyModel.previous_secret_hash,
+    KeyModel.previous_valid_until_us,
+    KeyModel.key_type,
+    KeyModel.public_key,
+    KeyModel.previous_public_key,
+    KeyModel.symbols,
+    KeyModel.unrestricted_since_us,
+)
+_S_ID = "\x00id"
+_S_COLUMN = {field: f"\x00column {field.name}" for field in _KEY_SETTINGS}
 
 
 class _Queries:
@@ -439,6 +463,7 @@ class _Queries:
         # Every change's own statements, built once too (peewee builds SQL anew on each
         # execute: ~90-100 µs a statement on this project's VM).
         self._account_insert = self._account_select = self._audit_insert = _Statement()
+        self._key_select = self._key_update = _Statement()
 
     def build(self) -> None:
         """Builds the hot path's SQL once (on a thread whose models are bound)."""
@@ -487,6 +512,14 @@ class _Queries:
         self._account_insert = _Statement(AccountModel.insert(account_id=_S_ACCOUNT).on_conflict_ignore())
         frozen = AccountModel.select(AccountModel.frozen).where(AccountModel.account_id == _S_ACCOUNT)
         self._account_select = _Statement(frozen.for_update() if self._row_locks else frozen)
+        self._key_select = _Statement(
+            KeyModel.select().where((KeyModel.account_id == _S_ACCOUNT) & (KeyModel.access_key == _S_ACCESS_KEY))
+        )
+        self._key_update = _Statement(
+            KeyModel.update({field: pw.Value(_S_COLUMN[field], converter=False) for field in _KEY_SETTINGS}).where(
+                KeyModel.id == pw.Value(_S_ID, converter=False)
+            )
+        )
         self._audit_insert = _Statement(
             AuditModel.insert(
                 time_us=_S_TIME,
@@ -517,6 +550,20 @@ class _Queries:
                     (KeyModel.access_key == access_key)
                     & (KeyModel.last_used_at_us.is_null() | (KeyModel.last_used_at_us < at_us))
                 ).execute()
+
+    def _key(self, account_id: str, access_key: str) -> KeyModel | None:
+        """The account's key as a model instance, or None."""
+        params = self._key_select.params({_S_ACCOUNT: account_id, _S_ACCESS_KEY: access_key})
+        return next(iter(KeyModel.raw(self._key_select.sql, *params)), None)
+
+    def _save_key(self, row: KeyModel) -> None:
+        """Writes ``row``'s settings and credentials (``_KEY_SETTINGS``) back."""
+        values: dict[object, object] = {
+            _S_COLUMN[f]: f.db_value(getattr(row, f.name))  # type: ignore[no-untyped-call]  # peewee is untyped
+            for f in _KEY_SETTINGS
+        }
+        values[_S_ID] = row.id
+        self._key_update.run(self.db, values)
 
     def _lock_account(self, account_id: str) -> bool:
         """Inside a transaction: serialise this account's changes across processes. Returns
@@ -616,7 +663,7 @@ class _Queries:
         return [_key_row(k, self._lapse_us) for k in query]
 
     def get_key(self, account_id: str, access_key: str) -> ApiKey:
-        key = KeyModel.get_or_none((KeyModel.account_id == account_id) & (KeyModel.access_key == access_key))
+        key = self._key(account_id, access_key)
         if key is None:
             raise NotFound(f"account {account_id!r} has no key {access_key!r}")
         return _key_row(key, self._lapse_us)
@@ -636,7 +683,7 @@ class _Queries:
         unrestricted period; one set ends it."""
         with _transaction(self.db):
             self._lock_unfrozen(account_id)  # any field: support unfreezes first
-            row = KeyModel.get_or_none((KeyModel.account_id == account_id) & (KeyModel.access_key == access_key))
+            row = self._key(account_id, access_key)
             if row is None:
                 raise NotFound(f"account {account_id!r} has no key {access_key!r}")
             if "name" in changes and changes["name"] != row.name:
@@ -653,7 +700,7 @@ class _Queries:
             updated = _key_row(row, self._lapse_us)
             check(updated)
             if changes:
-                row.save()
+                self._save_key(row)
                 self._audit(caller, AuditAction.KEY_UPDATED, account_id, access_key, **changes)
         return updated
 
@@ -671,7 +718,7 @@ class _Queries:
         stays valid for ``grace_us`` (0: not at all)."""
         with _transaction(self.db):
             self._lock_unfrozen(account_id)
-            row = KeyModel.get_or_none((KeyModel.account_id == account_id) & (KeyModel.access_key == access_key))
+            row = self._key(account_id, access_key)
             if row is None:
                 raise NotFound(f"account {account_id!r} has no key {access_key!r}")
             row.previous_secret_hash = row.secret_hash if grace_us else ""
@@ -679,7 +726,7 @@ class _Queries:
             row.previous_valid_until_us = now_us() + grace_us if grace_us else None
             row.secret_hash = secret_hash
             row.public_key = public_key
-            row.save()
+            self._save_key(row)
             self._audit(caller, AuditAction.KEY_ROTATED, account_id, access_key, grace_seconds=grace_us // 10**6)
             return _key_row(row, self._lapse_us)
 
