@@ -1248,6 +1248,10 @@ class Store:
         self._inline = open_database(settings, role="inline") if settings.is_sqlite else None
         self._inline_cursor: Any = None  # on the loop thread's sqlite3 connection, used without peewee
         self._rows: dict[tuple[Any, ...], AuthRow] = {}
+        # SQLite: each key's row as last read inline, valid while the database's data_version
+        # is the one read before it (see auth_row_now).
+        self._data_version = -1
+        self._current: dict[str, AuthRow | None] = {}
         self._q = _Queries(self.db, unrestricted_lapse_us)
         self._lookups: _LoopLookups | None = None  # PostgreSQL: made once the lookup's SQL is built
         self._timeout = settings.call_timeout
@@ -1324,9 +1328,34 @@ class Store:
         return row
 
     def auth_row_now(self, access_key: str) -> AuthRow | Later | None:
-        """:meth:`auth_lookup` answered without an await when it can be (SQLite), else LATER."""
-        row = self._read_now(self._q.auth_sql, (access_key,))
-        return row if row is None or row is LATER else self._auth_row(row)
+        """:meth:`auth_lookup` answered without an await when it can be (SQLite), else LATER.
+
+        SQLite's ``PRAGMA data_version`` changes whenever any other connection (thread, worker
+        process) commits a change to the database. The row as read after a data_version is
+        therefore the current row for as long as data_version reads the same: the key's row is
+        read again only when something was committed since (a read of the version alone costs
+        a read transaction, not the lookups and the row's JSON)."""
+        if self._inline is None:
+            return LATER
+        try:
+            if self._inline_cursor is None:  # peewee's connections are per thread: the loop's own
+                self._inline_cursor = _connection(self._inline).cursor()
+            cursor = self._inline_cursor
+            version = cursor.execute("PRAGMA data_version").fetchone()[0]
+            if version == self._data_version:
+                if (known := self._current.get(access_key, LATER)) is not LATER:
+                    return known
+            else:
+                self._current.clear()
+                self._data_version = version
+            row = cursor.execute(self._q.auth_sql, (access_key,)).fetchone()
+        except sqlite3.OperationalError:
+            return LATER
+        current = None if row is None else self._auth_row(row)
+        if len(self._current) >= MAX_MEMOISED_ROWS:
+            self._current.clear()
+        self._current[access_key] = current
+        return current
 
     async def auth_lookup(self, access_key: str, within: float) -> AuthRow | None:
         """The key's current state, read within ``within`` seconds (else ``Unavailable``)."""
