@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import weakref
 from concurrent.futures import Future
 from typing import Any
 
@@ -28,17 +29,41 @@ PATIENCE = 0.02
 PAUSE = 0.0001
 
 
+class _Sharing:
+    """One loop's yields: a single timer chain while any work is pending, however many are
+    (a chain per work yielded, and after PATIENCE slept, once per pending work each interval)."""
+
+    def __init__(self) -> None:  # holds no reference to its loop: _SHARING's key must be able to die
+        self._pending: dict[Future[Any] | asyncio.Future[Any], float] = {}  # work -> when it turns impatient
+        self._ticking = False
+
+    def add(self, loop: asyncio.AbstractEventLoop, work: Future[Any] | asyncio.Future[Any]) -> None:
+        self._pending[work] = loop.time() + PATIENCE
+        if not self._ticking:
+            self._ticking = True
+            loop.call_later(SHARE_INTERVAL, self._give)
+
+    def _give(self) -> None:
+        loop = asyncio.get_running_loop()
+        for work in [work for work in self._pending if work.done()]:
+            del self._pending[work]
+        if not self._pending:
+            self._ticking = False
+            return
+        if loop.time() < min(self._pending.values()):
+            os.sched_yield()  # releases the GIL while it yields
+        else:
+            time.sleep(PAUSE)  # releases the GIL while it sleeps
+        loop.call_later(SHARE_INTERVAL, self._give)
+
+
+_SHARING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Sharing] = weakref.WeakKeyDictionary()
+
+
 def share_core_until(work: Future[Any] | asyncio.Future[Any]) -> None:
     """From now until ``work`` is done, the running loop yields the core every SHARE_INTERVAL."""
     loop = asyncio.get_running_loop()
-    impatient_at = loop.time() + PATIENCE
-
-    def give() -> None:
-        if not work.done():
-            if loop.time() < impatient_at:
-                os.sched_yield()  # releases the GIL while it yields
-            else:
-                time.sleep(PAUSE)  # releases the GIL while it sleeps
-            loop.call_later(SHARE_INTERVAL, give)
-
-    loop.call_later(SHARE_INTERVAL, give)
+    sharing = _SHARING.get(loop)
+    if sharing is None:
+        sharing = _SHARING[loop] = _Sharing()
+    sharing.add(loop, work)
