@@ -448,6 +448,8 @@ _KEY_SETTINGS = (
     KeyModel.unrestricted_since_us,
 )
 _S_ID = "\x00id"
+_S_ON = "\x00on"
+_S_OFF_AT = "\x00off_at"
 _S_COLUMN = {field: f"\x00column {field.name}" for field in _KEY_SETTINGS}
 
 
@@ -463,7 +465,9 @@ class _Queries:
         # Every change's own statements, built once too (peewee builds SQL anew on each
         # execute: ~90-100 µs a statement on this project's VM).
         self._account_insert = self._account_select = self._audit_insert = _Statement()
-        self._key_select = self._key_update = _Statement()
+        self._key_select = self._key_update = self._key_count = _Statement()
+        self._account_state = self._management_update = _Statement()
+        self._address_count = self._address_select = self._address_delete = _Statement()
 
     def build(self) -> None:
         """Builds the hot path's SQL once (on a thread whose models are bound)."""
@@ -520,6 +524,28 @@ class _Queries:
                 KeyModel.id == pw.Value(_S_ID, converter=False)
             )
         )
+        self._key_count = _Statement(KeyModel.select(pw.fn.COUNT(KeyModel.id)).where(KeyModel.account_id == _S_ACCOUNT))
+        self._account_state = _Statement(
+            AccountModel.select(
+                AccountModel.address_management, AccountModel.address_management_off_at_us, AccountModel.frozen
+            ).where(AccountModel.account_id == _S_ACCOUNT)
+        )
+        self._management_update = _Statement(
+            AccountModel.update(
+                {
+                    AccountModel.address_management: pw.Value(_S_ON, converter=False),
+                    AccountModel.address_management_off_at_us: pw.Value(_S_OFF_AT, converter=False),
+                }
+            ).where(AccountModel.account_id == _S_ACCOUNT)
+        )
+        self._address_count = _Statement(
+            AddressModel.select(pw.fn.COUNT(AddressModel.id)).where(AddressModel.account_id == _S_ACCOUNT)
+        )
+        this_address = (AddressModel.account_id == _S_ACCOUNT) & (AddressModel.id == pw.Value(_S_ID, converter=False))
+        self._address_select = _Statement(
+            AddressModel.select(AddressModel.asset, AddressModel.address, AddressModel.memo).where(this_address)
+        )
+        self._address_delete = _Statement(AddressModel.delete().where(this_address))
         self._audit_insert = _Statement(
             AuditModel.insert(
                 time_us=_S_TIME,
@@ -752,13 +778,12 @@ class _Queries:
 
     def account_settings(self, account_id: str) -> AccountState:
         """The account's stored settings and key count; defaults for an account never seen."""
-        account = AccountModel.get_or_none(AccountModel.account_id == account_id)
-        count = int(KeyModel.select().where(KeyModel.account_id == account_id).count())
+        account = self._account_state.run(self.db, {_S_ACCOUNT: account_id}).fetchone()
+        count = int(self._key_count.run(self.db, {_S_ACCOUNT: account_id}).fetchone()[0])
         if account is None:
             return AccountState(False, None, False, count)
-        return AccountState(
-            bool(account.address_management), account.address_management_off_at_us, bool(account.frozen), count
-        )
+        management, off_at_us, frozen = account
+        return AccountState(bool(management), off_at_us, bool(frozen), count)
 
     def set_address_management(self, *, caller: str, account_id: str, enabled: bool, now: int, hold_us: int) -> None:
         """On: at once, cancelling a pending off. Off: after ``hold_us`` (0: at once); while an
@@ -767,15 +792,15 @@ class _Queries:
         with _transaction(self.db):
             if self._lock_account(account_id) and not enabled:
                 raise _frozen(account_id)  # on narrows access, so it is allowed
-            account = AccountModel.get(AccountModel.account_id == account_id)
-            off_at = account.address_management_off_at_us
-            pending = bool(account.address_management) and off_at is not None and now < off_at
-            on = bool(account.address_management) and (off_at is None or now < off_at)
-            this_account = AccountModel.account_id == account_id
+            management, off_at, _ = self._account_state.run(self.db, {_S_ACCOUNT: account_id}).fetchone()
+            pending = bool(management) and off_at is not None and now < off_at
+            on = bool(management) and (off_at is None or now < off_at)
+
+            def set_management(on: bool, off_at_us: int | None) -> None:
+                self._management_update.run(self.db, {_S_ACCOUNT: account_id, _S_ON: on, _S_OFF_AT: off_at_us})
+
             if enabled:
-                AccountModel.update(address_management=True, address_management_off_at_us=None).where(
-                    this_account
-                ).execute()
+                set_management(True, None)
                 if pending:
                     self._audit(caller, AuditAction.ADDRESS_MANAGEMENT_OFF_CANCELLED, account_id, off_at_us=off_at)
                 else:
@@ -783,14 +808,12 @@ class _Queries:
             elif pending:
                 return
             elif on and hold_us > 0:
-                AccountModel.update(address_management_off_at_us=now + hold_us).where(this_account).execute()
+                set_management(True, now + hold_us)
                 self._audit(
                     caller, AuditAction.ADDRESS_MANAGEMENT_OFF_REQUESTED, account_id, effective_at_us=now + hold_us
                 )
             else:
-                AccountModel.update(address_management=False, address_management_off_at_us=None).where(
-                    this_account
-                ).execute()
+                set_management(False, None)
                 self._audit(caller, AuditAction.ADDRESS_MANAGEMENT_DISABLED, account_id)
 
     def set_frozen(self, *, caller: str, account_id: str, frozen: bool, reason: str) -> None:
@@ -822,8 +845,7 @@ class _Queries:
             self._lock_unfrozen(account_id)
             if self.whitelisted(account_id, asset, address, memo):
                 raise AlreadyExists(f"{asset} address {address!r} is already on the whitelist")
-            entries = AddressModel.select().where(AddressModel.account_id == account_id)
-            if entries.count() >= max_addresses:
+            if self._address_count.run(self.db, {_S_ACCOUNT: account_id}).fetchone()[0] >= max_addresses:
                 raise LimitExceeded(
                     f"account {account_id!r} already has the maximum of {max_addresses} whitelisted addresses"
                 )
@@ -862,18 +884,14 @@ class _Queries:
 
     def remove_address(self, *, caller: str, account_id: str, address_id: int) -> None:
         with _transaction(self.db):
-            entry = AddressModel.get_or_none((AddressModel.account_id == account_id) & (AddressModel.id == address_id))
+            this_address: dict[object, object] = {_S_ACCOUNT: account_id, _S_ID: address_id}
+            entry = self._address_select.run(self.db, this_address).fetchone()
             if entry is None:
                 raise NotFound(f"account {account_id!r} has no whitelisted address with id {address_id}")
-            entry.delete_instance()
+            self._address_delete.run(self.db, this_address)
+            asset, address, memo = entry
             self._audit(
-                caller,
-                AuditAction.ADDRESS_REMOVED,
-                account_id,
-                id=address_id,
-                asset=entry.asset,
-                address=entry.address,
-                memo=entry.memo,
+                caller, AuditAction.ADDRESS_REMOVED, account_id, id=address_id, asset=asset, address=address, memo=memo
             )
 
     # -- audit ----------------------------------------------------------------
