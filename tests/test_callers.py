@@ -16,8 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from keyguard import Client, PermissionDenied, Unauthenticated
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard_server import Config
-from keyguard_server._auth import token_sha256
+from keyguard_server._auth import CallerGuard, token_sha256
 from keyguard_server._config import Caller, Role
+from keyguard_server._server import _Routes
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
 from tests.certs import CertificateAuthority
 from tests.conftest import RunningServer, StartServer
@@ -291,3 +292,12 @@ def test_bad_callers_are_config_errors(tmp_path: Path, caller: str, message: str
     path.write_text(f"[[callers]]\n{caller}\n")
     with pytest.raises(ValueError, match=message):
         Config.load(path, env={})
+
+
+def test_a_service_given_only_as_a_generic_handler_stops_the_start() -> None:
+    """The server routes methods from one guarded table; a service whose generated code gave only
+    a generic handler would be missing from it, so the start fails instead of serving less."""
+    routes = _Routes(CallerGuard(()))
+    routes.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("example.v1.Unrouted", {}),))
+    with pytest.raises(TypeError, match=r"example\.v1\.Unrouted"):
+        routes.sealed()

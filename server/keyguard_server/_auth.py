@@ -7,8 +7,9 @@ No credential, or an unknown one, is UNAUTHENTICATED; a known caller outside
 its role is PERMISSION_DENIED. The caller's name is then available to the
 handler through :func:`current_caller`, for the audit log.
 
-The check needs the ServicerContext (the TLS peer is only there), so the
-interceptor wraps each handler rather than deciding from the call details.
+The check needs the ServicerContext (the TLS peer is only there), so it wraps
+each method's handler, once, when the server registers it (``_server._Routes``),
+rather than deciding from the call details in an interceptor on every call.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import stat
 import string
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -146,29 +147,18 @@ class _Malformed:
 MAX_ADMITTED_HEADERS = 64
 
 
-class CallerInterceptor(grpc.aio.ServerInterceptor):
+class CallerGuard:
     def __init__(self, callers: tuple[Caller, ...]) -> None:
         self._by_token = {c.token_sha256: c for c in callers if c.token_sha256}
         self._by_cert = {c.cert_common_name: c for c in callers if c.cert_common_name}
-        # Guarded handlers are built once per method, not per call (the hot path).
-        self._guarded: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        method = handler_call_details.method
-        guarded = self._guarded.get(method)
-        if guarded is not None:
-            return guarded
-        handler = await continuation(handler_call_details)
+    def guard(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        """``handler`` for ``method`` ("/service/Method"), behind the caller check unless its
+        service is open to all."""
         service = method.split("/")[1] if "/" in method else ""
-        if handler is None or service in OPEN_SERVICES:
+        if service in OPEN_SERVICES:
             return handler
-        admit = functools.partial(self._admit, service, method, {})
-        guarded = self._guarded[method] = _guarded(method, handler, admit)
-        return guarded
+        return _guarded(method, handler, functools.partial(self._admit, service, method, {}))
 
     def _admit(
         self, service: str, method: str, admitted: dict[str | bytes, str], context: grpc.aio.ServicerContext[Any, Any]

@@ -9,7 +9,7 @@ is added to the descriptor pool, so a client can also describe the v1 service.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -42,7 +42,13 @@ def _add_v1_file(pool: descriptor_pool.DescriptorPool) -> None:
     pool.AddSerializedFile(file.SerializeToString())
 
 
-def enable_server_reflection(service_names: tuple[str, ...], server: grpc.aio.Server) -> None:
+class Registrar(Protocol):
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None: ...
+
+
+def enable_server_reflection(service_names: tuple[str, ...], server: Registrar) -> None:
     """Reflection v1 and v1alpha on ``server``, listing ``service_names`` and both reflection services."""
     _add_v1_file(descriptor_pool.Default())
     servicer: Any = reflection.aio.ReflectionServicer((*service_names, V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME))
@@ -52,5 +58,4 @@ def enable_server_reflection(service_names: tuple[str, ...], server: grpc.aio.Se
             request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
             response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
         )
-        generic = grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler})
-        server.add_generic_rpc_handlers((generic,))
+        server.add_registered_method_handlers(name, {"ServerReflectionInfo": handler})
