@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+import uvloop
 
 from keyguard import Client
 from keyguard._client import domain_error
@@ -34,7 +35,7 @@ FAST_ARGON2 = {"argon2_time_cost": 1, "argon2_memory_kib": 1024, "argon2_paralle
 
 class LoopThread:
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()  # the server's loop, as in production (_server.run_loop)
         self._thread = threading.Thread(target=self.loop.run_forever, name="server-loop", daemon=True)
         self._thread.start()
 

@@ -14,11 +14,13 @@ import os
 import re
 import signal
 import socket
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
+import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from playhouse import db_url
 
@@ -316,11 +318,18 @@ def configure_logging(config: Config) -> None:
     logging.getLogger("peewee").setLevel(logging.INFO)
 
 
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Runs ``main`` on uvloop, an event loop in C (libuv). grpc.aio's every call goes through
+    several loop passes, callbacks and futures; on asyncio's Python loop that machinery was
+    ~1/3 of a no-op call's instructions (callgrind: a no-op 473k -> 313k, Authorize 551k -> 395k)."""
+    uvloop.run(main)
+
+
 def run(config: Config) -> None:
     """`keyguard-server serve`: one process, or ``config.workers`` processes on one port."""
     configure_logging(config)
     if config.workers == 1:
-        asyncio.run(serve(config))
+        run_loop(serve(config))
         return
     host, _, port = config.listen.rpartition(":")
     if port == "0":  # the workers must agree on a port: pick one now
@@ -343,7 +352,7 @@ def _supervise(config: Config, metrics: WorkerMetrics | None) -> None:
     # The schema (and SQLite's WAL mode) is settled once, before any worker opens the database:
     # workers starting together on a fresh database otherwise race, and SQLite answers a
     # connection switching to WAL while another migrates "database is locked" without waiting.
-    asyncio.run(_open_and_close(config))
+    run_loop(_open_and_close(config))
     context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(target=_worker, args=(config, metrics is not None), name=f"worker-{i + 1}")
@@ -385,7 +394,7 @@ def _worker(config: Config, shared_metrics: bool) -> None:
         # worker's values would be invisible to the supervisor's endpoint.
         raise RuntimeError(f"{MULTIPROCESS_ENV} was not set when prometheus_client was imported")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into SIGTERM
-    asyncio.run(serve(config))
+    run_loop(serve(config))
 
 
 async def serve(config: Config) -> None:
