@@ -110,6 +110,8 @@ class Authorizer:
     def __init__(self, store: Store, hasher: SecretHasher, config: Config) -> None:
         self._store = store
         self._hasher = hasher
+        # Whether decide_now can ever decide (SQLite): elsewhere servicers go straight to authorize.
+        self.decides_now = store.reads_inline
         self.cache = VerificationCache(config.verify_cache_size)
         self._failures = FailureLimiter(config.failure_burst, config.failure_refill_per_second)
         self.usage = UsageRecorder(store)

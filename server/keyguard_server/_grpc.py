@@ -334,7 +334,7 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
     async def Authorize(
         self, request: pb.AuthorizeRequest, context: Context[pb.AuthorizeRequest, pb.AuthorizeResponse]
     ) -> pb.AuthorizeResponse:
-        result = self._decide_now(request)
+        result = self._decide_now(request) if self._authorizer.decides_now else LATER
         if result is LATER:
             result = await self._decide(request, context.time_remaining())
         return _answer(result)
@@ -348,6 +348,8 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
         Answers are written on ``context`` (grpc's reader-writer form), serialized, not yielded."""
 
         def answer_now(message: pb.AuthorizeStreamRequest) -> bytes | Later:
+            if not self._authorizer.decides_now:
+                return LATER
             try:
                 result = self._decide_now(message.request)
             except Exception as exc:

@@ -1345,6 +1345,11 @@ class Store:
             return await self._reads.call(within, self._q.fetch_one, sql, params)
         return row
 
+    @property
+    def reads_inline(self) -> bool:
+        """Whether :meth:`auth_row_now` can ever answer (SQLite), rather than always LATER."""
+        return self._inline is not None
+
     def auth_row_now(self, access_key: str) -> AuthRow | Later | None:
         """:meth:`auth_lookup` answered without an await when it can be (SQLite), else LATER.
 
