@@ -162,6 +162,8 @@ class Authorizer:
         ``AuthRow`` and its ALLOW answer are built once per row value, refusals are precomputed.
         Add no per-call objects, awaits or enum conversions here.
         """
+        if not self.decides_now:  # the row is never readable without a wait (PostgreSQL)
+            return LATER
         ip, level, destination, symbol = _shape(access_key, client_ip, required, destination, signed, symbol)
         if not ACCESS_KEY_RE.fullmatch(access_key):
             return _count(_deny(Decision.UNKNOWN_KEY))

@@ -187,18 +187,14 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
         required = route.permission  # a Permission already: EnvoyRoute holds the domain enum
         authorizer = self._authorizer
         try:
-            result = (
-                authorizer.decide_now(
-                    access_key,
-                    private_key,
-                    client_ip,
-                    required=required,
-                    destination=destination,
-                    signed=signed,
-                    symbol=symbol,
-                )
-                if authorizer.decides_now
-                else LATER
+            result = authorizer.decide_now(
+                access_key,
+                private_key,
+                client_ip,
+                required=required,
+                destination=destination,
+                signed=signed,
+                symbol=symbol,
             )
             if result is LATER:
                 result = await authorizer.authorize(
