@@ -61,18 +61,26 @@ class KeyguardProcess:
     ``pin`` is false); its port is read from its log, its admin token from the data dir."""
 
     def __init__(
-        self, data_dir: Path, *args: str, workers: int = 1, log_name: str = "serve.log", pin: bool = True
+        self,
+        data_dir: Path,
+        *args: str,
+        workers: int = 1,
+        log_name: str = "serve.log",
+        pin: bool = True,
+        wrapper: tuple[str, ...] = (),
+        start_timeout: float = 30,
     ) -> None:
+        """``wrapper``: a command the server runs under (e.g. valgrind), which may need ``start_timeout``."""
         self.data_dir = data_dir
         self.workers = workers
         self.log_path = data_dir / log_name
         self.log = self.log_path.open("w")
-        command = [KEYGUARD_SERVER, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir), *args]
+        command = [*wrapper, KEYGUARD_SERVER, "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir), *args]
         command += ["--workers", str(workers)]
         self.proc = subprocess.Popen(
             pinned(0, command) if workers == 1 and pin else command, stdout=self.log, stderr=subprocess.STDOUT
         )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + start_timeout
         text = ""
         while not (match := re.search(r"\(port (\d+)", text)):
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -136,7 +136,7 @@ class PgBackendCpu:
 
 
 class Server(KeyguardProcess):
-    def __init__(self, data_dir: Path, workers: int, backend: str, database: str | None = None) -> None:
+    def __init__(self, data_dir: Path, workers: int, backend: str, database: str | None = None, **process: Any) -> None:
         self.backend = backend
         config = data_dir / "keyguard.toml"  # the Envoy Check rows need a route
         config.write_text('[[envoy_routes]]\npath_prefix = "/api/v3/order"\npermission = "trade"\n')
@@ -144,7 +144,7 @@ class Server(KeyguardProcess):
         if database:
             args += ["--database", f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{database}"]
         self.pg = PgBackendCpu(database) if database else None
-        super().__init__(data_dir, *args, workers=workers, log_name=f"serve-{workers}.log")
+        super().__init__(data_dir, *args, workers=workers, log_name=f"serve-{workers}.log", **process)
 
     def client(self) -> Client:
         return Client(self.target, token=self.token)
