@@ -1,4 +1,4 @@
-"""Who is calling: one server interceptor for caller authentication and roles.
+"""Who is calling: one caller guard, on every method's handler, for authentication and roles.
 
 Every RPC except health checking and reflection (the schema, public in
 protos/ anyway) needs a known caller, by bearer token

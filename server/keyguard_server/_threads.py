@@ -22,7 +22,10 @@ import weakref
 from concurrent.futures import Future
 from typing import Any
 
-SHARE_INTERVAL = 0.0005  # seconds between the loop's yields while a thread has work
+# Seconds between the loop's yields while a thread has work. Not below 1 ms: uvloop's timers count
+# whole milliseconds and run a shorter delay on the next loop pass, which made the loop yield, and
+# after PATIENCE sleep, on every pass (a no-op call's rate fell 4x while one argon2 run was pending).
+SHARE_INTERVAL = 0.001
 # A yield lets the waiting thread run only if the scheduler picks it (gRPC's threads are
 # runnable too); work still pending after PATIENCE gets a short sleep instead, which it always gets.
 PATIENCE = 0.02
