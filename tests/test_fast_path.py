@@ -13,6 +13,7 @@ from pathlib import Path
 
 import argon2
 import pytest
+import uvloop
 
 from keyguard import ApiKey, Client, CreatedKey, Decision, WithdrawalAddress
 from keyguard_server import Config
@@ -256,7 +257,7 @@ async def open_and_close(config: Config) -> None:
 
 def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     config = Config(data_dir=str(tmp_path))
-    asyncio.run(open_and_close(config))
+    uvloop.run(open_and_close(config))
     # Make it look like a database written before schema versioning.
     with sqlite3.connect(tmp_path / "keyguard.db") as db:
         db.execute("DROP TABLE schema_version")
@@ -304,7 +305,7 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
             await store.close()
 
     started = datetime.now(UTC)
-    (key,), (address,), account = asyncio.run(upgrade_and_list())
+    (key,), (address,), account = uvloop.run(upgrade_and_list())
     assert (key.name, key.last_used_at, key.last_used_ip, key.enabled, key.expires_at) == ("old", None, "", True, None)
     assert key.symbols == ()
     # Whitelisted before the upgrade: usable, no hold. Unrestricted before it: counted from it.
@@ -328,7 +329,7 @@ def test_stores_opening_together_in_one_process_each_migrate_their_own_database(
         await asyncio.gather(*(store.close() for store in stores))
 
     for _ in range(3):
-        asyncio.run(open_all())
+        uvloop.run(open_all())
     for config in configs:
         with sqlite3.connect(Path(config.data_dir) / "keyguard.db") as db:
             assert db.execute("SELECT version FROM schema_version").fetchall() == [(VERSION,)]
@@ -336,11 +337,11 @@ def test_stores_opening_together_in_one_process_each_migrate_their_own_database(
 
 def test_a_newer_database_is_refused(tmp_path: Path) -> None:
     config = Config(data_dir=str(tmp_path))
-    asyncio.run(open_and_close(config))
+    uvloop.run(open_and_close(config))
     with sqlite3.connect(tmp_path / "keyguard.db") as db:
         db.execute("UPDATE schema_version SET version = version + 1")
     with pytest.raises(RuntimeError, match="newer than this keyguard"):
-        asyncio.run(open_and_close(config))
+        uvloop.run(open_and_close(config))
 
 
 def test_workers_share_one_port(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+import uvloop
 
 from keyguard import Client, CreatedKey, Decision, KeyType, Permission, Unavailable, sign_request
 from keyguard.v1 import keyguard_pb2 as pb
@@ -295,4 +296,4 @@ def test_a_release_wakes_only_the_attempts_waiting_for_its_buckets() -> None:
         limiter.release("key attacker", "attacker", failed=True)
         await asyncio.wait_for(waiting, 1.0)
 
-    asyncio.run(scenario())
+    uvloop.run(scenario())

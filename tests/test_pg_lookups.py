@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import peewee as pw
 import pytest
+import uvloop
 
 from keyguard import Unavailable
 from keyguard_server._store import DatabaseSettings, _LoopLookups
@@ -59,7 +60,7 @@ def test_a_failover_host_list_reaches_the_live_host() -> None:
         finally:
             found.close()
 
-    assert asyncio.run(run()) == [(1,)] * 3
+    assert uvloop.run(run()) == [(1,)] * 3
 
 
 @dataclasses.dataclass
@@ -114,7 +115,7 @@ def test_a_refusing_database_is_not_hammered(refusing_peer: Peer) -> None:
         finally:
             found.close()
 
-    failed_after, first, during_pause, idle = asyncio.run(run())
+    failed_after, first, during_pause, idle = uvloop.run(run())
     assert failed_after < 1.0  # told at once, not at the lookup's deadline
     assert first == 1
     assert during_pause == 0
@@ -155,7 +156,7 @@ def test_a_slow_dns_answer_never_stalls_the_loop(monkeypatch: pytest.MonkeyPatch
             found.close()
             ticker.cancel()
 
-    gave_up_after, longest_stall, row = asyncio.run(run())
+    gave_up_after, longest_stall, row = uvloop.run(run())
     assert gave_up_after < 0.6
     assert longest_stall < 0.25
     assert row == (1,)
