@@ -26,7 +26,7 @@ import stat
 import string
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -264,43 +264,43 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler[Any, Any], admit: Admit
     if handler.stream_stream is not None and inspect.iscoroutinefunction(handler.stream_stream):
         inner_ss: Any = handler.stream_stream
 
-        async def stream_stream(request_iterator: None, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        async def stream_stream(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             # The caller once per stream, before any message is read: a refusal ends it at once.
             verdict = admit(context)
             if isinstance(verdict, tuple):
                 await context.abort(*verdict)
             _caller.set(verdict)
             try:
-                await inner_ss(_messages(context), context)
+                await inner_ss(request_iterator, context)
             except _Unparseable as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"message does not parse: {exc}")
 
-        return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, _bytes_or(handler.response_serializer))
-    raise TypeError("only unary keyguard methods and reader-writer (coroutine) bidi streams sit behind caller checks")
+        # No response serializer: such a stream writes its answers serialized (bytes), once per result.
+        return grpc.stream_stream_rpc_method_handler(stream_stream, _unparseable_raises(handler.request_deserializer))
+    raise TypeError(
+        "only unary keyguard methods and reader-writer (coroutine) bidi streams writing bytes sit behind caller checks"
+    )
 
 
 class _Unparseable(Exception):
     """A stream's message did not parse: there is no id to answer, so the stream ends."""
 
 
-async def _messages(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-    """A stream's requests, read one at a time as the handler asks for them."""
-    while (message := await context.read()) is not grpc.aio.EOF:
-        if isinstance(message, _Malformed):
-            raise _Unparseable(str(message.error))
-        yield message
-
-
-def _bytes_or(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
-    """A stream's serializer that passes answers the handler serialized itself (bytes) as they are."""
-    if serializer is None:
+def _unparseable_raises(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A stream's deserializer: a message that does not parse raises :class:`_Unparseable` out of
+    the handler's ``context.read()``, which ends the stream (INVALID_ARGUMENT) once what was
+    read is answered."""
+    if deserializer is None:
         return None
-    serialize = serializer
+    strict = deserializer
 
-    def serialize_unless_bytes(message: Any) -> bytes:
-        return message if message.__class__ is bytes else serialize(message)
+    def deserialize(data: bytes) -> Any:
+        try:
+            return strict(data)
+        except DecodeError as exc:
+            raise _Unparseable(str(exc)) from None
 
-    return serialize_unless_bytes
+    return deserialize
 
 
 def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:

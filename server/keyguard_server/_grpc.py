@@ -345,7 +345,8 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
         context: Context[pb.AuthorizeStreamRequest, pb.AuthorizeStreamResponse],
     ) -> None:
         """Authorize per message (see _stream); each error is an answer, as maps_errors maps it.
-        Answers are written on ``context`` (grpc's reader-writer form), serialized, not yielded."""
+        Messages are read and answers written on ``context`` (grpc's reader-writer form: the
+        iterator is not used), answers serialized, not yielded."""
 
         def answer_now(message: pb.AuthorizeStreamRequest) -> bytes | Later:
             if not self._authorizer.decides_now:
@@ -369,7 +370,7 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
                 return _stream_error(message.id, exc)
             return _stream_answer(message.id, result)
 
-        await self._streams.serve(request_iterator, context, answer_now, answer)
+        await self._streams.serve(context, answer_now, answer)
 
     def _decide_now(self, request: pb.AuthorizeRequest) -> AuthorizeResult | Later:
         """The decision if it needs no wait, else LATER: then ``await _decide``."""

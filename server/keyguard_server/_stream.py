@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -137,13 +137,13 @@ class StreamDecider:
 
     async def serve(
         self,
-        requests: AsyncIterator[Req],
         context: grpc.aio.ServicerContext[Any, Any],
         answer_now: Callable[[Req], Resp | Later],
         answer: Callable[[Req], Awaitable[Resp]],
     ) -> None:
-        """Answers ``requests`` on ``context`` (grpc's reader-writer API): each with ``answer_now``,
-        or, when that says LATER, with ``answer``. Raises what reading raised."""
+        """Answers the requests read on ``context`` (grpc's reader-writer API: ``read`` and
+        ``write``), each with ``answer_now``, or, when that says LATER, with ``answer``. Raises what
+        reading raised."""
         if self._stopping:
             context.set_code(grpc.StatusCode.UNAVAILABLE)
             context.set_details(SHUTTING_DOWN)
@@ -170,9 +170,11 @@ class StreamDecider:
                         continue
                     stream.in_read = True
                     try:
-                        request = await anext(requests)
+                        request = await context.read()
                     finally:
                         stream.in_read = False
+                    if request is grpc.aio.EOF:  # the caller half-closed
+                        break
                     started = perf_counter()
                     response = answer_now(request)
                     # No await from here to the write or the task's creation: a message read is a message decided.
@@ -183,8 +185,6 @@ class StreamDecider:
                         task.add_done_callback(decisions.discard)
                     else:
                         await stream.write(response, started)
-            except StopAsyncIteration:
-                pass
             except asyncio.CancelledError:
                 if not stream.stopping:
                     raise
