@@ -240,12 +240,10 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler[Any, Any], admit: Admit
     Unary calls are timed here; a stream's caller is checked once, when it starts, and its
     messages are timed one by one where they are answered (_stream), not the stream as a whole.
     """
-    deserialize = _lenient(handler.request_deserializer)
-    observe = RPC_SECONDS.labels(method).observe
-    perf_counter = time.perf_counter
-
     if handler.unary_unary is not None:
         inner_uu: Any = handler.unary_unary  # typeshed types behaviours as sync
+        observe = RPC_SECONDS.labels(method).observe
+        perf_counter = time.perf_counter
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = perf_counter()
@@ -260,7 +258,9 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler[Any, Any], admit: Admit
             finally:
                 observe(perf_counter() - started)
 
-        return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, _lenient(handler.request_deserializer), handler.response_serializer
+        )
     if handler.stream_stream is not None and inspect.iscoroutinefunction(handler.stream_stream):
         inner_ss: Any = handler.stream_stream
 

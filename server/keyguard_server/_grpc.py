@@ -334,7 +334,7 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
     async def Authorize(
         self, request: pb.AuthorizeRequest, context: Context[pb.AuthorizeRequest, pb.AuthorizeResponse]
     ) -> pb.AuthorizeResponse:
-        result = self._decide_now(request) if self._authorizer.decides_now else LATER
+        result = self._decide_now(request)
         if result is LATER:
             result = await self._decide(request, context.time_remaining())
         return _answer(result)
@@ -349,8 +349,6 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
         iterator is not used), answers serialized, not yielded."""
 
         def answer_now(message: pb.AuthorizeStreamRequest) -> bytes | Later:
-            if not self._authorizer.decides_now:
-                return LATER
             try:
                 result = self._decide_now(message.request)
             except Exception as exc:
@@ -374,6 +372,8 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
 
     def _decide_now(self, request: pb.AuthorizeRequest) -> AuthorizeResult | Later:
         """The decision if it needs no wait, else LATER: then ``await _decide``."""
+        if not self._authorizer.decides_now:  # LATER anyway: not even the request's parts are needed
+            return LATER
         required, destination, signed = _parts(request)
         return self._authorizer.decide_now(
             request.access_key,

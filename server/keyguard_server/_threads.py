@@ -33,8 +33,8 @@ PAUSE = 0.0001
 
 
 class _Sharing:
-    """One loop's yields: a single timer chain while any work is pending, however many are
-    (a chain per work yielded, and after PATIENCE slept, once per pending work each interval)."""
+    """One loop's yields: a single timer chain while any work is pending, however much is (a
+    chain per work would yield, and past PATIENCE sleep, once per pending work each interval)."""
 
     def __init__(self) -> None:  # holds no reference to its loop: _SHARING's key must be able to die
         self._pending: dict[Future[Any] | asyncio.Future[Any], float] = {}  # work -> when it turns impatient
