@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keyguard import Client, PermissionDenied, Unauthenticated
 from keyguard.v1 import keyguard_pb2 as pb
+from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server import Config
-from keyguard_server._auth import CallerGuard, token_sha256
+from keyguard_server._auth import CallerGuard, _metadata, hand_over, token_sha256
 from keyguard_server._config import Caller, Role
 from keyguard_server._server import _Routes
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
@@ -123,6 +126,60 @@ def test_any_number_of_spellings_of_a_token_is_admitted(channel: grpc.Channel) -
         assert status_of(channel, "keyguard.v1.Authorization", "Authorize", spelling) not in DENIED
     refused = (("authorization", f"Bearer {GATEWAY_TOKEN}x"),)
     assert status_of(channel, "keyguard.v1.Authorization", "Authorize", refused) is grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_concurrent_calls_are_each_judged_by_their_own_metadata(guarded: RunningServer) -> None:
+    """The caller check reads the metadata grpc handed the handler lookup: interleaved calls on
+    one method and one connection, each with another credential, each get their own verdict."""
+    credentials = [bearer(GATEWAY_TOKEN), bearer("kgt_not-a-configured-token"), (), bearer(WEBSITE_TOKEN)]
+    unauthenticated, denied = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED
+    expected = [None, unauthenticated, unauthenticated, denied]
+
+    async def calls() -> list[grpc.StatusCode]:
+        async with grpc.aio.insecure_channel(guarded.target) as aio_channel:
+            stub = pb_grpc.AuthorizationStub(aio_channel)
+
+            async def code(metadata: tuple[tuple[str, str], ...]) -> grpc.StatusCode:
+                try:
+                    await stub.Authorize(pb.AuthorizeRequest(), metadata=metadata, timeout=10)
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+                return grpc.StatusCode.OK
+
+            return await asyncio.gather(*(code(credentials[i % 4]) for i in range(400)))
+
+    for i, code in enumerate(asyncio.run(calls())):
+        if expected[i % 4] is None:
+            assert code not in DENIED, i
+        else:
+            assert code is expected[i % 4], i
+
+
+class _Context:
+    """grpc's side of a call, as far as the metadata goes."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+
+def test_metadata_handed_over_serves_only_the_task_that_handed_it() -> None:
+    """A task started from the one that looked up a handler inherits its context variables: it
+    must still read its own call's metadata, never the handed-over one (another call's token)."""
+    handed, own = bearer(OPS_TOKEN), bearer("kgt_someone-else")
+
+    async def read() -> Any:
+        return _metadata(_Context(own))  # type: ignore[arg-type]
+
+    async def scenario() -> tuple[Any, Any]:
+        hand_over(types.SimpleNamespace(invocation_metadata=handed))
+        return await read(), await asyncio.create_task(read())
+
+    same_task, other_task = asyncio.run(scenario())
+    assert same_task == handed
+    assert other_task == own
 
 
 def test_health_and_reflection_need_no_credential(channel: grpc.Channel) -> None:

@@ -26,7 +26,7 @@ from playhouse import db_url
 
 from keyguard import KeyguardError
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
-from keyguard_server._auth import CallerGuard, ensure_admin_token
+from keyguard_server._auth import CallerGuard, ensure_admin_token, hand_over
 from keyguard_server._authorize import DAY_US, Authorizer
 from keyguard_server._config import Config
 from keyguard_server._envoy import EnvoyAuthorizationServicer
@@ -89,6 +89,7 @@ class _Routes(grpc.GenericRpcHandler):
     def __init__(self, guard: CallerGuard) -> None:
         self._guard = guard
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        self._checked: set[str] = set()  # methods behind the caller check
         self._generic_services: set[str] = set()
 
     def add_registered_method_handlers(
@@ -97,6 +98,8 @@ class _Routes(grpc.GenericRpcHandler):
         for name, handler in handlers.items():
             method = f"/{service}/{name}"
             self._handlers[method] = self._guard.guard(method, handler)
+            if self._handlers[method] is not handler:
+                self._checked.add(method)
 
     def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
         """The same services' other form: only their names are kept, for ``sealed``'s check."""
@@ -114,7 +117,10 @@ class _Routes(grpc.GenericRpcHandler):
         return self
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
-        return self._handlers.get(handler_call_details.method)
+        method = handler_call_details.method
+        if method in self._checked:
+            hand_over(handler_call_details)
+        return self._handlers.get(method)
 
 
 class KeyguardServer:
