@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from keyguard import AlreadyExists, AuditAction, Client, CreatedKey, Decision, InvalidArgument, NotFound, Permission
+from keyguard_server._store import now_us
 from tests.conftest import RunningServer, StartServer
 
 # Storage-dependent: updates, rotation and expiry as stored and read back.
@@ -40,6 +41,22 @@ def test_expiry_set_at_creation_is_shown_and_enforced(server: RunningServer, cli
     # Let the clock pass the expiry (as 30 days would), from outside the server.
     server.sql("UPDATE key_model SET expires_at_us = ? WHERE access_key = ?", (1, created.key.access_key))
     assert decide(client, created) is Decision.KEY_EXPIRED  # even with its secret cached
+
+
+def test_expiry_is_enforced_by_the_clock_alone(server: RunningServer, client: Client, account: str) -> None:
+    """What a key's row says of a request is kept between calls, only while the clock leaves it
+    true: past the expiry it is refused, and a clock stepped back before it allows it again."""
+    created = client.create_key(account, "temp", "read", expires_at=soon(hours=1))
+    authorizer = server.server.authorizer
+    assert authorizer is not None
+    assert decide(client, created) is Decision.ALLOW
+    try:
+        authorizer.clock = lambda: now_us() + 2 * 3600 * 10**6
+        assert decide(client, created) is Decision.KEY_EXPIRED
+        authorizer.clock = lambda: now_us() - 60 * 10**6
+        assert decide(client, created) is Decision.ALLOW
+    finally:
+        authorizer.clock = now_us
 
 
 def test_expiry_must_be_in_the_future(client: Client, account: str) -> None:

@@ -51,6 +51,11 @@ P = ParamSpec("P")
 MAX_PROVEN_NETWORKS = 8  # per key: client networks whose verifications take turns with the rest
 NONCE_CLOCK_MARGIN_MS = 60_000  # how far replicas' clocks may disagree without a replay slipping through
 DAY_US = 24 * 3600 * 10**6
+FOREVER = 2**63  # µs since the epoch: later than any time a row holds
+MAX_OUTCOMES_PER_ROW = 16  # request shapes (client IP, permission, symbol) whose outcome a key's row keeps
+# decide_now's memo per request shape: (refusal before the secret or None, result after it,
+# the parsed client IP, from, until): true while from <= now < until.
+_Outcome = tuple[AuthorizeResult | None, AuthorizeResult, IPAddress, int, int]
 
 
 class UsageRecorder:
@@ -60,8 +65,8 @@ class UsageRecorder:
         self._store = store
         self._pending: dict[str, tuple[int, IPAddress]] = {}
 
-    def record(self, access_key: str, ip: IPAddress) -> None:
-        self._pending[access_key] = (now_us(), ip)
+    def record(self, access_key: str, ip: IPAddress, at_us: int) -> None:
+        self._pending[access_key] = (at_us, ip)
 
     async def flush(self) -> int:
         """Writes what was recorded since the last flush, in one transaction (off the loop)."""
@@ -158,12 +163,33 @@ class Authorizer:
         decides afresh. Raises what ``authorize`` raises.
 
         The hot path (every bot request): a cached secret's READ or TRADE request on SQLite is
-        decided here with no await at all. The common shape skips ``Violations``, the key's
-        ``AuthRow`` and its ALLOW answer are built once per row value, refusals are precomputed.
-        Add no per-call objects, awaits or enum conversions here.
+        decided here with no await at all. The key's row is read (its memo, while SQLite's
+        data_version says nothing was committed), then what the row says of the request's
+        shape (client IP, permission, symbol: every step but the secret's) is looked up in the
+        row's ``outcomes``, computed by :meth:`_outcome` from the same rules as ``authorize``'s
+        and kept for as long as the clock leaves them true. Add no per-call objects, awaits or
+        enum conversions here.
         """
         if not self.decides_now:  # the row is never readable without a wait (PostgreSQL)
             return LATER
+        if destination is None and signed is None and ACCESS_KEY_RE.fullmatch(access_key):
+            row = self._store.auth_row_now(access_key)
+            if row is LATER:
+                return LATER
+            if row is not None:
+                now = self.clock()
+                outcome = row.outcomes.get((client_ip, required, symbol))
+                if outcome is None or not outcome[3] <= now < outcome[4]:
+                    outcome = self._outcome(row, access_key, client_ip, required, symbol, now)
+                refusal, result, ip, _, _ = outcome
+                if refusal is not None:
+                    return _count(refusal)
+                if row.key_type is KeyType.ED25519 or not self._cached(row, private_key, now):
+                    return LATER
+                CACHE_HITS.inc()
+                if result is row.allow:
+                    self.usage.record(access_key, ip, now)
+                return _count(result)
         ip, level, destination, symbol = _shape(access_key, client_ip, required, destination, signed, symbol)
         if not ACCESS_KEY_RE.fullmatch(access_key):
             return _count(_deny(Decision.UNKNOWN_KEY))
@@ -180,6 +206,25 @@ class Authorizer:
         CACHE_HITS.inc()
         result = self._after_secret_now(access_key, row, ip, level, destination, symbol, now)
         return result if result is LATER else _count(result)
+
+    def _outcome(
+        self, row: AuthRow, access_key: str, client_ip: str, required: Permission, symbol: str, now: int
+    ) -> _Outcome:
+        """What ``row`` says of a request without destination or signature, before the secret
+        (steps 1-4, a refusal or None) and after it (steps 7-10, its result), with the parsed
+        client IP; true from ``now`` until the first moment one of the row's times (expiry, the
+        unrestricted-key lapse) passes. Kept in ``row.outcomes`` (bounded). Raises what
+        :func:`_shape` raises for a malformed request."""
+        ip, level, _, normal_symbol = _shape(access_key, client_ip, required, None, None, symbol)
+        result = self._rules(row, level, None, normal_symbol, now)
+        assert result is not LATER  # only a destination waits
+        lapses = [row.unrestricted_since_us + self._lapse_us] if row.unrestricted_since_us is not None else []
+        until = min((t for t in (row.expires_at_us, *lapses) if t is not None and t > now), default=FOREVER)
+        outcome = (_state_refusal(row, ip, now, client_ip), result, ip, now, until)
+        if len(row.outcomes) >= MAX_OUTCOMES_PER_ROW:
+            row.outcomes.clear()
+        row.outcomes[client_ip, required, symbol] = outcome
+        return outcome
 
     @_counted
     async def authorize(
@@ -379,8 +424,18 @@ class Authorizer:
         now: int,
     ) -> AuthorizeResult | Later:
         """Steps 7-10 of the order of checks, for a caller who proved it holds the key; ``now``
-        the authorizer's clock when the row was read. LATER when the destination must be looked
-        up (address management on): then :meth:`_after_secret`."""
+        the authorizer's clock when the row was read; an ALLOW recorded as the key's last use.
+        LATER when the destination must be looked up (address management on): then
+        :meth:`_after_secret`."""
+        result = self._rules(row, required, destination, symbol, now)
+        if result is row.allow:
+            self.usage.record(access_key, ip, now)
+        return result
+
+    def _rules(
+        self, row: AuthRow, required: Permission, destination: WithdrawalDestination | None, symbol: str, now: int
+    ) -> AuthorizeResult | Later:
+        """The rules of steps 7-10, without the destination's lookup (LATER when one is needed)."""
         if row.permission < required:
             return row.refusal(Decision.PERMISSION_DENIED)
         # An unrestricted key's lapsed rights, then the key's symbol list.
@@ -388,7 +443,6 @@ class Authorizer:
             return row.refusal(refusal)
         if destination is not None and management_on(row.address_management, row.address_management_off_at_us, now):
             return LATER
-        self.usage.record(access_key, ip)
         return row.allow
 
     async def _after_secret(
@@ -415,7 +469,7 @@ class Authorizer:
             return row.refusal(Decision.ADDRESS_NOT_WHITELISTED)
         if now < usable_from:
             return row.refusal(Decision.ADDRESS_ON_HOLD)
-        self.usage.record(access_key, ip)
+        self.usage.record(access_key, ip, now)
         return row.allow
 
 

@@ -147,11 +147,14 @@ class AuthRow:
     allow: AuthorizeResult = field(init=False, repr=False, compare=False)
     # admits()'s answers by the client address as written (a bot calls from few addresses).
     verdicts: dict[str, bool] = field(init=False, repr=False, compare=False)
+    # The authorizer's decisions for this row value by request shape (Authorizer.decide_now).
+    outcomes: dict[tuple[str, int, str], Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         networks = tuple(ipaddress.ip_network(parse_allowed_ip(entry)) for entry in self.allowed_ips.split())
         object.__setattr__(self, "networks", networks)
         object.__setattr__(self, "verdicts", {})
+        object.__setattr__(self, "outcomes", {})
         object.__setattr__(
             self, "allow", AuthorizeResult(True, Decision.ALLOW, self.account_id, self.name, self.permission)
         )
