@@ -27,6 +27,7 @@ import stat
 import string
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,10 @@ def current_caller() -> str:
 
 
 Metadata = Iterable[tuple[str, str | bytes]]
-# The call's metadata as grpc built it to find the call's handler, with the task handling the call.
-_handed: contextvars.ContextVar[tuple[asyncio.Task[Any] | None, Metadata] | None] = contextvars.ContextVar(
+# The call's metadata as grpc built it to find the call's handler, with (a weak reference to) the
+# task handling the call: a strong one would make a cycle (task, its context, this value) that
+# only the garbage collector could free, a collection's worth of objects per call.
+_handed: contextvars.ContextVar[tuple[weakref.ref[asyncio.Task[Any]], Metadata] | None] = contextvars.ContextVar(
     "keyguard_call_metadata", default=None
 )
 
@@ -85,13 +88,15 @@ def hand_over(details: grpc.HandlerCallDetails) -> None:
     only when it runs in the very task that handed it over, and otherwise asks the context, so a
     grpc that looked handlers up elsewhere could cost time but never admit one call by another's
     token."""
-    _handed.set((asyncio.current_task(), details.invocation_metadata))
+    task = asyncio.current_task()
+    if task is not None:
+        _handed.set((weakref.ref(task), details.invocation_metadata))
 
 
 def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> Metadata:
     """The call's metadata: as handed over for this call's handler lookup, else from ``context``."""
     handed = _handed.get()
-    if handed is not None and handed[0] is asyncio.current_task():
+    if handed is not None and (task := handed[0]()) is not None and task is asyncio.current_task():
         return handed[1]
     return context.invocation_metadata() or ()
 
