@@ -74,6 +74,36 @@ def test_cache_never_accepts_the_old_secret_of_a_rekeyed_key(
     assert allow(client, key, other.private_key) is Decision.ALLOW
 
 
+@pytest.mark.parametrize("wal_index", [True, False], ids=["wal-index", "data_version-only"])
+def test_every_commit_by_another_connection_is_seen_by_the_next_call(
+    server: RunningServer, client: Client, account: str, wal_index: bool
+) -> None:
+    """On SQLite a key's row is memoised between calls: whatever another connection commits
+    (another process, here) must still hold from the very next call, whether the change is
+    noticed by the wal-index header or by data_version alone."""
+    if server.backend != "sqlite":
+        pytest.skip("the inline row memo is SQLite's")
+    store = server.server._store
+    assert store is not None
+    mapped = store._wal_index
+    assert mapped is not None  # SQLite in WAL mode: the header is what is checked first
+    if not wal_index:
+        store._wal_index = None
+    try:
+        key = client.create_key(account, "bot", "trade", [BOT_IP])
+        access_key = key.key.access_key
+        assert allow(client, key) is Decision.ALLOW
+        for _ in range(10):
+            server.sql("UPDATE key_model SET enabled = 0 WHERE access_key = ?", (access_key,))
+            assert allow(client, key) is Decision.KEY_DISABLED
+            server.sql("UPDATE key_model SET enabled = 1 WHERE access_key = ?", (access_key,))
+            assert allow(client, key) is Decision.ALLOW
+        server.sql("DELETE FROM key_model WHERE access_key = ?", (access_key,))
+        assert allow(client, key) is Decision.UNKNOWN_KEY
+    finally:
+        store._wal_index = mapped
+
+
 def test_key_deleted_while_argon2_runs_is_refused(start_server: StartServer, account: str) -> None:
     server = start_server(**SLOW_ARGON2)
     with server.client() as client:
