@@ -35,6 +35,7 @@ the key), 403 for what the proven key may not do, 429 (rate limited), 400
 
 from __future__ import annotations
 
+import enum
 import functools
 import ipaddress
 import json
@@ -124,6 +125,16 @@ _REASONS = {decision: reason for decision, (_, _, reason) in _TOLD_DECISIONS.ite
 _NOT_AUTHENTICATED = ("UNAUTHENTICATED", "invalid API key, secret or signature, or not allowed from this IP")
 _PERMISSION_NAMES = {level: level.name for level in Permission}
 MAX_ROUTED_PATHS = 4096  # (method, path) pairs whose route Check remembers
+MAX_ALLOWED_ANSWERS = 4096  # ALLOW answers Check remembers
+
+
+class _NotCanonical(enum.Enum):
+    """What a path that is not canonical routes to: Check refuses it before anything else."""
+
+    PATH = "not canonical"
+
+
+NOT_CANONICAL = _NotCanonical.PATH
 _STARTS_WITH_X = operator.methodcaller("startswith", "x")
 
 
@@ -134,7 +145,11 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
         self._trusted_proxies = trusted_networks(config.envoy_trusted_proxies)
         # Most specific first: longest prefix as matched (route_key), then a named method before "*".
         self._routes = sorted(config.envoy_routes, key=lambda r: (len(r.key), r.method != "*"), reverse=True)
-        self._routed: dict[tuple[str, str], EnvoyRoute | None] = {}
+        self._routed: dict[tuple[str, str], EnvoyRoute | _NotCanonical | None] = {}
+        # ALLOW answers of the common shape (no destination, no x-keyguard-* header to strip) by
+        # the identity of their result (kept with them: its id cannot be reused while the entry
+        # lives; one object per key row value) and symbol.
+        self._allowed: dict[tuple[int, str], tuple[AuthorizeResult, ext.CheckResponse]] = {}
 
     @maps_errors
     async def Check(
@@ -143,8 +158,10 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
         config = self._config
         http = request.attributes.request.http
         headers = http.headers
+        method = http.method
         path, _, query = http.path.partition("?")
-        if not CANONICAL_PATH.fullmatch(path):
+        route = self._route(method, path)
+        if route is NOT_CANONICAL:
             return _deny("PATH_NOT_CANONICAL", f"the request path must be {CANONICAL_PATH_RULE}")
         # Every header name that matters below (an override, a forged x-keyguard-*) starts so.
         x_names = list(filter(_STARTS_WITH_X, headers))
@@ -152,9 +169,8 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
         x_text = "\n".join(x_names).replace("_", "-")
         if _overrides(http, query, x_text):
             return _deny("METHOD_OVERRIDE", "method or URL override headers and parameters are not accepted")
-        route = self._route(http.method, path)
         if route is None:
-            return _deny("ROUTE_NOT_MAPPED", f"no permission is configured for {http.method} {http.path}")
+            return _deny("ROUTE_NOT_MAPPED", f"no permission is configured for {method} {http.path}")
         access_key = headers.get(config.envoy_access_key_header, "")
         private_key = headers.get(config.envoy_private_key_header, "")
         signature = headers.get(config.envoy_signature_header, "")
@@ -181,7 +197,7 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
             body = _whole_body(http)
             if body is None:
                 return _deny("BAD_REQUEST", "keyguard did not get the whole body (Envoy: with_request_body)")
-            payload = envoy_payload(http.method, http.path, body, destination, symbol)
+            payload = envoy_payload(method, http.path, body, destination, symbol)
             signed = SignedRequest(payload, timestamp_ms, headers.get(config.envoy_nonce_header, ""), signature)
         client_ip = self._client_ip(request)
         required = route.permission  # a Permission already: EnvoyRoute holds the domain enum
@@ -211,14 +227,27 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
             return _deny("BAD_REQUEST", exc.message)
         if not result.allowed:
             return _deny(result.decision.name, _REASONS.get(result.decision, result.decision.name))
-        return _allow(result, destination, x_names, x_text, config.envoy_private_key_header, symbol.upper())
+        if destination is not None or "x-keyguard-" in x_text:
+            return _allow(result, destination, x_names, x_text, config.envoy_private_key_header, symbol.upper())
+        known = self._allowed.get((id(result), symbol))
+        if known is None or known[0] is not result:
+            known = result, _allow(result, None, x_names, x_text, config.envoy_private_key_header, symbol.upper())
+            if len(self._allowed) >= MAX_ALLOWED_ANSWERS:
+                self._allowed.clear()
+            self._allowed[id(result), symbol] = known
+        return known[1]
 
-    def _route(self, method: str, path: str) -> EnvoyRoute | None:
-        """The route of (method, path), remembered for the next requests (bounded)."""
-        if (method, path) in self._routed:
+    def _route(self, method: str, path: str) -> EnvoyRoute | _NotCanonical | None:
+        """The route of (method, path), NOT_CANONICAL for a path that is not canonical (refused
+        before anything else about the request), remembered for the next requests (bounded)."""
+        try:
             return self._routed[method, path]
-        upper, key = method.upper(), route_key(path)
-        route = next((r for r in self._routes if r.covers(upper, key)), None)
+        except KeyError:
+            pass
+        route: EnvoyRoute | _NotCanonical | None = NOT_CANONICAL
+        if CANONICAL_PATH.fullmatch(path):
+            upper, key = method.upper(), route_key(path)
+            route = next((r for r in self._routes if r.covers(upper, key)), None)
         if len(self._routed) >= MAX_ROUTED_PATHS:
             self._routed.clear()
         self._routed[method, path] = route
