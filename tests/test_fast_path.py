@@ -104,6 +104,24 @@ def test_every_commit_by_another_connection_is_seen_by_the_next_call(
         store._wal_index = mapped
 
 
+def test_strings_that_are_no_access_key_are_neither_looked_up_nor_kept(
+    server: RunningServer, client: Client, account: str
+) -> None:
+    """A flood of made-up access keys is refused without a database read and leaves the
+    memoised rows of real keys alone."""
+    if server.backend != "sqlite":
+        pytest.skip("the inline row memo is SQLite's")
+    store = server.server._store
+    assert store is not None
+    key = client.create_key(account, "bot", "trade", [BOT_IP])
+    assert allow(client, key) is Decision.ALLOW
+    kept = dict(store._current)
+    for i in range(200):
+        made_up = f"{key.key.access_key[:-1]}-{i}"
+        assert client.authorize(made_up, key.private_key, BOT_IP, "read").decision is Decision.UNKNOWN_KEY
+    assert store._current == kept
+
+
 def test_key_deleted_while_argon2_runs_is_refused(start_server: StartServer, account: str) -> None:
     server = start_server(**SLOW_ARGON2)
     with server.client() as client:

@@ -86,6 +86,7 @@ from keyguard import (
     WithdrawalAddress,
 )
 from keyguard_server._schema import MODELS, AccountModel, AddressModel, AuditModel, KeyModel, NonceModel, migrate
+from keyguard_server._secrets import ACCESS_KEY_RE
 from keyguard_server._threads import share_core_until
 from keyguard_server._validation import IPAddress, IPNetwork, parse_allowed_ip
 
@@ -1393,7 +1394,8 @@ class Store:
         SQLite's ``PRAGMA data_version`` changes whenever any other connection (thread, worker
         process) commits a change to the database. The row as read after a data_version is
         therefore the current row for as long as data_version reads the same: the key's row is
-        read again only when something was committed since.
+        read again only when something was committed since. A string that is no access key is
+        None at once, and never kept.
 
         Reading data_version costs a read transaction (~10k instructions, a sixth of a cached
         Authorize's own cost). In WAL mode every commit rewrites the wal-index header in the
@@ -1417,6 +1419,8 @@ class Store:
                     self._data_version = version
             if (known := self._current.get(access_key, LATER)) is not LATER:
                 return known
+            if not ACCESS_KEY_RE.fullmatch(access_key):  # no such key: not looked up, not kept
+                return None
             row = cursor.execute(self._q.auth_sql, (access_key,)).fetchone()
         except sqlite3.OperationalError:
             return LATER
