@@ -30,7 +30,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from cryptography import x509
@@ -264,6 +264,17 @@ def client_certificate_name(pem: bytes) -> str | None:
     return str(names[0].value)
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def serialized(method: F) -> F:
+    """Marks a unary servicer method that answers with its response already serialized (bytes,
+    e.g. built once and kept): its guarded handler has no response serializer, so grpc sends
+    the bytes as they are instead of serializing the same message again on every call."""
+    method.serialized = True  # type: ignore[attr-defined]
+    return method
+
+
 Admit = Callable[[grpc.aio.ServicerContext[Any, Any]], "tuple[grpc.StatusCode, str] | str"]
 
 
@@ -291,9 +302,8 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler[Any, Any], admit: Admit
             finally:
                 observe(perf_counter() - started)
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary, _lenient(handler.request_deserializer), handler.response_serializer
-        )
+        serializer = None if getattr(inner_uu, "serialized", False) else handler.response_serializer
+        return grpc.unary_unary_rpc_method_handler(unary_unary, _lenient(handler.request_deserializer), serializer)
     if handler.stream_stream is not None and inspect.iscoroutinefunction(handler.stream_stream):
         inner_ss: Any = handler.stream_stream
 

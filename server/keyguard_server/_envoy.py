@@ -48,6 +48,7 @@ from google.rpc import code_pb2, status_pb2
 
 from keyguard import AuthorizeResult, Decision, InvalidArgument, Permission, SignedRequest, WithdrawalDestination
 from keyguard.signing import envoy_payload
+from keyguard_server._auth import serialized
 from keyguard_server._authorize import Authorizer
 from keyguard_server._config import (
     CANONICAL_PATH,
@@ -149,12 +150,13 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
         # ALLOW answers of the common shape (no destination, no x-keyguard-* header to strip) by
         # the identity of their result (kept with them: its id cannot be reused while the entry
         # lives; one object per key row value) and symbol.
-        self._allowed: dict[tuple[int, str], tuple[AuthorizeResult, ext.CheckResponse]] = {}
+        self._allowed: dict[tuple[int, str], tuple[AuthorizeResult, bytes]] = {}
 
+    @serialized
     @maps_errors
-    async def Check(
-        self, request: ext.CheckRequest, context: grpc.aio.ServicerContext[ext.CheckRequest, ext.CheckResponse]
-    ) -> ext.CheckResponse:
+    async def Check(  # type: ignore[override]  # answers serialized (_auth.serialized)
+        self, request: ext.CheckRequest, context: grpc.aio.ServicerContext[ext.CheckRequest, bytes]
+    ) -> bytes:
         config = self._config
         http = request.attributes.request.http
         headers = http.headers
@@ -228,10 +230,12 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
         if not result.allowed:
             return _deny(result.decision.name, _REASONS.get(result.decision, result.decision.name))
         if destination is not None or "x-keyguard-" in x_text:
-            return _allow(result, destination, x_names, x_text, config.envoy_private_key_header, symbol.upper())
+            allow = _allow(result, destination, x_names, x_text, config.envoy_private_key_header, symbol.upper())
+            return allow.SerializeToString()
         known = self._allowed.get((id(result), symbol))
         if known is None or known[0] is not result:
-            known = result, _allow(result, None, x_names, x_text, config.envoy_private_key_header, symbol.upper())
+            allow = _allow(result, None, x_names, x_text, config.envoy_private_key_header, symbol.upper())
+            known = result, allow.SerializeToString()
             if len(self._allowed) >= MAX_ALLOWED_ANSWERS:
                 self._allowed.clear()
             self._allowed[id(result), symbol] = known
@@ -364,9 +368,9 @@ def _ok(answer: tuple[tuple[str, str], ...], headers_to_remove: tuple[str, ...])
     )
 
 
-def _deny(decision: str, message: str) -> ext.CheckResponse:
-    """The decision stays in the status message (Envoy's logs, for operators); the HTTP body
-    names it only when it is in ``_TOLD``."""
+def _deny(decision: str, message: str) -> bytes:
+    """The refusal, serialized. The decision stays in the status message (Envoy's logs, for
+    operators); the HTTP body names it only when it is in ``_TOLD``."""
     status, code = _TOLD.get(decision, _UNAUTHENTICATED)
     error, shown = (decision, message) if decision in _TOLD else _NOT_AUTHENTICATED
     return ext.CheckResponse(
@@ -376,4 +380,4 @@ def _deny(decision: str, message: str) -> ext.CheckResponse:
             headers=[_header("content-type", "application/json")],
             body=json.dumps({"error": error, "message": shown}),
         ),
-    )
+    ).SerializeToString()

@@ -34,7 +34,7 @@ from keyguard import (
 )
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
-from keyguard_server._auth import current_caller
+from keyguard_server._auth import current_caller, serialized
 from keyguard_server._authorize import Authorizer, permission, refuse_malformed
 from keyguard_server._keys import KeyManager
 from keyguard_server._store import LATER, Later
@@ -330,14 +330,15 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
         """Shutdown: streams stop reading, answer what they read and end (UNAVAILABLE)."""
         self._streams.stop()
 
+    @serialized
     @maps_errors
-    async def Authorize(
-        self, request: pb.AuthorizeRequest, context: Context[pb.AuthorizeRequest, pb.AuthorizeResponse]
-    ) -> pb.AuthorizeResponse:
+    async def Authorize(  # type: ignore[override]  # answers serialized: see _answers
+        self, request: pb.AuthorizeRequest, context: Context[pb.AuthorizeRequest, bytes]
+    ) -> bytes:
         result = self._decide_now(request)
         if result is LATER:
             result = await self._decide(request, context.time_remaining())
-        return _answer(result)
+        return _answers(result)[1]
 
     async def AuthorizeStream(  # type: ignore[override]  # grpc's reader-writer form, which the stubs omit
         self,
@@ -429,17 +430,16 @@ def _stream_error(message_id: int, exc: Exception) -> bytes:
     return pb.AuthorizeStreamResponse(id=message_id, error=error).SerializeToString()
 
 
-# Wire answers by the identity of their result (the result is kept with them, so its id cannot
-# be reused while the entry lives). The common results are built once per row value or once
-# per process, so the common answer is built once too. Callers never change a returned answer.
-# A stream's answer is written as bytes: its id's, then the answer's as the stream carries it,
-# serialized once here (protobuf parses concatenated messages as one, merged), not a message
-# built and copied per answer.
-_ANSWERS: dict[int, tuple[AuthorizeResult, pb.AuthorizeResponse, bytes]] = {}
+# Wire answers, serialized, by the identity of their result (the result is kept with them, so
+# its id cannot be reused while the entry lives). The common results are built once per row
+# value or once per process, so the common answer is serialized once too: for a unary call
+# (sent as it is, see _auth.serialized) and for a stream, as the stream carries it after the
+# message's id (protobuf parses concatenated messages as one, merged).
+_ANSWERS: dict[int, tuple[AuthorizeResult, bytes, bytes]] = {}
 MAX_ANSWERS = 4096
 
 
-def _answers(result: AuthorizeResult) -> tuple[AuthorizeResult, pb.AuthorizeResponse, bytes]:
+def _answers(result: AuthorizeResult) -> tuple[AuthorizeResult, bytes, bytes]:
     known = _ANSWERS.get(id(result))
     if known is not None and known[0] is result:
         return known
@@ -450,15 +450,11 @@ def _answers(result: AuthorizeResult) -> tuple[AuthorizeResult, pb.AuthorizeResp
         key_name=result.key_name,
         permission=pb.Permission.ValueType(result.permission or 0),
     )
-    known = (result, answer, pb.AuthorizeStreamResponse(response=answer).SerializeToString())
+    known = (result, answer.SerializeToString(), pb.AuthorizeStreamResponse(response=answer).SerializeToString())
     if len(_ANSWERS) >= MAX_ANSWERS:
         _ANSWERS.clear()
     _ANSWERS[id(result)] = known
     return known
-
-
-def _answer(result: AuthorizeResult) -> pb.AuthorizeResponse:
-    return _answers(result)[1]
 
 
 def _stream_answer(message_id: int, result: AuthorizeResult) -> bytes:
