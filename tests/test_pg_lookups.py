@@ -95,6 +95,43 @@ def refusing_peer() -> Iterator[Peer]:
     thread.join(5)
 
 
+def test_each_lookup_gives_up_at_its_own_deadline() -> None:
+    """Lookups waiting behind a slow statement fail at their own deadlines (one timer serves
+    them all): a later one with a sooner deadline first, the others left waiting meanwhile."""
+    slow = "SELECT 1, 'kg_x' FROM pg_sleep(1.2) WHERE 'kg_x' = ANY(%s)"
+
+    async def run() -> list[tuple[str, float]]:
+        found = _LoopLookups(
+            database(_ADMIN.hostname or "127.0.0.1", str(_ADMIN.port or 5432)),
+            slow,
+            DatabaseSettings("postgresql://unused", statement_timeout=3.0),
+        )
+        started = time.monotonic()
+
+        async def timed(within: float) -> tuple[str, float]:
+            try:
+                await found.lookup("kg_x", within)
+            except Unavailable:
+                return "gave up", time.monotonic() - started
+            return "answered", time.monotonic() - started
+
+        try:
+            patient = asyncio.create_task(timed(5.0))  # its statement is the slow one on its way
+            await asyncio.sleep(0.05)
+            later = asyncio.create_task(timed(0.7))
+            await asyncio.sleep(0.1)
+            sooner = asyncio.create_task(timed(0.2))
+            return list(await asyncio.gather(patient, later, sooner))
+        finally:
+            found.close()
+
+    (patient, patient_at), (later, later_at), (sooner, sooner_at) = uvloop.run(run())
+    assert (patient, later, sooner) == ("answered", "gave up", "gave up")
+    assert 0.3 <= sooner_at < 0.6, sooner_at
+    assert 0.7 <= later_at < 1.1, later_at
+    assert patient_at >= 1.2
+
+
 def test_a_refusing_database_is_not_hammered(refusing_peer: Peer) -> None:
     """A connection that cannot be opened fails the lookups waiting for it at once; nothing
     reconnects while nobody waits, and lookups within the pause fail without a new attempt."""

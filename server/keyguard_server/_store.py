@@ -51,6 +51,7 @@ import enum
 import functools
 import ipaddress
 import json
+import math
 import mmap
 import os
 import socket
@@ -986,6 +987,9 @@ class _LoopLookups:
         self._state = "down"  # down, opening (on a thread), connecting, preparing, ready, busy
         self._attempt = 0  # which connection attempt is current: a stale one's result is dropped
         self._stall: asyncio.TimerHandle | None = None
+        # Fails waiters at their deadlines: due at the earliest one still waiting, or later.
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_at = math.inf
         self._down_until = 0.0
         self._closed = False
 
@@ -997,16 +1001,38 @@ class _LoopLookups:
         if len(self._waiting) >= self.MAX_WAITING:
             raise Unavailable("too many key lookups are waiting for the database")
         answer: asyncio.Future[tuple[Any, ...] | None] = loop.create_future()
-        timer = loop.call_later(within, _expire, answer, within)
-        self._waiting.append(_Lookup(access_key, answer))
+        deadline = loop.time() + within
+        self._waiting.append(_Lookup(access_key, answer, deadline, within))
+        if self._expiry is None or deadline < self._expiry_at:
+            self._expire_at(deadline)
         if self._state == "ready":
             self._send()
         elif self._state == "down":
             self._open()
-        try:
-            return await answer
-        finally:
-            timer.cancel()
+        return await answer
+
+    # -- deadlines: one timer for all waiters, not one each (a timer costs ~10k instructions) --
+
+    def _expire_at(self, when: float) -> None:
+        assert self._loop is not None
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry, self._expiry_at = self._loop.call_at(when, self._expire_due), when
+
+    def _expire_due(self) -> None:
+        """Fails the waiters whose deadline has come; the timer waits for the next one."""
+        assert self._loop is not None
+        self._expiry = None
+        now, next_at = self._loop.time(), math.inf
+        for waiter in (*self._waiting, *self._batch):
+            if waiter.answer.done():
+                continue
+            if waiter.deadline <= now:
+                waiter.answer.set_exception(Unavailable(f"the database did not answer within {waiter.within:g} s"))
+            else:
+                next_at = min(next_at, waiter.deadline)
+        if next_at < math.inf:
+            self._expire_at(next_at)
 
     # -- the connection's life, driven by its socket's readiness ------------------------
 
@@ -1178,6 +1204,9 @@ class _LoopLookups:
     def close(self) -> None:
         """Closes the connection (on the loop); lookups still waiting fail with ``Unavailable``."""
         self._closed = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         batch, self._batch = self._batch, []
         self._drop_connection()
         _fail(batch, Unavailable("the server is shutting down"))
@@ -1226,12 +1255,9 @@ def _is_ip(text: str) -> bool:
 class _Lookup:
     access_key: str
     answer: asyncio.Future[tuple[Any, ...] | None]
+    deadline: float  # loop time at which it gives up (Unavailable)
+    within: float
     retried: bool = False
-
-
-def _expire(answer: asyncio.Future[Any], within: float) -> None:
-    if not answer.done():
-        answer.set_exception(Unavailable(f"the database did not answer within {within:g} s"))
 
 
 def _fail(waiters: list[_Lookup], exc: Unavailable) -> None:
