@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 import types
@@ -19,7 +20,7 @@ from keyguard import Client, PermissionDenied, Unauthenticated
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server import Config
-from keyguard_server._auth import CallerGuard, _metadata, hand_over, token_sha256
+from keyguard_server._auth import CallerGuard, current_caller, token_sha256
 from keyguard_server._config import Caller, Role
 from keyguard_server._server import _Routes
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
@@ -156,30 +157,46 @@ def test_concurrent_calls_are_each_judged_by_their_own_metadata(guarded: Running
 
 
 class _Context:
-    """grpc's side of a call, as far as the metadata goes."""
+    """grpc's side of a call, as far as the caller check goes: an abort ends the call."""
 
-    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
-        self._metadata = metadata
+    def __init__(self) -> None:
+        self.aborted: grpc.StatusCode | None = None
 
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return self._metadata
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = code
+        raise asyncio.CancelledError(details)
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}
 
 
-def test_metadata_handed_over_serves_only_the_task_that_handed_it() -> None:
-    """A task started from the one that looked up a handler inherits its context variables: it
-    must still read its own call's metadata, never the handed-over one (another call's token)."""
-    handed, own = bearer(OPS_TOKEN), bearer("kgt_someone-else")
+def test_each_call_is_judged_by_the_metadata_its_handler_was_made_from() -> None:
+    """Handlers for two calls, both looked up before either runs: each admits or refuses by its
+    own call's metadata, whatever order they run in."""
+    routes = _Routes(CallerGuard(CALLERS))
+    answered: list[str] = []
 
-    async def read() -> Any:
-        return _metadata(_Context(own))  # type: ignore[arg-type]
+    async def authorize(request: Any, context: Any) -> bytes:
+        answered.append(current_caller())
+        return b""
 
-    async def scenario() -> tuple[Any, Any]:
-        hand_over(types.SimpleNamespace(invocation_metadata=handed))
-        return await read(), await asyncio.create_task(read())
+    method = "/keyguard.v1.Authorization/Authorize"
+    routes.add_registered_method_handlers(
+        "keyguard.v1.Authorization", {"Authorize": grpc.unary_unary_rpc_method_handler(authorize)}
+    )
+    admitted = routes.service(types.SimpleNamespace(method=method, invocation_metadata=bearer(GATEWAY_TOKEN)))
+    refused = routes.service(types.SimpleNamespace(method=method, invocation_metadata=()))
+    assert admitted is not None and refused is not None
 
-    same_task, other_task = asyncio.run(scenario())
-    assert same_task == handed
-    assert other_task == own
+    async def run(handler: Any) -> grpc.StatusCode | None:
+        context = _Context()
+        with contextlib.suppress(asyncio.CancelledError):
+            await handler.unary_unary(pb.AuthorizeRequest(), context)
+        return context.aborted
+
+    assert asyncio.run(run(refused)) is grpc.StatusCode.UNAUTHENTICATED
+    assert asyncio.run(run(admitted)) is None
+    assert answered == ["gateway"]
 
 
 def test_health_and_reflection_need_no_credential(channel: grpc.Channel) -> None:

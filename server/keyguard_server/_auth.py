@@ -14,7 +14,6 @@ rather than deciding from the call details in an interceptor on every call.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import errno
 import functools
@@ -27,10 +26,9 @@ import stat
 import string
 import tempfile
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from cryptography import x509
@@ -71,34 +69,8 @@ def current_caller() -> str:
 
 
 Metadata = Iterable[tuple[str, str | bytes]]
-# The call's metadata as grpc built it to find the call's handler, with (a weak reference to) the
-# task handling the call: a strong one would make a cycle (task, its context, this value) that
-# only the garbage collector could free, a collection's worth of objects per call.
-_handed: contextvars.ContextVar[tuple[weakref.ref[asyncio.Task[Any]], Metadata] | None] = contextvars.ContextVar(
-    "keyguard_call_metadata", default=None
-)
-
-
-def hand_over(details: grpc.HandlerCallDetails) -> None:
-    """Keeps the metadata grpc gave the handler lookup (``_server._Routes.service``) for the
-    call's caller check. ``context.invocation_metadata()`` builds the same tuple afresh, as
-    Python-level namedtuples (~14k instructions, a fifth of a cached Authorize's own cost).
-
-    grpc.aio looks the handler up in the task that then runs it; the check takes the metadata
-    only when it runs in the very task that handed it over, and otherwise asks the context, so a
-    grpc that looked handlers up elsewhere could cost time but never admit one call by another's
-    token."""
-    task = asyncio.current_task()
-    if task is not None:
-        _handed.set((weakref.ref(task), details.invocation_metadata))
-
-
-def _metadata(context: grpc.aio.ServicerContext[Any, Any]) -> Metadata:
-    """The call's metadata: as handed over for this call's handler lookup, else from ``context``."""
-    handed = _handed.get()
-    if handed is not None and (task := handed[0]()) is not None and task is asyncio.current_task():
-        return handed[1]
-    return context.invocation_metadata() or ()
+# A guarded method's handler for one call, made from the call's metadata (see CallerGuard.guard).
+ForCall = Callable[[Metadata], "grpc.RpcMethodHandler[Any, Any]"]
 
 
 def token_sha256(token: str) -> str:
@@ -185,16 +157,23 @@ class CallerGuard:
         self._by_token = {c.token_sha256: c for c in callers if c.token_sha256}
         self._by_cert = {c.cert_common_name: c for c in callers if c.cert_common_name}
 
-    def guard(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-        """``handler`` for ``method`` ("/service/Method"), behind the caller check unless its
-        service is open to all."""
+    def guard(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> ForCall | None:
+        """For ``method`` ("/service/Method"), what makes each call's handler: ``handler`` behind
+        the caller check, judging the metadata the call's handler is made from (grpc has just
+        built it for the handler lookup; ``context.invocation_metadata()`` would build it again,
+        as Python-level namedtuples, ~14k instructions). None if the service is open to all."""
         service = method.split("/")[1] if "/" in method else ""
         if service in OPEN_SERVICES:
-            return handler
+            return None
         return _guarded(method, handler, functools.partial(self._admit, service, method, {}))
 
     def _admit(
-        self, service: str, method: str, admitted: dict[str | bytes, str], context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        service: str,
+        method: str,
+        admitted: dict[str | bytes, str],
+        metadata: Metadata,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> tuple[grpc.StatusCode, str] | str:
         """The caller's name, or the status to refuse the call with.
 
@@ -204,7 +183,7 @@ class CallerGuard:
         per process (SipHash), so the lookup's timing tells nothing of the headers held.
         """
         header = None
-        for key, value in _metadata(context):
+        for key, value in metadata:
             if key == "authorization":
                 header = value
                 break
@@ -275,11 +254,13 @@ def serialized(method: F) -> F:
     return method
 
 
-Admit = Callable[[grpc.aio.ServicerContext[Any, Any]], "tuple[grpc.StatusCode, str] | str"]
+Admit = Callable[[Metadata, grpc.aio.ServicerContext[Any, Any]], "tuple[grpc.StatusCode, str] | str"]
 
 
-def _guarded(method: str, handler: grpc.RpcMethodHandler[Any, Any], admit: Admit) -> grpc.RpcMethodHandler[Any, Any]:
-    """The same handler, refusing unadmitted callers and unparseable requests first.
+def _guarded(method: str, handler: grpc.RpcMethodHandler[Any, Any], admit: Admit) -> ForCall:
+    """The same handler, refusing unadmitted callers and unparseable requests first, made for
+    each call with the call's metadata bound to it: by construction, a call is judged by its
+    own metadata only.
 
     Unary calls are timed here; a stream's caller is checked once, when it starts, and its
     messages are timed one by one where they are answered (_stream), not the stream as a whole.
@@ -289,10 +270,10 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler[Any, Any], admit: Admit
         observe = RPC_SECONDS.labels(method).observe
         perf_counter = time.perf_counter
 
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def unary_unary(metadata: Metadata, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = perf_counter()
             try:
-                verdict = admit(context)
+                verdict = admit(metadata, context)
                 if isinstance(verdict, tuple):
                     await context.abort(*verdict)
                 if isinstance(request, _Malformed):
@@ -303,13 +284,16 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler[Any, Any], admit: Admit
                 observe(perf_counter() - started)
 
         serializer = None if getattr(inner_uu, "serialized", False) else handler.response_serializer
-        return grpc.unary_unary_rpc_method_handler(unary_unary, _lenient(handler.request_deserializer), serializer)
+        template = grpc.unary_unary_rpc_method_handler(unary_unary, _lenient(handler.request_deserializer), serializer)
+        return _for_each_call(template, "unary_unary", unary_unary)
     if handler.stream_stream is not None and inspect.iscoroutinefunction(handler.stream_stream):
         inner_ss: Any = handler.stream_stream
 
-        async def stream_stream(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        async def stream_stream(
+            metadata: Metadata, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> None:
             # The caller once per stream, before any message is read: a refusal ends it at once.
-            verdict = admit(context)
+            verdict = admit(metadata, context)
             if isinstance(verdict, tuple):
                 await context.abort(*verdict)
             _caller.set(verdict)
@@ -319,10 +303,30 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler[Any, Any], admit: Admit
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"message does not parse: {exc}")
 
         # No response serializer: such a stream writes its answers serialized (bytes), once per result.
-        return grpc.stream_stream_rpc_method_handler(stream_stream, _unparseable_raises(handler.request_deserializer))
+        template = grpc.stream_stream_rpc_method_handler(
+            stream_stream, _unparseable_raises(handler.request_deserializer)
+        )
+        return _for_each_call(template, "stream_stream", stream_stream)
     raise TypeError(
         "only unary keyguard methods and reader-writer (coroutine) bidi streams writing bytes sit behind caller checks"
     )
+
+
+def _for_each_call(template: grpc.RpcMethodHandler[Any, Any], field: str, behaviour: Callable[..., Any]) -> ForCall:
+    """Handlers like ``template`` (grpc's RpcMethodHandler, a namedtuple) whose ``field`` is
+    ``behaviour`` with a call's metadata bound first: built per call from its fields (a list
+    copy and a tuple, not namedtuple's Python-level ``_replace``)."""
+    kind: Any = type(template)
+    fields = list(cast(tuple[Any, ...], template))
+    slot = kind._fields.index(field)
+
+    def for_call(metadata: Metadata) -> grpc.RpcMethodHandler[Any, Any]:
+        values = fields.copy()
+        values[slot] = functools.partial(behaviour, metadata)
+        handler: grpc.RpcMethodHandler[Any, Any] = tuple.__new__(kind, values)
+        return handler
+
+    return for_call
 
 
 class _Unparseable(Exception):

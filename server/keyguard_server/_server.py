@@ -26,7 +26,7 @@ from playhouse import db_url
 
 from keyguard import KeyguardError
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
-from keyguard_server._auth import CallerGuard, ensure_admin_token, hand_over
+from keyguard_server._auth import CallerGuard, ForCall, ensure_admin_token
 from keyguard_server._authorize import DAY_US, Authorizer
 from keyguard_server._config import Config
 from keyguard_server._envoy import EnvoyAuthorizationServicer
@@ -88,8 +88,8 @@ class _Routes(grpc.GenericRpcHandler):
 
     def __init__(self, guard: CallerGuard) -> None:
         self._guard = guard
-        self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-        self._checked: set[str] = set()  # methods behind the caller check
+        self._open: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}  # methods open to all
+        self._checked: dict[str, ForCall] = {}  # methods behind the caller check: each call's handler
         self._generic_services: set[str] = set()
 
     def add_registered_method_handlers(
@@ -97,9 +97,10 @@ class _Routes(grpc.GenericRpcHandler):
     ) -> None:
         for name, handler in handlers.items():
             method = f"/{service}/{name}"
-            self._handlers[method] = self._guard.guard(method, handler)
-            if self._handlers[method] is not handler:
-                self._checked.add(method)
+            if (for_call := self._guard.guard(method, handler)) is None:
+                self._open[method] = handler
+            else:
+                self._checked[method] = for_call
 
     def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
         """The same services' other form: only their names are kept, for ``sealed``'s check."""
@@ -111,16 +112,16 @@ class _Routes(grpc.GenericRpcHandler):
     def sealed(self) -> _Routes:
         """The table, once every service that registered a generic handler has its methods in it
         (else one of them would be unserved, or served unguarded)."""
-        routed = {method.split("/")[1] for method in self._handlers}
+        routed = {method.split("/")[1] for method in (*self._open, *self._checked)}
         if unrouted := self._generic_services - routed:
             raise TypeError(f"services registered without their methods: {sorted(unrouted)}")
         return self
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = handler_call_details.method
-        if method in self._checked:
-            hand_over(handler_call_details)
-        return self._handlers.get(method)
+        if (for_call := self._checked.get(method)) is not None:
+            return for_call(handler_call_details.invocation_metadata)
+        return self._open.get(method)
 
 
 class KeyguardServer:
