@@ -39,8 +39,8 @@ import enum
 import functools
 import ipaddress
 import json
-import operator
 import re
+from collections.abc import Mapping
 from urllib.parse import parse_qsl, quote
 
 import grpc
@@ -136,7 +136,6 @@ class _NotCanonical(enum.Enum):
 
 
 NOT_CANONICAL = _NotCanonical.PATH
-_STARTS_WITH_X = operator.methodcaller("startswith", "x")
 
 
 class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
@@ -158,18 +157,19 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
         self, request: ext.CheckRequest, context: grpc.aio.ServicerContext[ext.CheckRequest, bytes]
     ) -> bytes:
         config = self._config
-        http = request.attributes.request.http
+        attributes = request.attributes
+        http = attributes.request.http
         headers = http.headers
         method = http.method
         path, _, query = http.path.partition("?")
         route = self._route(method, path)
         if route is NOT_CANONICAL:
             return _deny("PATH_NOT_CANONICAL", f"the request path must be {CANONICAL_PATH_RULE}")
-        # Every header name that matters below (an override, a forged x-keyguard-*) starts so.
-        x_names = list(filter(_STARTS_WITH_X, headers))
-        # The same names as one text, "_" read as "-": scanned in C rather than name by name.
-        x_text = "\n".join(x_names).replace("_", "-")
-        if _overrides(http, query, x_text):
+        # The header names as one text, one per line, "_" read as "-" (as some servers read it):
+        # searched in C rather than name by name, for an override or a forged x-keyguard-*.
+        names = "\n".join(headers)
+        read_as = names.replace("_", "-")
+        if _overrides(http, query, read_as):
             return _deny("METHOD_OVERRIDE", "method or URL override headers and parameters are not accepted")
         if route is None:
             return _deny("ROUTE_NOT_MAPPED", f"no permission is configured for {method} {http.path}")
@@ -201,7 +201,7 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
                 return _deny("BAD_REQUEST", "keyguard did not get the whole body (Envoy: with_request_body)")
             payload = envoy_payload(method, http.path, body, destination, symbol)
             signed = SignedRequest(payload, timestamp_ms, headers.get(config.envoy_nonce_header, ""), signature)
-        client_ip = self._client_ip(request)
+        client_ip = self._client_ip(attributes.source.address.socket_address.address, headers)
         required = route.permission  # a Permission already: EnvoyRoute holds the domain enum
         authorizer = self._authorizer
         try:
@@ -229,12 +229,13 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
             return _deny("BAD_REQUEST", exc.message)
         if not result.allowed:
             return _deny(result.decision.name, _REASONS.get(result.decision, result.decision.name))
-        if destination is not None or "x-keyguard-" in x_text:
-            allow = _allow(result, destination, x_names, x_text, config.envoy_private_key_header, symbol.upper())
+        if destination is not None or "x-keyguard-" in read_as:
+            forged = [name for name in names.split("\n") if name.replace("_", "-").startswith("x-keyguard-")]
+            allow = _allow(result, destination, forged, config.envoy_private_key_header, symbol.upper())
             return allow.SerializeToString()
         known = self._allowed.get((id(result), symbol))
         if known is None or known[0] is not result:
-            allow = _allow(result, None, x_names, x_text, config.envoy_private_key_header, symbol.upper())
+            allow = _allow(result, None, [], config.envoy_private_key_header, symbol.upper())
             known = result, allow.SerializeToString()
             if len(self._allowed) >= MAX_ALLOWED_ANSWERS:
                 self._allowed.clear()
@@ -257,14 +258,13 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
         self._routed[method, path] = route
         return route
 
-    def _client_ip(self, request: ext.CheckRequest) -> str:
-        """The peer of Envoy's downstream connection, or behind trusted proxies the right-most
+    def _client_ip(self, peer: str, headers: Mapping[str, str]) -> str:
+        """``peer``, Envoy's downstream connection's, or behind trusted proxies the right-most
         address, of the configured header's list and then that peer, that is not one of them:
         anything left of it was written by the client and proves nothing."""
-        peer: str = request.attributes.source.address.socket_address.address
         if not self._config.envoy_client_ip_header:
             return peer
-        listed = request.attributes.request.http.headers.get(self._config.envoy_client_ip_header, "")
+        listed = headers.get(self._config.envoy_client_ip_header, "")
         hops = [hop.strip() for hop in listed.split(",") if hop.strip()] + [peer]
         for hop in reversed(hops):
             if not self._trusted(hop):
@@ -279,11 +279,10 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
         return any(ip in network for network in self._trusted_proxies)
 
 
-def _overrides(http: AttributeContext.HttpRequest, query: str, x_text: str) -> bool:
+def _overrides(http: AttributeContext.HttpRequest, query: str, names: str) -> bool:
     """Whether the request asks, in a header, a query or a form body, to be taken for another
-    method or path than the one routed (``x_text``: its header names that start with "x", one
-    per line, "_" read as "-")."""
-    if not _OVERRIDE_HEADERS.isdisjoint(x_text.split("\n")):
+    method or path than the one routed (``names``: its header names, one per line, "_" read as "-")."""
+    if not _OVERRIDE_HEADERS.isdisjoint(names.split("\n")):
         return True
     body = http.raw_body or http.body.encode()
     if not query and not body:
@@ -323,13 +322,12 @@ def _header(name: str, value: str) -> core.HeaderValueOption:
 def _allow(
     result: AuthorizeResult,
     destination: WithdrawalDestination | None,
-    x_names: list[str],
-    x_text: str,
+    keyguard_names: list[str],
     private_key_header: str,
     symbol: str = "",
 ) -> ext.CheckResponse:
-    """``x_names``: the request's header names that start with "x" (any forged x-keyguard-*);
-    ``x_text``: the same as :func:`_overrides` takes them, to skip the search when none can be."""
+    """``keyguard_names``: the request's header names that read as x-keyguard-* (a client's
+    forgeries, removed unless the answer sets them)."""
     assert result.permission is not None
     answer = {
         "x-keyguard-account-id": _encoded(result.account_id),
@@ -344,11 +342,7 @@ def _allow(
     if symbol:
         # What was checked is what the upstream must trade (not the query or body's symbol).
         answer["x-keyguard-symbol"] = symbol
-    forged = (
-        [name for name in x_names if name.replace("_", "-").startswith("x-keyguard-") and name not in answer]
-        if "x-keyguard-" in x_text
-        else None
-    )
+    forged = [name for name in keyguard_names if name not in answer]
     if forged:  # the client's own header names: never a cache key (a client could fill the cache with them)
         return _ok.__wrapped__(tuple(answer.items()), (private_key_header, *forged))
     return _ok(tuple(answer.items()), (private_key_header,))
