@@ -27,6 +27,7 @@ from tests.processes import ServeProcess
 
 # Storage-dependent: the Authorize lookup is SQLite inline vs PostgreSQL on the loop.
 pytestmark = pytest.mark.all_backends
+on_sqlite = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # the inline row memo is SQLite's
 
 BOT_IP = "203.0.113.7"
 WRONG = new_private_key()  # well-formed, checksum and all: only argon2 can tell it is wrong
@@ -74,6 +75,7 @@ def test_cache_never_accepts_the_old_secret_of_a_rekeyed_key(
     assert allow(client, key, other.private_key) is Decision.ALLOW
 
 
+@on_sqlite
 @pytest.mark.parametrize("wal_index", [True, False], ids=["wal-index", "data_version-only"])
 def test_every_commit_by_another_connection_is_seen_by_the_next_call(
     server: RunningServer, client: Client, account: str, wal_index: bool
@@ -81,8 +83,6 @@ def test_every_commit_by_another_connection_is_seen_by_the_next_call(
     """On SQLite a key's row is memoised between calls: whatever another connection commits
     (another process, here) must still hold from the very next call, whether the change is
     noticed by the wal-index header or by data_version alone."""
-    if server.backend != "sqlite":
-        pytest.skip("the inline row memo is SQLite's")
     store = server.server._store
     assert store is not None
     mapped = store._wal_index
@@ -104,13 +104,12 @@ def test_every_commit_by_another_connection_is_seen_by_the_next_call(
         store._wal_index = mapped
 
 
+@on_sqlite
 def test_strings_that_are_no_access_key_are_neither_looked_up_nor_kept(
     server: RunningServer, client: Client, account: str
 ) -> None:
     """A flood of made-up access keys is refused without a database read and leaves the
     memoised rows of real keys alone."""
-    if server.backend != "sqlite":
-        pytest.skip("the inline row memo is SQLite's")
     store = server.server._store
     assert store is not None
     key = client.create_key(account, "bot", "trade", [BOT_IP])
