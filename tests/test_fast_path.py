@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -15,12 +17,12 @@ import argon2
 import pytest
 import uvloop
 
-from keyguard import ApiKey, Client, CreatedKey, Decision, WithdrawalAddress
+from keyguard import ApiKey, Client, CreatedKey, Decision, Permission, WithdrawalAddress
 from keyguard_server import Config
 from keyguard_server._authorize import DAY_US
 from keyguard_server._schema import VERSION
 from keyguard_server._secrets import new_private_key
-from keyguard_server._store import AccountState, Store
+from keyguard_server._store import AccountState, AuthRow, Store
 from keyguard_server._verify import FailureLimiter
 from tests.conftest import RunningServer, StartServer
 from tests.processes import ServeProcess
@@ -102,6 +104,67 @@ def test_every_commit_by_another_connection_is_seen_by_the_next_call(
         assert allow(client, key) is Decision.UNKNOWN_KEY
     finally:
         store._wal_index = mapped
+
+
+@on_sqlite
+def test_sqlite_keeps_its_lock_on_the_wal_index_while_serving(server: RunningServer, tmp_path: Path) -> None:
+    """The server maps the wal-index header; closing any descriptor of -shm would drop SQLite's
+    shared lock on it (POSIX locks are per process), and the next process to open the database
+    would rebuild the wal-index under live connections: committed changes could be missed. The
+    lock must be held, as another process sees it."""
+    store = server.server._store
+    assert store is not None and store._wal_index is not None
+    database = server.database_url.split(":///", 1)[1]
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import fcntl, os, struct, sys\n"
+        "fd = os.open(sys.argv[1] + '-shm', os.O_RDWR)\n"
+        "asked = struct.pack('hhqqi', fcntl.F_WRLCK, 0, 128, 1, 0)  # SQLite's DMS lock byte\n"
+        "print(struct.unpack('hhqqi', fcntl.fcntl(fd, fcntl.F_GETLK, asked))[0] != fcntl.F_UNLCK)\n"
+    )
+    held = subprocess.run([sys.executable, str(probe), database], capture_output=True, text=True, check=True)
+    assert held.stdout.strip() == "True"
+
+
+def test_a_change_is_seen_after_other_processes_checkpoint_and_reopen_the_database(tmp_path: Path) -> None:
+    """Another process disables a key, a checkpoint empties the WAL and yet another process opens
+    the database: had this process dropped SQLite's lock on -shm, that opener would rebuild the
+    wal-index as if nobody used it, and the key's old row would still be served."""
+    path = tmp_path / "keyguard.db"
+    access_key = "kg_" + "A" * 24
+
+    def elsewhere(sql: str, params: tuple[str, ...] = ()) -> None:
+        script = (
+            "import sqlite3, sys; sqlite3.connect(sys.argv[1], isolation_level=None).execute(sys.argv[2], sys.argv[3:])"
+        )
+        subprocess.run([sys.executable, "-c", script, str(path), sql, *params], check=True)
+
+    async def run() -> tuple[bool, bool]:
+        store = await Store.open(Config(data_dir=str(tmp_path)).database_settings)
+        try:
+            await store.insert_key(
+                caller="t",
+                account_id="acct",
+                access_key=access_key,
+                name="bot",
+                permission=Permission.TRADE,
+                allowed_ips=[],
+                secret_hash="h",
+                max_keys=10,
+            )
+            elsewhere("PRAGMA wal_checkpoint(TRUNCATE)")
+            elsewhere("SELECT count(*) FROM key_model")
+            before = store.auth_row_now(access_key)
+            elsewhere("UPDATE key_model SET enabled = 0 WHERE access_key = ?", (access_key,))
+            elsewhere("PRAGMA wal_checkpoint(TRUNCATE)")
+            elsewhere("SELECT count(*) FROM key_model")
+            after = store.auth_row_now(access_key)
+            assert isinstance(before, AuthRow) and isinstance(after, AuthRow)
+            return before.enabled, after.enabled
+        finally:
+            await store.close()
+
+    assert uvloop.run(run()) == (True, False)
 
 
 @on_sqlite

@@ -230,7 +230,7 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
         if not result.allowed:
             return _deny(result.decision.name, _REASONS.get(result.decision, result.decision.name))
         if destination is not None or "x-keyguard-" in read_as:
-            forged = [name for name in names.split("\n") if name.replace("_", "-").startswith("x-keyguard-")]
+            forged = [name for name in headers if name.replace("_", "-").startswith("x-keyguard-")]
             allow = _allow(result, destination, forged, config.envoy_private_key_header, symbol.upper())
             return allow.SerializeToString()
         known = self._allowed.get((id(result), symbol))

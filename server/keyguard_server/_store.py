@@ -53,9 +53,9 @@ import ipaddress
 import json
 import math
 import mmap
-import os
 import socket
 import sqlite3
+import sys
 import threading
 import time
 from collections import deque
@@ -64,7 +64,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import IO, Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 import peewee as pw
 import psycopg2
@@ -238,26 +238,73 @@ class DatabaseSettings:
 
 
 # The wal-index header's first copy (https://sqlite.org/walformat.html#the_wal_index_file_format):
-# its change counter, frame count, salts and checksum change with every commit.
+# its change counter, frame count, salts and checksum change with every commit. It starts with
+# the wal-index format version (native byte order) and an "initialised" byte at offset 12.
 WAL_INDEX_HEADER = 48
+WAL_INDEX_VERSION = 3007000
 
 
-def _map_wal_index(database: pw.Database) -> mmap.mmap | None:
-    """The SQLite database's wal-index (``-shm``), mapped read-only, or None when it has none
-    (not in WAL mode, in memory). Mapped only while a connection of ours is open: SQLite only
-    truncates the file when no connection has it open."""
-    path = str(database.database)
-    if path in ("", ":memory:") or path.startswith("file:"):
-        return None
-    if _connection(database).execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-        return None
-    try:
-        with open(f"{path}-shm", "rb") as shm:
-            if os.fstat(shm.fileno()).st_size < WAL_INDEX_HEADER:
+class _WalIndex:
+    """A SQLite database's wal-index header (its ``-shm`` file), mapped read-only.
+
+    Closing *any* descriptor of a file drops *all* of the process's POSIX locks on it, SQLite's
+    own shared lock on ``-shm`` included: the lock that tells another process opening the
+    database that the wal-index is in use and must not be rebuilt. So the file and the mapping
+    (which keeps a descriptor of its own) are opened once per database per process, shared by
+    the stores that use it, and closed only when the last of them has closed its connections
+    (``Store.close``); never if one of them could not close its connections.
+    """
+
+    _open: ClassVar[dict[str, _WalIndex]] = {}  # by -shm path
+
+    def __init__(self, path: str, file: IO[bytes]) -> None:
+        self._path = path
+        self._file = file
+        try:
+            self._mapping: mmap.mmap | None = mmap.mmap(file.fileno(), WAL_INDEX_HEADER, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            self._mapping = None
+        # Only a header SQLite's format describes is read (else None: data_version per call);
+        # another stays mapped all the same (unmapping would close the mapping's descriptor).
+        self.header = (
+            self._mapping
+            if self._mapping is not None
+            and int.from_bytes(self._mapping[0:4], sys.byteorder) == WAL_INDEX_VERSION
+            and self._mapping[12] == 1
+            else None
+        )
+        self._users = 0
+
+    @classmethod
+    def acquire(cls, database: pw.Database) -> _WalIndex | None:
+        """The database's wal-index, or None when it has none (not in WAL mode, in memory);
+        ``release`` it once the caller's connections are closed."""
+        connection = _connection(database)
+        if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            return None
+        # The file as SQLite opened it (symbolic links resolved), not as the URL spelled it.
+        main = next((row[2] for row in connection.execute("PRAGMA database_list") if row[1] == "main"), "")
+        if not main:
+            return None
+        path = f"{main}-shm"
+        index = cls._open.get(path)
+        if index is None:
+            try:
+                file = open(path, "rb")  # noqa: SIM115  # open for as long as the connections
+            except OSError:
                 return None
-            return mmap.mmap(shm.fileno(), WAL_INDEX_HEADER, access=mmap.ACCESS_READ)
-    except OSError:
-        return None
+            index = cls._open[path] = cls(path, file)
+        index._users += 1
+        return index
+
+    def release(self) -> None:
+        """Only once the caller's SQLite connections to the database are closed."""
+        self._users -= 1
+        if self._users == 0:
+            del self._open[self._path]
+            if self._mapping is not None:
+                self._mapping.close()
+            self._file.close()
 
 
 def open_database(settings: DatabaseSettings, *, role: str = "main") -> pw.Database:
@@ -971,6 +1018,7 @@ class _LoopLookups:
     MAX_BATCH = 256
     MAX_WAITING = 10_000
     RECONNECT_PAUSE = 0.5  # after a failed connection, lookups fail at once for this long
+    EXPIRY_STEP = 0.02  # the least time between two passes over the waiters for their deadlines
 
     def __init__(self, db: pw.Database, sql: str, settings: DatabaseSettings) -> None:
         self._connect_args: dict[str, Any] = {"database": db.database, **db.connect_params, "async_": True}
@@ -1020,7 +1068,10 @@ class _LoopLookups:
         self._expiry, self._expiry_at = self._loop.call_at(when, self._expire_due), when
 
     def _expire_due(self) -> None:
-        """Fails the waiters whose deadline has come; the timer waits for the next one."""
+        """Fails the waiters whose deadline has come, drops the answered ones from the queue;
+        the timer waits for the next deadline, at least EXPIRY_STEP from now: while the database
+        stalls with thousands waiting, each pass walks them all (~1.4 ms for 10,000), so passes
+        are spaced, and a deadline is kept to within that step."""
         assert self._loop is not None
         self._expiry = None
         now, next_at = self._loop.time(), math.inf
@@ -1031,8 +1082,9 @@ class _LoopLookups:
                 waiter.answer.set_exception(Unavailable(f"the database did not answer within {waiter.within:g} s"))
             else:
                 next_at = min(next_at, waiter.deadline)
+        self._waiting = deque(w for w in self._waiting if not w.answer.done())
         if next_at < math.inf:
-            self._expire_at(next_at)
+            self._expire_at(max(next_at, now + self.EXPIRY_STEP))
 
     # -- the connection's life, driven by its socket's readiness ------------------------
 
@@ -1325,9 +1377,10 @@ class Store:
         # is the one read before it (see auth_row_now).
         self._data_version = -1
         self._current: dict[str, AuthRow | None] = {}
-        # SQLite in WAL mode: the wal-index header as it was before data_version was last read
-        # (see auth_row_now); None: data_version is read on every lookup.
-        self._wal_index: mmap.mmap | None = None
+        # SQLite in WAL mode: the wal-index, and its header as it was before data_version was
+        # last read (see auth_row_now); None: data_version is read on every lookup.
+        self._wal_index: mmap.mmap | None = None  # the mapped header, when usable
+        self._wal_file: _WalIndex | None = None
         self._wal_header = b""
         self._q = _Queries(self.db, unrestricted_lapse_us)
         self._lookups: _LoopLookups | None = None  # PostgreSQL: made once the lookup's SQL is built
@@ -1341,7 +1394,8 @@ class Store:
             if store._inline is not None:  # opened now, before serving, not by the first Authorize
                 store._inline_cursor = _connection(store._inline).cursor()
                 store._inline_cursor.execute("PRAGMA data_version").fetchone()  # the WAL's files exist from now on
-                store._wal_index = _map_wal_index(store._inline)
+                store._wal_file = _WalIndex.acquire(store._inline)
+                store._wal_index = None if store._wal_file is None else store._wal_file.header
             else:
                 lookups_db = open_database(settings, role="lookups")
                 store._lookups = _LoopLookups(lookups_db, store._q.auth_many_sql, settings)
@@ -1358,17 +1412,19 @@ class Store:
         """Closes every connection; a database that is already gone is not an error here."""
         if self._lookups is not None:
             self._lookups.close()
-        if self._wal_index is not None:
-            self._wal_index.close()
-            self._wal_index = None
+        wal_index, self._wal_file, self._wal_index = self._wal_file, None, None
         if self._inline is not None:
             self._inline_cursor = None
             with contextlib.suppress(pw.DatabaseError):
                 self._inline.close()
         # A connection busy in a stalled statement can block close(): never on the loop.
         closing = asyncio.get_running_loop().run_in_executor(None, self._close_threads)
-        with contextlib.suppress(TimeoutError):
+        try:
             await asyncio.wait_for(closing, self.settings.connect_timeout)
+        except TimeoutError:
+            return  # a connection may still be open: the wal-index stays open too (_WalIndex)
+        if wal_index is not None:
+            wal_index.release()
 
     def _close_threads(self) -> None:
         for threads in (self._reads, self._writes, self._nonces):
