@@ -128,8 +128,9 @@ def test_sqlite_keeps_its_lock_on_the_wal_index_while_serving(server: RunningSer
 
 def test_a_change_is_seen_after_other_processes_checkpoint_and_reopen_the_database(tmp_path: Path) -> None:
     """Another process disables a key, a checkpoint empties the WAL and yet another process opens
-    the database: had this process dropped SQLite's lock on -shm, that opener would rebuild the
-    wal-index as if nobody used it, and the key's old row would still be served."""
+    the database: had this process dropped SQLite's lock on -shm (by closing a descriptor of it,
+    even when an earlier store on the database closed), that opener would rebuild the wal-index
+    as if nobody used it, and the key's old row would still be served."""
     path = tmp_path / "keyguard.db"
     access_key = "kg_" + "A" * 24
 
@@ -140,7 +141,9 @@ def test_a_change_is_seen_after_other_processes_checkpoint_and_reopen_the_databa
         subprocess.run([sys.executable, "-c", script, str(path), sql, *params], check=True)
 
     async def run() -> tuple[bool, bool]:
-        store = await Store.open(Config(data_dir=str(tmp_path)).database_settings)
+        settings = Config(data_dir=str(tmp_path)).database_settings
+        await (await Store.open(settings)).close()  # one before, in this process: its connections may linger
+        store = await Store.open(settings)
         try:
             await store.insert_key(
                 caller="t",

@@ -53,6 +53,7 @@ import ipaddress
 import json
 import math
 import mmap
+import os
 import socket
 import sqlite3
 import sys
@@ -64,7 +65,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, ClassVar, Concatenate, ParamSpec, TypeVar
+from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 import peewee as pw
 import psycopg2
@@ -249,23 +250,22 @@ class _WalIndex:
 
     Closing *any* descriptor of a file drops *all* of the process's POSIX locks on it, SQLite's
     own shared lock on ``-shm`` included: the lock that tells another process opening the
-    database that the wal-index is in use and must not be rebuilt. So the file and the mapping
-    (which keeps a descriptor of its own) are opened once per database per process, shared by
-    the stores that use it, and closed only when the last of them has closed its connections
-    (``Store.close``); never if one of them could not close its connections.
+    database that the wal-index is in use and must not be rebuilt. A store cannot know when
+    every SQLite connection of the process to the database is closed (its threads' connections
+    close when their threads and the garbage collector get to them), so the file and the mapping
+    (which keeps a descriptor of its own) are opened once per ``-shm`` file and never closed: a
+    descriptor and a page per database for the life of the process.
     """
 
-    _open: ClassVar[dict[str, _WalIndex]] = {}  # by -shm path
+    _open: ClassVar[dict[tuple[int, int], _WalIndex]] = {}  # by the -shm file's (device, inode)
 
-    def __init__(self, path: str, file: IO[bytes]) -> None:
-        self._path = path
-        self._file = file
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
         try:
-            self._mapping: mmap.mmap | None = mmap.mmap(file.fileno(), WAL_INDEX_HEADER, access=mmap.ACCESS_READ)
+            self._mapping: mmap.mmap | None = mmap.mmap(fd, WAL_INDEX_HEADER, access=mmap.ACCESS_READ)
         except (OSError, ValueError):
             self._mapping = None
-        # Only a header SQLite's format describes is read (else None: data_version per call);
-        # another stays mapped all the same (unmapping would close the mapping's descriptor).
+        # Only a header SQLite's format describes is read (else None: data_version per call).
         self.header = (
             self._mapping
             if self._mapping is not None
@@ -273,12 +273,11 @@ class _WalIndex:
             and self._mapping[12] == 1
             else None
         )
-        self._users = 0
 
     @classmethod
-    def acquire(cls, database: pw.Database) -> _WalIndex | None:
-        """The database's wal-index, or None when it has none (not in WAL mode, in memory);
-        ``release`` it once the caller's connections are closed."""
+    def header_of(cls, database: pw.Database) -> mmap.mmap | None:
+        """The database's wal-index header, mapped, or None when it has none to use (not in WAL
+        mode, in memory, not in SQLite's format): data_version is read on every call then."""
         connection = _connection(database)
         if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             return None
@@ -286,25 +285,19 @@ class _WalIndex:
         main = next((row[2] for row in connection.execute("PRAGMA database_list") if row[1] == "main"), "")
         if not main:
             return None
+        # SQLite deletes -shm when its last connection closes and makes a new one: a file mapped
+        # before is another inode, whose header never changes again.
         path = f"{main}-shm"
-        index = cls._open.get(path)
-        if index is None:
-            try:
-                file = open(path, "rb")  # noqa: SIM115  # open for as long as the connections
-            except OSError:
-                return None
-            index = cls._open[path] = cls(path, file)
-        index._users += 1
-        return index
-
-    def release(self) -> None:
-        """Only once the caller's SQLite connections to the database are closed."""
-        self._users -= 1
-        if self._users == 0:
-            del self._open[self._path]
-            if self._mapping is not None:
-                self._mapping.close()
-            self._file.close()
+        try:
+            status = os.stat(path)
+            index = cls._open.get((status.st_dev, status.st_ino))
+            if index is None:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # never closed: see the class
+                status = os.fstat(fd)
+                index = cls._open[status.st_dev, status.st_ino] = cls(fd)
+        except OSError:
+            return None
+        return index.header
 
 
 def open_database(settings: DatabaseSettings, *, role: str = "main") -> pw.Database:
@@ -1380,7 +1373,6 @@ class Store:
         # SQLite in WAL mode: the wal-index, and its header as it was before data_version was
         # last read (see auth_row_now); None: data_version is read on every lookup.
         self._wal_index: mmap.mmap | None = None  # the mapped header, when usable
-        self._wal_file: _WalIndex | None = None
         self._wal_header = b""
         self._q = _Queries(self.db, unrestricted_lapse_us)
         self._lookups: _LoopLookups | None = None  # PostgreSQL: made once the lookup's SQL is built
@@ -1394,8 +1386,7 @@ class Store:
             if store._inline is not None:  # opened now, before serving, not by the first Authorize
                 store._inline_cursor = _connection(store._inline).cursor()
                 store._inline_cursor.execute("PRAGMA data_version").fetchone()  # the WAL's files exist from now on
-                store._wal_file = _WalIndex.acquire(store._inline)
-                store._wal_index = None if store._wal_file is None else store._wal_file.header
+                store._wal_index = _WalIndex.header_of(store._inline)
             else:
                 lookups_db = open_database(settings, role="lookups")
                 store._lookups = _LoopLookups(lookups_db, store._q.auth_many_sql, settings)
@@ -1412,19 +1403,15 @@ class Store:
         """Closes every connection; a database that is already gone is not an error here."""
         if self._lookups is not None:
             self._lookups.close()
-        wal_index, self._wal_file, self._wal_index = self._wal_file, None, None
+        self._wal_index = None
         if self._inline is not None:
             self._inline_cursor = None
             with contextlib.suppress(pw.DatabaseError):
                 self._inline.close()
         # A connection busy in a stalled statement can block close(): never on the loop.
         closing = asyncio.get_running_loop().run_in_executor(None, self._close_threads)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(closing, self.settings.connect_timeout)
-        except TimeoutError:
-            return  # a connection may still be open: the wal-index stays open too (_WalIndex)
-        if wal_index is not None:
-            wal_index.release()
 
     def _close_threads(self) -> None:
         for threads in (self._reads, self._writes, self._nonces):
