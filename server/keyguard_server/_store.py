@@ -1052,7 +1052,7 @@ class _LoopLookups:
             self._open()
         return await answer
 
-    # -- deadlines: one timer for all waiters, not one each (a timer costs ~10k instructions) --
+    # -- deadlines: one timer for all waiters, not one each (a timer each cost ~7k instructions) --
 
     def _expire_at(self, when: float) -> None:
         assert self._loop is not None
