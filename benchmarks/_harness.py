@@ -108,3 +108,32 @@ class KeyguardProcess:
             print(f"  keyguard log{label}: {len(odd)} warning/error lines, e.g.:", file=sys.stderr)
             for line in odd[:5]:
                 print(f"    {line}", file=sys.stderr)
+
+
+def h2load_grpc(
+    port: int,
+    token: str,
+    path: str,
+    body_file: Path,
+    log_file: Path,
+    *,
+    streams: int,
+    requests: int | None = None,
+    seconds: float | None = None,
+) -> tuple[Measured, int]:
+    """One h2load run of a unary gRPC call on core 1 (``body_file`` holds its framed request), for
+    ``requests`` requests or ``seconds`` seconds (-D); the row (named after ``log_file``) and the
+    number of requests done. ``streams`` concurrent streams, 4 per connection."""
+    connections = max(1, streams // 4)
+    command = [ensure_h2load(), "-c", str(connections), "-m", str(streams // connections), "-t", "1"]
+    command += ["-n", str(requests)] if seconds is None else ["-D", f"{seconds:g}"]
+    command += ["-H", "content-type: application/grpc", "-H", "te: trailers", "-H", f"authorization: Bearer {token}"]
+    command += ["-d", str(body_file), f"--log-file={log_file}", f"http://127.0.0.1:{port}{path}"]
+    out = subprocess.run(pinned(1, command), capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", out)[1])  # type: ignore[index]
+    counts = re.search(r"requests: \d+ total, \d+ started, (\d+) done, \d+ succeeded, (\d+) failed", out)
+    done, failed = (int(n) for n in counts.groups())  # type: ignore[union-attr]
+    latencies = sorted(int(line.split("\t")[2]) / 1000 for line in log_file.read_text().splitlines() if line)
+    p50 = latencies[len(latencies) // 2] if latencies else float("nan")
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else float("nan")
+    return Measured(log_file.stem, rps, p50, p99, failed), done
