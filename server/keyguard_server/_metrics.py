@@ -175,9 +175,13 @@ else:
 ARGON2_VERIFICATIONS = Counter(
     "keyguard_argon2_verifications_total", "Secrets checked with argon2 (cache misses that got that far)."
 )
+ARGON2_CPU_SECONDS = Counter(
+    "keyguard_argon2_cpu_seconds_total",
+    "CPU time argon2 verifications used (bounded by argon2_cpu_share of the machine's cores).",
+)
 ARGON2_PENDING = Gauge(
     "keyguard_argon2_pending",
-    "argon2 verifications running or waiting for a thread.",
+    "argon2 verifications running or waiting for a verifier process.",
     multiprocess_mode="livesum",  # --workers: the sum over the workers alive
 )
 

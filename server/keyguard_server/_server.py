@@ -156,7 +156,12 @@ class KeyguardServer:
             config.database_settings, unrestricted_lapse_us=config.unrestricted_key_days * DAY_US
         )
         self._hasher = SecretHasher(
-            config.argon2, config.argon2_threads, config.argon2_max_pending, config.argon2_max_pending_hashes
+            config.argon2,
+            config.argon2_threads,
+            config.argon2_max_pending,
+            config.argon2_max_pending_hashes,
+            cpu_share=config.argon2_cpu_share / config.workers,  # of the machine, for all workers
+            max_wait=config.argon2_max_wait_seconds,
         )
         await self._hasher.calibrate()
         self.authorizer = Authorizer(self._store, self._hasher, config)
@@ -232,7 +237,7 @@ class KeyguardServer:
         if self.authorizer is not None:
             await self.flush_usage()
         if self._hasher is not None:
-            self._hasher.close()
+            await self._hasher.close()
         if self._store is not None:
             await self._store.close()
         if self._tracing is not None:
