@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -160,3 +161,17 @@ def test_absurd_ip_list_within_the_size_limit(channel: grpc.Channel, target: Run
     code = call_raw(channel, target, "keyguard.v1.KeyManagement", "CreateKey", request.SerializeToString())
     assert code is grpc.StatusCode.INVALID_ARGUMENT
     assert row_counts(target) == before
+
+
+def test_health_list_is_unimplemented_without_a_traceback(
+    channel: grpc.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    health_list: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+        "/grpc.health.v1.Health/List", request_serializer=None, response_deserializer=None
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        health_list(b"", timeout=10)
+    assert raised.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    assert "NotImplementedError" not in (raised.value.details() or "")
+    assert not caplog.records, caplog.text

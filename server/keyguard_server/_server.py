@@ -297,6 +297,12 @@ class BoundedHealthServicer(health.aio.HealthServicer):
         finally:
             self._watches -= 1
 
+    async def List(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """UNIMPLEMENTED, said plainly. grpc_health's asyncio servicer leaves List to the generated
+        base class, whose NotImplementedError answered UNKNOWN and logged an ERROR traceback for
+        each call, from anyone (health is open to all)."""
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Health/List is not served; use Check or Watch")
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, for log pipelines."""
