@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from keyguard import Permission
+from keyguard_server._metrics import metrics_address
 from keyguard_server._secrets import Argon2Params
 from keyguard_server._store import DatabaseSettings
 
@@ -220,7 +221,8 @@ class Config:
     # Who may call. Empty: loopback only, with a generated admin token in
     # <data_dir>/admin.token that the CLI picks up.
     callers: tuple[Caller, ...] = ()
-    # Prometheus metrics over HTTP ("" = off). With --workers N the supervisor
+    # Prometheus metrics over HTTP ("" = off), at HOST:PORT (see _metrics.metrics_address);
+    # unauthenticated: beyond loopback the start logs a warning. With --workers N the supervisor
     # serves it alone: the sum over every worker (prometheus_client's
     # multiprocess mode, files in a fresh <data_dir>/metrics-* directory).
     metrics_listen: str = ""
@@ -347,6 +349,8 @@ class Config:
             raise ValueError("config tls_client_ca_file needs tls_cert_file and tls_key_file")
         if self.log_format not in ("text", "json"):
             raise ValueError("config log_format must be text or json")
+        if self.metrics_listen:
+            metrics_address(self.metrics_listen)  # a clear ValueError for anything but HOST:PORT
         if self.tracing not in ("", "otlp"):
             raise ValueError('config tracing must be "" (off) or "otlp"')
         if self.tracing and (missing := _missing_modules(TRACING_MODULES)):
