@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,22 @@ def test_mistakes_are_errors_not_silently_ignored(tmp_path: Path, toml: str, env
 def test_nonsense_values_are_refused(settings: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Config(**settings)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "listen", [":9464", "9464", "127.0.0.1", "127.0.0.1:", "127.0.0.1:99999", "localhost:http", "::1:9464", "[::1]"]
+)
+def test_metrics_listen_must_be_host_and_port(tmp_path: Path, listen: str) -> None:
+    path = tmp_path / "keyguard.toml"
+    path.write_text(f"metrics_listen = {json.dumps(listen)}\n")
+    expected = f"config metrics_listen {listen!r} must be HOST:PORT, such as 127.0.0.1:9464"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        Config.load(path, env={})
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:9464", "0.0.0.0:0", "[::]:9464", "[::1]:0", "localhost:9464"])
+def test_metrics_listen_takes_addresses_and_host_names(listen: str) -> None:
+    assert Config(metrics_listen=listen).metrics_listen == listen
 
 
 def test_header_names_are_stored_in_lower_case(tmp_path: Path) -> None:

@@ -207,7 +207,7 @@ def test_failures_are_limited_per_key_and_network_and_recover(start_server: Star
     with server.client() as client:
         key = client.create_key(account, "bot", "trade", [])
         for _ in range(3):
-            assert allow(client, key, WRONG, ip="192.0.2.1") is Decision.BAD_SECRET
+            assert allow(client, key, new_private_key(), ip="192.0.2.1") is Decision.BAD_SECRET
         before = verifications(server)
         # From that network, refused without looking at the secret, even the right one...
         assert allow(client, key, ip="192.0.2.1") is Decision.RATE_LIMITED
@@ -217,7 +217,7 @@ def test_failures_are_limited_per_key_and_network_and_recover(start_server: Star
         # ...while another network's attempts were never limited by those failures.
         other = client.create_key(account, "other", "trade", [])
         for _ in range(3):
-            assert allow(client, other, WRONG, ip="192.0.2.2") is Decision.BAD_SECRET
+            assert allow(client, other, new_private_key(), ip="192.0.2.2") is Decision.BAD_SECRET
         assert allow(client, other, ip="198.51.100.1") is Decision.ALLOW
 
 
@@ -229,11 +229,11 @@ def test_failures_are_limited_per_client_network(start_server: StartServer, acco
         third = client.create_key(account, "third", "read")
         fourth = client.create_key(account, "fourth", "read")
         for i in range(3):  # one IPv6 /64, three addresses in it
-            assert allow(client, first, WRONG, ip=f"2001:db8:1:2::{i + 1}") is Decision.BAD_SECRET
+            assert allow(client, first, new_private_key(), ip=f"2001:db8:1:2::{i + 1}") is Decision.BAD_SECRET
         assert allow(client, second, ip="2001:db8:1:2::99") is Decision.RATE_LIMITED
         assert allow(client, second, ip="2001:db8:1:3::1") is Decision.ALLOW
         for _ in range(3):
-            assert allow(client, third, WRONG, ip="192.0.2.50") is Decision.BAD_SECRET
+            assert allow(client, third, new_private_key(), ip="192.0.2.50") is Decision.BAD_SECRET
         assert allow(client, fourth, ip="192.0.2.50") is Decision.RATE_LIMITED
         assert allow(client, fourth, ip="192.0.2.51") is Decision.ALLOW
 
@@ -244,8 +244,11 @@ def test_a_flood_does_not_lock_out_the_bot_that_holds_the_secret(start_server: S
         key = client.create_key(account, "bot", "trade", [])
         assert allow(client, key) is Decision.ALLOW  # the bot, verified once
         for i in range(20):
-            assert allow(client, key, WRONG, ip=f"198.51.100.{i % 4}") in (Decision.BAD_SECRET, Decision.RATE_LIMITED)
-        assert allow(client, key, WRONG, ip="198.51.100.1") is Decision.RATE_LIMITED
+            assert allow(client, key, new_private_key(), ip=f"198.51.100.{i % 4}") in (
+                Decision.BAD_SECRET,
+                Decision.RATE_LIMITED,
+            )
+        assert allow(client, key, new_private_key(), ip="198.51.100.1") is Decision.RATE_LIMITED
         assert allow(client, key, ip="198.51.100.1") is Decision.ALLOW  # cached: no limit applies
 
 
@@ -267,7 +270,7 @@ def test_saturated_argon2_pool_answers_at_once(start_server: StartServer, accoun
         worker.start()
         time.sleep(0.03)  # the first verification now occupies the pool
         started = time.monotonic()
-        assert allow(client, second) is Decision.RATE_LIMITED
+        assert allow(client, second) is Decision.VERIFICATION_BUSY
         assert time.monotonic() - started < 0.1
         worker.join()
         assert allow(client, second) is Decision.ALLOW  # once the pool is free

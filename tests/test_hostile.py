@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -160,3 +161,70 @@ def test_absurd_ip_list_within_the_size_limit(channel: grpc.Channel, target: Run
     code = call_raw(channel, target, "keyguard.v1.KeyManagement", "CreateKey", request.SerializeToString())
     assert code is grpc.StatusCode.INVALID_ARGUMENT
     assert row_counts(target) == before
+
+
+def test_health_list_is_unimplemented_without_a_traceback(
+    channel: grpc.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    error = call_unparseable(channel, "/grpc.health.v1.Health/List", "unary_unary", b"", None)
+    assert error.code() is grpc.StatusCode.UNIMPLEMENTED
+    assert "NotImplementedError" not in (error.details() or "")
+    assert not caplog.records, caplog.text
+
+
+# Every kind of method, keyguard's and the open ones (health, reflection v1 and v1alpha).
+UNPARSEABLE_METHODS = [
+    ("/grpc.health.v1.Health/Check", "unary_unary"),
+    ("/grpc.health.v1.Health/Watch", "unary_stream"),
+    ("/grpc.health.v1.Health/List", "unary_unary"),
+    ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", "stream_stream"),
+    ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "stream_stream"),
+    ("/keyguard.v1.KeyManagement/CreateKey", "unary_unary"),
+    ("/keyguard.v1.Authorization/Authorize", "unary_unary"),
+    ("/keyguard.v1.Authorization/AuthorizeStream", "stream_stream"),
+    ("/envoy.service.auth.v3.Authorization/Check", "unary_unary"),
+]
+OPEN_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+
+
+def call_unparseable(channel: grpc.Channel, method: str, kind: str, payload: bytes, token: str | None) -> grpc.RpcError:
+    """One call of ``method`` carrying ``payload`` as its request (for a stream: its one message), raw."""
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    raw: dict[str, Any] = {"request_serializer": None, "response_deserializer": None}
+
+    def call() -> None:
+        if kind == "unary_unary":
+            channel.unary_unary(method, **raw)(payload, timeout=10, metadata=metadata)
+        elif kind == "unary_stream":
+            list(channel.unary_stream(method, **raw)(payload, timeout=10, metadata=metadata))
+        else:
+            list(channel.stream_stream(method, **raw)(iter([payload]), timeout=10, metadata=metadata))
+
+    with pytest.raises(grpc.RpcError) as raised:
+        call()
+    return raised.value
+
+
+@pytest.mark.parametrize("with_token", [True, False], ids=["token", "no-token"])
+@pytest.mark.parametrize(("method", "kind"), UNPARSEABLE_METHODS)
+def test_a_request_that_does_not_parse_is_invalid_argument_for_every_method_and_not_logged(
+    channel: grpc.Channel,
+    target: RunningServer,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+    kind: str,
+    with_token: bool,
+) -> None:
+    caplog.set_level(logging.INFO)  # the least a server logs in production
+    payloads = [b"\xff\xff\xff", b"\x0a\x05ab"]  # corrupt, truncated: no message type takes them
+    for payload in payloads * 10:
+        error = call_unparseable(channel, method, kind, payload, target.admin_token if with_token else None)
+        if with_token or method.startswith(OPEN_PREFIXES):
+            assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error
+            assert "does not parse" in (error.details() or "")
+            assert "class" not in (error.details() or "")
+            assert "DecodeError" not in (error.details() or "")
+        else:  # the caller is judged first
+            assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert not caplog.records, caplog.text  # nothing, let alone a traceback per request

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -14,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from keyguard import Decision
+from keyguard_server._metrics import WorkerMetrics
 from tests.conftest import StartServer
 from tests.databases import Postgres
 from tests.processes import FAST_ARGON2_ENV, KEYGUARD, KEYGUARD_SERVER, ServeProcess
@@ -28,6 +31,31 @@ def metric(text: str, name: str, **labels: str) -> float:
     pattern = rf"^{re.escape(name)}{{{re.escape(label_text)}}} ([0-9.e+]+)$" if labels else rf"^{name} ([0-9.e+]+)$"
     match = re.search(pattern, text, re.MULTILINE)
     return float(match[1]) if match else 0.0
+
+
+@pytest.mark.parametrize(("listen", "exposed"), [("0.0.0.0:0", "every interface"), ("127.0.0.1:0", None)])
+def test_metrics_beyond_loopback_are_announced_with_a_warning(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture, listen: str, exposed: str | None
+) -> None:
+    caplog.set_level(logging.INFO, logger="keyguard")
+    server = start_server(metrics_listen=listen)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    if exposed is None:
+        assert warnings == []
+        return
+    (warning,) = warnings
+    assert f"metrics_listen {listen}" in warning
+    assert "without authentication" in warning and "decision counts" in warning and exposed in warning
+    assert f":{server.server.metrics_port}/metrics" in warning
+
+
+def test_the_supervisors_metrics_beyond_loopback_are_announced_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="keyguard")
+    metrics = WorkerMetrics(str(tmp_path), "0.0.0.0:0")
+    metrics.close()
+    assert [r.levelno for r in caplog.records if "without authentication" in r.getMessage()] == [logging.WARNING]
 
 
 def test_metrics_count_decisions_latency_and_argon2(start_server: StartServer, account: str) -> None:

@@ -6,12 +6,17 @@ the typed client's own checks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from keyguard import Client, InvalidArgument
 from keyguard.v1 import keyguard_pb2 as pb
+from keyguard_server._secrets import PRIVATE_KEY_PREFIX, is_well_formed_private_key, new_private_key
 from tests.conftest import RawStubs, RunningServer
 
 READ, TRADE, WITHDRAW = pb.PERMISSION_READ, pb.PERMISSION_TRADE, pb.PERMISSION_WITHDRAW
@@ -170,3 +175,57 @@ def test_an_unknown_permission_is_named_with_every_other_malformed_field(raw: Ra
     with pytest.raises(InvalidArgument) as err:
         raw.call(raw.auth.Authorize, request)
     assert err.value.fields == ("access_key", "client_ip", "required_permission", "symbol")
+
+
+KEY = new_private_key()
+# A pasted private key, and the forms a slip of the hand gives it: each a secret all the same.
+SECRETS = [KEY, KEY.upper(), KEY[:20], KEY[:-7], KEY[len(PRIVATE_KEY_PREFIX) :], f"10.0.0.1{KEY}", f"{KEY} "]
+
+
+def _refusal(call: Any) -> tuple[str, str]:
+    """An INVALID_ARGUMENT call's status message, and its BadRequest details, as a reader sees them."""
+    with pytest.raises(grpc.RpcError) as raised:
+        call()
+    return _texts(raised.value)
+
+
+def _texts(error: Any) -> tuple[str, str]:
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(error)
+    assert status is not None
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad_request)
+    return status.message, str(bad_request)
+
+
+@pytest.mark.parametrize("secret", SECRETS, ids=range(len(SECRETS)))
+def test_no_refusal_echoes_a_private_key(raw: RawStubs, secret: str) -> None:
+    assert is_well_formed_private_key(KEY)
+    md, body = raw.metadata, KEY[len(PRIVATE_KEY_PREFIX) : len(PRIVATE_KEY_PREFIX) + 12]
+    authorize: dict[str, Any] = {"access_key": "kg_" + "a" * 24, "private_key": KEY, "required_permission": READ}
+    calls: list[Callable[[], Any]] = [
+        lambda: raw.auth.Authorize(pb.AuthorizeRequest(**authorize, client_ip=secret), metadata=md),
+        lambda: raw.auth.Authorize(pb.AuthorizeRequest(**authorize, client_ip="192.0.2.1", symbol=secret), metadata=md),
+        lambda: raw.keys.CreateKey(_create(allowed_ips=["192.0.2.1", secret]), metadata=md),
+        lambda: raw.keys.CreateKey(_create(account_id="acct-symbol-secret", symbols=[secret]), metadata=md),
+        lambda: raw.keys.CreateKey(_create(name="dup", symbols=["BTCUSDT", secret, secret]), metadata=md),
+    ]
+    refused = 0
+    for call in calls:
+        try:
+            call()  # some forms are valid symbols ("KGSK_..."): accepted, nothing echoed
+            continue
+        except grpc.RpcError as exc:
+            texts = _texts(exc)
+        refused += 1
+        for text in texts:
+            assert body not in text and body.upper() not in text, text
+            assert PRIVATE_KEY_PREFIX not in text.lower(), text
+    assert refused >= 3  # client_ip, allowed_ips and the duplicate symbol at least
+
+
+def test_refusals_still_echo_a_value_that_is_no_secret(raw: RawStubs) -> None:
+    message, _ = _refusal(lambda: raw.keys.CreateKey(_create(allowed_ips=["10.0.0.5/24"]), metadata=raw.metadata))
+    assert "'10.0.0.5/24' has host bits set; did you mean 10.0.0.0/24?" in message
+    message, _ = _refusal(lambda: raw.keys.CreateKey(_create(allowed_ips=["a-" * 250]), metadata=raw.metadata))
+    assert f"'{'a-' * 30}...'" in message  # echoes are bounded

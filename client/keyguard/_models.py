@@ -47,6 +47,7 @@ class Decision(enum.IntEnum):
     IP_RESTRICTION_REQUIRED = 14
     SYMBOL_NOT_ALLOWED = 15
     ADDRESS_ON_HOLD = 16
+    VERIFICATION_BUSY = 17
 
 
 class KeyType(enum.IntEnum):

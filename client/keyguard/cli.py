@@ -15,9 +15,10 @@ import dataclasses
 import enum
 import json
 import os
+import re
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -186,7 +187,15 @@ def _parser() -> argparse.ArgumentParser:
     remove.add_argument("address_id", type=int)
     remove.set_defaults(run=_addresses_remove)
 
-    audit = commands.add_parser("audit", parents=[out], help="the audit log, newest first")
+    audit = commands.add_parser(
+        "audit",
+        parents=[out],
+        help="the audit log, newest first",
+        description="The audit log, newest first. In text output, DETAILS are KEY=VALUE pairs separated by "
+        "spaces; a value (or any other column's text) that is empty or has anything but ASCII letters, digits "
+        f'and {_PLAIN_PUNCTUATION} is a JSON string: in double quotes, with \\, " and every control or '
+        "non-ASCII character escaped. So no value can pass for another pair or another line.",
+    )
     audit.add_argument("account_id", nargs="?", default="", help="only this account (default: all)")
     audit.add_argument("--limit", type=int, default=20, help="how many events (default %(default)s)")
     audit.set_defaults(run=_audit)
@@ -557,16 +566,33 @@ def _audit(client: Client, args: argparse.Namespace) -> int:
     rows = [
         [
             _time(e.time),
-            e.caller,
+            _quoted(e.caller),
             e.action.name,
-            e.account_id,
-            e.access_key or "-",
-            " ".join(f"{k}={v}" for k, v in sorted(e.details.items())) or "-",
+            _quoted(e.account_id),
+            _quoted(e.access_key) if e.access_key else "-",
+            _details_text(e.details) or "-",
         ]
         for e in events
     ]
     _print_table(["TIME", "CALLER", "ACTION", "ACCOUNT", "ACCESS KEY", "DETAILS"], rows)
     return 0
+
+
+# What a text value may hold and still be printed as it is (see `keyguard audit --help`).
+_PLAIN_PUNCTUATION = "._:/@+,-"
+_PLAIN = re.compile(rf"[A-Za-z0-9{re.escape(_PLAIN_PUNCTUATION)}]+")
+
+
+def _quoted(text: str) -> str:
+    """``text`` as it is when it is plain, else as a JSON string (ASCII only: every control,
+    non-ASCII or invisible character escaped), so that no text, a key's name or a memo, can pass
+    for a ``k=v`` pair, a column or a line of its own."""
+    return text if _PLAIN.fullmatch(text) else json.dumps(text)
+
+
+def _details_text(details: Mapping[str, str]) -> str:
+    """An audit event's details as ``key=value`` pairs, sorted by key, each part quoted if not plain."""
+    return " ".join(f"{_quoted(k)}={_quoted(v)}" for k, v in sorted(details.items()))
 
 
 def _print_key(key: ApiKey) -> None:

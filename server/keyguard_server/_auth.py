@@ -26,14 +26,13 @@ import stat
 import string
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import grpc
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from google.protobuf.message import DecodeError
 
 from keyguard_server._config import Caller, Config, Role
 from keyguard_server._metrics import RPC_SECONDS
@@ -138,13 +137,6 @@ def read_private_token(path: Path) -> str:
             "delete the file to have a new one generated"
         )
     return token
-
-
-class _Malformed:
-    """Stands in for a request that did not parse, so the handler can refuse it cleanly."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
 
 
 # Per method: admitted authorization headers remembered (a caller has one token; spellings of
@@ -258,9 +250,8 @@ Admit = Callable[[Metadata, grpc.aio.ServicerContext[Any, Any]], "tuple[grpc.Sta
 
 
 def _guarded(method: str, handler: grpc.RpcMethodHandler[Any, Any], admit: Admit) -> ForCall:
-    """The same handler, refusing unadmitted callers and unparseable requests first, made for
-    each call with the call's metadata bound to it: by construction, a call is judged by its
-    own metadata only.
+    """The same handler, refusing unadmitted callers first, made for each call with the call's
+    metadata bound to it: by construction, a call is judged by its own metadata only.
 
     Unary calls are timed here; a stream's caller is checked once, when it starts, and its
     messages are timed one by one where they are answered (_stream), not the stream as a whole.
@@ -276,15 +267,13 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler[Any, Any], admit: Admit
                 verdict = admit(metadata, context)
                 if isinstance(verdict, tuple):
                     await context.abort(*verdict)
-                if isinstance(request, _Malformed):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {request.error}")
                 _caller.set(verdict)
                 return await inner_uu(request, context)
             finally:
                 observe(perf_counter() - started)
 
         serializer = None if getattr(inner_uu, "serialized", False) else handler.response_serializer
-        template = grpc.unary_unary_rpc_method_handler(unary_unary, _lenient(handler.request_deserializer), serializer)
+        template = grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer, serializer)
         return _for_each_call(template, "unary_unary", unary_unary)
     if handler.stream_stream is not None and inspect.iscoroutinefunction(handler.stream_stream):
         inner_ss: Any = handler.stream_stream
@@ -297,15 +286,10 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler[Any, Any], admit: Admit
             if isinstance(verdict, tuple):
                 await context.abort(*verdict)
             _caller.set(verdict)
-            try:
-                await inner_ss(request_iterator, context)
-            except _Unparseable as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"message does not parse: {exc}")
+            await inner_ss(request_iterator, context)
 
         # No response serializer: such a stream writes its answers serialized (bytes), once per result.
-        template = grpc.stream_stream_rpc_method_handler(
-            stream_stream, _unparseable_raises(handler.request_deserializer)
-        )
+        template = grpc.stream_stream_rpc_method_handler(stream_stream, handler.request_deserializer)
         return _for_each_call(template, "stream_stream", stream_stream)
     raise TypeError(
         "only unary keyguard methods and reader-writer (coroutine) bidi streams writing bytes sit behind caller checks"
@@ -330,35 +314,91 @@ def _for_each_call(template: grpc.RpcMethodHandler[Any, Any], field: str, behavi
 
 
 class _Unparseable(Exception):
-    """A stream's message did not parse: there is no id to answer, so the stream ends."""
+    """A request, or a stream's message, that did not parse (see :func:`refusing_unparseable`)."""
 
 
-def _unparseable_raises(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+UNPARSEABLE = "request does not parse"
+
+
+def refusing_unparseable(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    """``handler``, answering a request (or a stream's message) that does not parse with
+    INVALID_ARGUMENT. Left to grpc, the deserializer's exception would answer UNKNOWN, naming
+    the exception's class, and log a traceback for every such request, from anyone: health
+    and reflection are open to all. So every method the server serves gets this, in one place
+    (``_server._Routes``), beneath the caller check: a caller without credentials is refused
+    for that first.
+
+    The deserializer does not raise out of grpc: a unary request that does not parse arrives
+    at the behaviour as an :class:`_Unparseable`, raised there; a stream's message raises it
+    out of the read (``context.read()`` or the request iterator), in the behaviour, so a
+    stream answers what it read before (see _stream). Either way the behaviour's wrapper
+    refuses the call.
+    """
+    field = "_".join(
+        "stream" if streaming else "unary" for streaming in (handler.request_streaming, handler.response_streaming)
+    )
+    behaviour: Any = getattr(handler, field)  # typeshed types behaviours as sync
+    if inspect.isasyncgenfunction(behaviour):
+
+        @functools.wraps(behaviour)
+        async def each(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            try:
+                if isinstance(request, _Unparseable):
+                    raise request
+                async for response in behaviour(request, context):
+                    yield response
+            except _Unparseable as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{UNPARSEABLE}: {exc}")
+
+        refusing: Callable[..., Any] = each
+    elif inspect.iscoroutinefunction(behaviour):
+
+        @functools.wraps(behaviour)  # keeps its marks (serialized)
+        async def whole(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                if isinstance(request, _Unparseable):
+                    raise request
+                return await behaviour(request, context)
+            except _Unparseable as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{UNPARSEABLE}: {exc}")
+
+        refusing = whole
+    else:
+        raise TypeError(f"{behaviour!r}: only async methods (coroutines, async generators) are served")
+    deserialize = handler.request_deserializer
+    kind: Any = type(handler)
+    values = {
+        **cast(Any, handler)._asdict(),
+        field: refusing,
+        "request_deserializer": None
+        if deserialize is None
+        else (_unparseable_raises if handler.request_streaming else _unparseable_returned)(deserialize),
+    }
+    refused: grpc.RpcMethodHandler[Any, Any] = kind(**values)
+    return refused
+
+
+def _unparseable_raises(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     """A stream's deserializer: a message that does not parse raises :class:`_Unparseable` out of
-    the handler's ``context.read()``, which ends the stream (INVALID_ARGUMENT) once what was
-    read is answered."""
-    if deserializer is None:
-        return None
-    strict = deserializer
+    the read."""
 
     def deserialize(data: bytes) -> Any:
         try:
-            return strict(data)
-        except DecodeError as exc:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, or whatever else a deserializer raises on bytes it cannot take
             raise _Unparseable(str(exc)) from None
 
     return deserialize
 
 
-def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    if deserializer is None:
-        return None
-    strict = deserializer
+def _unparseable_returned(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """A unary request's deserializer: a request that does not parse is an :class:`_Unparseable`
+    (grpc calls it before the behaviour, where raising would be grpc's UNKNOWN)."""
 
     def deserialize(data: bytes) -> Any:
         try:
-            return strict(data)
-        except DecodeError as exc:
-            return _Malformed(exc)
+            return deserializer(data)
+        except Exception as exc:  # as in _unparseable_raises
+            return _Unparseable(str(exc))
 
     return deserialize

@@ -9,12 +9,14 @@ without a server. ``Authorizer.authorize`` is the hot path: see its docstring be
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import ipaddress
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
 from typing import Any, NoReturn, ParamSpec
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -25,6 +27,7 @@ from keyguard import (
     KeyType,
     Permission,
     SignedRequest,
+    Unavailable,
     WithdrawalDestination,
     signing,
 )
@@ -43,7 +46,7 @@ from keyguard_server._validation import (
     client_address,
     is_symbol,
 )
-from keyguard_server._verify import FailureLimiter, VerificationCache, client_network
+from keyguard_server._verify import FailureLimiter, VerificationCache, client_network, wide_network
 
 log = logging.getLogger("keyguard.service")
 P = ParamSpec("P")
@@ -56,6 +59,43 @@ MAX_OUTCOMES_PER_ROW = 16  # request shapes (client IP, permission, symbol) whos
 # decide_now's memo per request shape: (refusal before the secret or None, result after it,
 # the parsed client IP, from, until): true while from <= now < until.
 _Outcome = tuple[AuthorizeResult | None, AuthorizeResult, IPAddress, int, int]
+# Waits one authorize call may make: the secret (argon2), then a nonce or a destination, and
+# one more argon2 run if the key was re-keyed meanwhile.
+MAX_WAITS = 3
+
+
+class _Wait(enum.Enum):
+    """What :meth:`Authorizer._decide` needs before it can answer."""
+
+    SECRET = "argon2 verifies the private key"  # noqa: S105 (a description, no password)
+    NONCE = "the signed request's nonce is recorded (a replay is refused)"
+    DESTINATION = "the withdrawal destination's whitelist entry is looked up"
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """An Authorize request, validated (``ip`` parsed from ``client_ip``)."""
+
+    access_key: str
+    private_key: str
+    ip: IPAddress
+    client_ip: str
+    required: Permission
+    destination: WithdrawalDestination | None
+    signed: SignedRequest | None
+    symbol: str
+
+
+@dataclass(slots=True)
+class _Proofs:
+    """What one authorize call's waits established; each holds whatever the row is now."""
+
+    hashes: set[str] = field(default_factory=set)  # stored hashes argon2 matched the secret against
+    tried: set[str] = field(default_factory=set)  # stored hashes argon2 was asked about
+    nonce_used: bool = False  # the signed request's nonce is recorded as this call's
+    destination_of: str | None = None  # the account whose whitelist was looked up
+    usable_from: int | None = None  # and when the destination is usable there (None: not listed)
+    waits: int = 0
 
 
 class UsageRecorder:
@@ -140,6 +180,25 @@ class Authorizer:
     def argon2_pending(self) -> int:
         """argon2 verifications running or queued."""
         return self._hasher.pending
+
+    @property
+    def argon2_cpu_seconds(self) -> float:
+        """argon2's CPU time per verification on this machine."""
+        return self._hasher.cpu_seconds
+
+    @property
+    def argon2_cpu_used(self) -> float:
+        """CPU seconds argon2 verifications used since the start (the budget bounds it)."""
+        return self._hasher.cpu_used
+
+    @property
+    def argon2_process_ids(self) -> list[int]:
+        return self._hasher.process_ids
+
+    @property
+    def cpus(self) -> int:
+        """The cores argon2's budget is a share of."""
+        return self._hasher.cpus
 
     @property
     def argon2_seconds(self) -> float:
@@ -249,49 +308,117 @@ class Authorizer:
         (the gateway then fails closed); the read gives up before the deadline.
 
         Every case, waits included; servicers try :meth:`decide_now` first (no await).
+
+        **One rule for every wait** (argon2, the nonce's write, the destination's lookup, and any
+        added later): :meth:`_decide` judges a row it is given and names the wait it needs, if
+        any; what the wait establishes is kept in :class:`_Proofs`, the key's row is read again,
+        and the whole order of checks runs again on it. So an answer is only ever given from a
+        row read after the call's last wait: a change acknowledged during a wait always wins.
         """
         ip, level, destination, symbol = _shape(access_key, client_ip, required, destination, signed, symbol)
         if not ACCESS_KEY_RE.fullmatch(access_key):
             return _deny(Decision.UNKNOWN_KEY)
         # Every wait below ends before the caller's deadline (with a margin to answer in).
         deadline = time.monotonic() + (self._read_timeout if time_left is None else 0.9 * time_left)
-        row = self._store.auth_row_now(access_key)
-        if row is LATER:
-            row = await self._store.auth_lookup(access_key, self._read_budget(deadline))
-        if row is None:
-            return _deny(Decision.UNKNOWN_KEY)
-        now = self.clock()
-        if (refusal := _state_refusal(row, ip, now, client_ip)) is not None:
+        request = _Request(access_key, private_key, ip, client_ip, level, destination, signed, symbol)
+        proofs = _Proofs()
+        for _ in range(MAX_WAITS + 1):
+            row = self._store.auth_row_now(access_key)
+            if row is LATER:
+                row = await self._store.auth_lookup(access_key, self._read_budget(deadline))
+            if row is None:
+                return _deny(Decision.UNKNOWN_KEY)
+            now = self.clock()
+            step = self._decide(request, row, proofs, now)
+            if isinstance(step, AuthorizeResult):
+                if step is row.allow:
+                    self.usage.record(access_key, ip, now)
+                return step
+            if (refusal := await self._wait(step, request, row, proofs, deadline)) is not None:
+                return refusal
+            proofs.waits += 1
+        raise Unavailable("the key changed while it was being decided, again and again; try again")
+
+    def _decide(self, request: _Request, row: AuthRow, proofs: _Proofs, now: int) -> AuthorizeResult | _Wait:
+        """The order of checks on ``row`` at ``now``, with what earlier waits of this call
+        proved: the answer, or the wait it needs first (then :meth:`authorize` waits, reads the
+        row again and asks again)."""
+        if (refusal := _state_refusal(row, request.ip, now, request.client_ip)) is not None:
             return refusal
         if row.key_type is KeyType.ED25519:
-            return await self._check_signature(access_key, row, ip, level, destination, signed, deadline, symbol)
-        if self._cached(row, private_key, now):
-            # Verified before against this very hash: no argon2, and no failure limit (a flood
-            # against a public access key must not lock out the bot that holds the secret).
-            CACHE_HITS.inc()
-            return await self._after_secret(access_key, row, ip, level, destination, deadline, symbol, now)
-        if not is_well_formed_private_key(private_key):
-            return _deny(Decision.BAD_SECRET)  # costs nothing, so it counts against nothing
+            signed = request.signed
+            if signed is None:
+                return _deny(Decision.BAD_SIGNATURE)
+            if abs(now // 1000 - signed.timestamp_ms) > self._window_ms:
+                return _deny(Decision.STALE_REQUEST)
+            keys = [row.public_key]
+            if row.previous_public_key and row.in_grace(now):
+                keys.append(row.previous_public_key)
+            if not any(signing.verify(_public_key(pem), request.access_key, signed) for pem in keys):
+                # Only bad signatures are ever limited (checked cheaply, before any limit).
+                limited = not self._failures.spend(*failure_buckets(request.access_key, request.ip))
+                return _deny(Decision.RATE_LIMITED if limited else Decision.BAD_SIGNATURE)
+            if not proofs.nonce_used:
+                return _Wait.NONCE
+        elif not any(row.accepts_hash(proven, now) for proven in proofs.hashes):
+            if self._cached(row, request.private_key, now):
+                # Verified before against this very hash: no argon2, and no failure limit (a flood
+                # against a public access key must not lock out the bot that holds the secret).
+                if not proofs.waits:
+                    CACHE_HITS.inc()
+            elif not is_well_formed_private_key(request.private_key):
+                return _deny(Decision.BAD_SECRET)  # costs nothing, so it counts against nothing
+            elif not self._candidates(row, request.private_key, proofs, now):
+                return _deny(Decision.BAD_SECRET)  # argon2 refused this very secret lately
+            else:
+                return _Wait.SECRET
+        result = self._rules(row, request.required, request.destination, request.symbol, now)
+        if result is not LATER:
+            return result
+        destination = request.destination
+        assert destination is not None
+        if proofs.destination_of != row.account_id:
+            return _Wait.DESTINATION
+        if proofs.usable_from is None:
+            return row.refusal(Decision.ADDRESS_NOT_WHITELISTED)
+        if now < proofs.usable_from:
+            return row.refusal(Decision.ADDRESS_ON_HOLD)
+        return row.allow
 
-        candidates = [row.secret_hash] + ([row.previous_secret_hash] if row.in_grace(now) else [])
-        matched = await self._verify(
-            access_key, row.account_id, ip, private_key, candidates, deadline, row.last_used_ip
-        )
-        if matched is None:
-            return _deny(Decision.RATE_LIMITED)
-        if not matched:
-            return _deny(Decision.BAD_SECRET)
-        # argon2 ran off the loop: the key may have been deleted, re-keyed,
-        # disabled or restricted meanwhile. Decide on the state as it is now.
-        current = await self._store.auth_lookup(access_key, self._read_budget(deadline))
-        if current is None:
-            return _deny(Decision.UNKNOWN_KEY)
-        now = self.clock()
-        if (refusal := _state_refusal(current, ip, now)) is not None:
-            return refusal
-        if not current.accepts_hash(matched, now):
-            return _deny(Decision.BAD_SECRET)
-        return await self._after_secret(access_key, current, ip, level, destination, deadline, symbol, now)
+    def _candidates(self, row: AuthRow, secret: str, proofs: _Proofs, now: int) -> list[str]:
+        """The hashes ``secret`` may still match (the row's, and in a rotation's grace the
+        previous one), less those this call already tried and those argon2 refused it lately."""
+        hashes = [row.secret_hash] + ([row.previous_secret_hash] if row.in_grace(now) else [])
+        return [h for h in hashes if h not in proofs.tried and not self.cache.failed(h, secret)]
+
+    async def _wait(
+        self, wait: _Wait, request: _Request, row: AuthRow, proofs: _Proofs, deadline: float
+    ) -> AuthorizeResult | None:
+        """Performs ``wait`` and keeps what it proved in ``proofs``; a refusal the wait itself
+        decided (a wrong secret, a replayed nonce, limits), or None to decide again."""
+        if wait is _Wait.SECRET:
+            candidates = self._candidates(row, request.private_key, proofs, self.clock())
+            matched = await self._verify(request, row, candidates, deadline)
+            if isinstance(matched, Decision):
+                return _deny(matched)
+            proofs.tried.update(candidates)
+            proofs.hashes.add(matched)
+        elif wait is _Wait.NONCE:
+            signed = request.signed
+            assert signed is not None
+            budget = self._read_budget(deadline)
+            if not await self._store.use_nonce(request.access_key, signed.nonce, signed.timestamp_ms, budget):
+                return _deny(Decision.REPLAYED_REQUEST)
+            proofs.nonce_used = True
+        else:
+            destination = request.destination
+            assert destination is not None
+            # One lookup says whether the destination is whitelisted and from when.
+            proofs.usable_from = await self._store.address_usable_from(
+                row.account_id, destination.asset, destination.address, destination.memo, self._read_budget(deadline)
+            )
+            proofs.destination_of = row.account_id
+        return None
 
     def _cached(self, row: AuthRow, private_key: str, now: int) -> bool:
         """Whether ``private_key`` was verified before against the row's hash (or, in a
@@ -303,17 +430,10 @@ class Authorizer:
     def _read_budget(self, deadline: float) -> float:
         return min(self._read_timeout, max(0.001, deadline - time.monotonic()))
 
-    async def _verify(
-        self,
-        access_key: str,
-        account_id: str,
-        ip: IPAddress,
-        secret: str,
-        candidates: list[str],
-        deadline: float,
-        last_used_ip: str = "",
-    ) -> str | None:
-        """The candidate hash ``secret`` matches, "" if none, None if it cannot be checked now.
+    async def _verify(self, request: _Request, row: AuthRow, candidates: list[str], deadline: float) -> str | Decision:
+        """The candidate hash the request's secret matches; else why not: BAD_SECRET,
+        RATE_LIMITED (failures emptied a bucket) or VERIFICATION_BUSY (argon2 could not answer
+        before the deadline; a run under way goes on and is remembered).
 
         Each argon2 run holds a failure token of the (key, client network)
         bucket and of the network's own one, spent only if the run fails:
@@ -321,11 +441,16 @@ class Authorizer:
         concurrent attempts never fail more often than there are tokens, and
         joining a run already under way for the same secret costs nothing.
         """
+        access_key, secret, ip = request.access_key, request.private_key, request.ip
         buckets = failure_buckets(access_key, ip)
         network = buckets[1]
+        last_used_ip = row.last_used_ip
         proven = network in self._proven.get(access_key, ()) or (
             bool(last_used_ip) and network == client_network(ipaddress.ip_address(last_used_ip))
         )
+        # What a failure here marks (SecretHasher.priority): this network's proof of the account's
+        # keys, the account, the client's wide network.
+        marks = (f"{row.account_id} {network}", f"account {row.account_id}", f"network {wide_network(ip)}")
         charged = 0  # failed runs of earlier candidates this call started
         for candidate in candidates:
             while True:  # until this secret is known good, joins a run, or holds its tokens
@@ -334,10 +459,10 @@ class Authorizer:
                 if joining := self._hasher.is_running(candidate, secret):
                     break
                 if (left := deadline - time.monotonic()) <= 0:
-                    return None
+                    return Decision.VERIFICATION_BUSY
                 held = self._failures.hold(*buckets)
                 if held is False:
-                    return None
+                    return Decision.RATE_LIMITED
                 if held:
                     break
                 await self._failures.settled(left, *buckets)
@@ -345,21 +470,25 @@ class Authorizer:
                 run = self._hasher.submit(
                     candidate,
                     secret,
-                    share=account_id,
+                    share=row.account_id,
                     proven=proven,
+                    marks=marks,
                     time_left=deadline - time.monotonic(),
-                    max_queue_wait=self._argon2_max_wait,
                     cache=self.cache,
                 )
             except HasherBusy:
                 if not joining:
                     self._failures.release(*buckets, failed=False)  # a run that could not be had costs nothing
-                return None
+                return Decision.VERIFICATION_BUSY
             if not joining:
                 # Settled when argon2 is done, whatever becomes of this call (a caller who
                 # hangs up mid-run is charged like one who waits).
                 run.add_done_callback(functools.partial(self._settle, buckets))
-            if await asyncio.shield(run):
+            try:
+                matched = await asyncio.wait_for(asyncio.shield(run), max(0.0, deadline - time.monotonic()))
+            except (TimeoutError, HasherBusy):
+                return Decision.VERIFICATION_BUSY  # the run goes on (or was dropped) without this caller
+            if matched:
                 for _ in range(charged):  # in a rotation's grace, the old secret is no failure
                     self._failures.refund(*buckets)
                 networks = self._proven.setdefault(access_key, set())
@@ -370,39 +499,11 @@ class Authorizer:
                     self._proven.popitem(last=False)
                 return candidate
             charged += not joining
-        return ""
+        return Decision.BAD_SECRET
 
     def _settle(self, buckets: tuple[str, str], run: asyncio.Future[bool]) -> None:
         failed = not run.cancelled() and run.exception() is None and not run.result()
         self._failures.release(*buckets, failed=failed)
-
-    async def _check_signature(
-        self,
-        access_key: str,
-        row: AuthRow,
-        ip: IPAddress,
-        required: Permission,
-        destination: WithdrawalDestination | None,
-        signed: SignedRequest | None,
-        deadline: float,
-        symbol: str = "",
-    ) -> AuthorizeResult:
-        """ED25519: fresh timestamp, valid signature, unused nonce (recorded in the database,
-        so a replay is refused by every replica). The signature is checked (cheaply) before any
-        limit, so only bad signatures are ever limited, per (key, client network)."""
-        if signed is None:
-            return _deny(Decision.BAD_SIGNATURE)
-        if abs(self.clock() // 1000 - signed.timestamp_ms) > self._window_ms:
-            return _deny(Decision.STALE_REQUEST)
-        keys = [row.public_key] + (
-            [row.previous_public_key] if row.previous_public_key and row.in_grace(self.clock()) else []
-        )
-        if not any(signing.verify(_public_key(pem), access_key, signed) for pem in keys):
-            limited = not self._failures.spend(*failure_buckets(access_key, ip))
-            return _deny(Decision.RATE_LIMITED if limited else Decision.BAD_SIGNATURE)
-        if not await self._store.use_nonce(access_key, signed.nonce, signed.timestamp_ms, self._read_budget(deadline)):
-            return _deny(Decision.REPLAYED_REQUEST)
-        return await self._after_secret(access_key, row, ip, required, destination, deadline, symbol, self.clock())
 
     async def forget_old_nonces(self) -> int:
         """Forgets nonces whose requests no replica would accept any more.
@@ -426,7 +527,7 @@ class Authorizer:
         """Steps 7-10 of the order of checks, for a caller who proved it holds the key; ``now``
         the authorizer's clock when the row was read; an ALLOW recorded as the key's last use.
         LATER when the destination must be looked up (address management on): then
-        :meth:`_after_secret`."""
+        :meth:`authorize`."""
         result = self._rules(row, required, destination, symbol, now)
         if result is row.allow:
             self.usage.record(access_key, ip, now)
@@ -443,33 +544,6 @@ class Authorizer:
             return row.refusal(refusal)
         if destination is not None and management_on(row.address_management, row.address_management_off_at_us, now):
             return LATER
-        return row.allow
-
-    async def _after_secret(
-        self,
-        access_key: str,
-        row: AuthRow,
-        ip: IPAddress,
-        required: Permission,
-        destination: WithdrawalDestination | None,
-        deadline: float,
-        symbol: str,
-        now: int,
-    ) -> AuthorizeResult:
-        """:meth:`_after_secret_now`, the destination's whitelist entry looked up when needed."""
-        result = self._after_secret_now(access_key, row, ip, required, destination, symbol, now)
-        if result is not LATER:
-            return result
-        assert destination is not None
-        # One lookup says whether the destination is whitelisted and from when.
-        usable_from = await self._store.address_usable_from(
-            row.account_id, destination.asset, destination.address, destination.memo, self._read_budget(deadline)
-        )
-        if usable_from is None:
-            return row.refusal(Decision.ADDRESS_NOT_WHITELISTED)
-        if now < usable_from:
-            return row.refusal(Decision.ADDRESS_ON_HOLD)
-        self.usage.record(access_key, ip, now)
         return row.allow
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from keyguard import Permission
+from keyguard_server._metrics import metrics_address
 from keyguard_server._secrets import Argon2Params
 from keyguard_server._store import DatabaseSettings
 
@@ -163,15 +164,22 @@ class Config:
     argon2_time_cost: int = Argon2Params.time_cost
     argon2_memory_kib: int = Argon2Params.memory_kib
     argon2_parallelism: int = Argon2Params.parallelism
-    # Threads that run argon2; each holds argon2_memory_kib while it works.
+    # argon2 verifications that run at once, each in a verifier process of its own at
+    # the lowest CPU priority; each holds argon2_memory_kib while it works.
     argon2_threads: int = 2
-    # Verifications (of distinct secrets; identical ones share one run) that
-    # may run or wait for those threads: a memory bound. The real bound is
-    # time: a verification whose expected wait (accounts take turns) exceeds
-    # argon2_max_wait_seconds or its caller's deadline is refused at once
-    # (Authorize answers RATE_LIMITED).
+    # The budget: argon2 verifications may use this share of the machine's cores on
+    # average (measured CPU seconds), however many wrong secrets arrive. 0.5 on two
+    # cores: one core's worth.
+    argon2_cpu_share: float = 0.5
+    # Verifications (of distinct secrets; identical ones share one run) that may run or
+    # wait: a memory bound. The real bound is time: proven networks go first, then
+    # accounts and networks that failed no verification lately, then the rest; a
+    # verification that could not finish before its caller's deadline in that order is
+    # refused at once (Authorize answers VERIFICATION_BUSY). One that is not suspect and
+    # can start within argon2_max_wait_seconds is still run after its caller gave up,
+    # and remembered, so the bot's next request is answered at once.
     argon2_max_pending: int = 1024
-    argon2_max_wait_seconds: float = 1.0
+    argon2_max_wait_seconds: float = 5.0
     # Hashing new secrets (CreateKey, RotateKey) has a thread and a queue of its
     # own, so key creation never delays verification; past this many waiting
     # hashes a create answers UNAVAILABLE at once.
@@ -213,7 +221,8 @@ class Config:
     # Who may call. Empty: loopback only, with a generated admin token in
     # <data_dir>/admin.token that the CLI picks up.
     callers: tuple[Caller, ...] = ()
-    # Prometheus metrics over HTTP ("" = off). With --workers N the supervisor
+    # Prometheus metrics over HTTP ("" = off), at HOST:PORT (see _metrics.metrics_address);
+    # unauthenticated: beyond loopback the start logs a warning. With --workers N the supervisor
     # serves it alone: the sum over every worker (prometheus_client's
     # multiprocess mode, files in a fresh <data_dir>/metrics-* directory).
     metrics_listen: str = ""
@@ -311,6 +320,8 @@ class Config:
                 raise ValueError(f"config {name} must be more than 0 and at most 3600")
         if not 0 <= self.shutdown_grace <= 3600:
             raise ValueError("config shutdown_grace must be 0 to 3600")
+        if not 0 < self.argon2_cpu_share <= 1:
+            raise ValueError("config argon2_cpu_share must be more than 0 and at most 1")
         if not 0 < self.failure_refill_per_second <= 1000:
             raise ValueError("config failure_refill_per_second must be more than 0 and at most 1000")
         if not 0 <= self.address_hold_seconds <= 30 * 24 * 3600:
@@ -338,6 +349,8 @@ class Config:
             raise ValueError("config tls_client_ca_file needs tls_cert_file and tls_key_file")
         if self.log_format not in ("text", "json"):
             raise ValueError("config log_format must be text or json")
+        if self.metrics_listen:
+            metrics_address(self.metrics_listen)  # a clear ValueError for anything but HOST:PORT
         if self.tracing not in ("", "otlp"):
             raise ValueError('config tracing must be "" (off) or "otlp"')
         if self.tracing and (missing := _missing_modules(TRACING_MODULES)):

@@ -108,6 +108,13 @@ _TOLD_DECISIONS: dict[Decision, tuple[http_status.StatusCode.ValueType, int, str
         code_pb2.RESOURCE_EXHAUSTED,
         "too many failed attempts; try again later",
     ),
+    # Says nothing of the key either: argon2's budget is spent for now, and a verification
+    # under way goes on, so the client's retry is usually answered from memory.
+    Decision.VERIFICATION_BUSY: (
+        http_status.ServiceUnavailable,
+        code_pb2.UNAVAILABLE,
+        "the secret could not be verified in time (verification is busy); retry shortly",
+    ),
 }
 # Refusals of Check itself, before Authorize (their messages are made where they are decided).
 _CHECK_REFUSALS: dict[str, tuple[http_status.StatusCode.ValueType, int]] = {

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import bisect
 import fcntl
+import ipaddress
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from prometheus_client import (
     REGISTRY,
@@ -175,18 +177,66 @@ else:
 ARGON2_VERIFICATIONS = Counter(
     "keyguard_argon2_verifications_total", "Secrets checked with argon2 (cache misses that got that far)."
 )
+ARGON2_CPU_SECONDS = Counter(
+    "keyguard_argon2_cpu_seconds_total",
+    "CPU time argon2 verifications used (bounded by argon2_cpu_share of the machine's cores).",
+)
 ARGON2_PENDING = Gauge(
     "keyguard_argon2_pending",
-    "argon2 verifications running or waiting for a thread.",
+    "argon2 verifications running or waiting for a verifier process.",
     multiprocess_mode="livesum",  # --workers: the sum over the workers alive
 )
 
 
+METRICS_LISTEN_FORM = (
+    "HOST:PORT, such as 127.0.0.1:9464 (HOST an IPv4 address, a host name, or an IPv6 address in brackets: "
+    "[::1]:9464; PORT 0 to 65535)"
+)
+_HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+def metrics_address(listen: str) -> tuple[str, int]:
+    """``metrics_listen`` as (host, port), or ValueError naming the setting, its value and the form
+    it takes: the one reading of the setting, for the config's validation (a mistake stops the
+    start with a clear message, not the resolver's "Name or service not known") and for binding."""
+    host, colon, port = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        valid_host = _is_ip(host, version=6)
+    else:
+        valid_host = _is_ip(host, version=4) or _HOST_NAME.fullmatch(host) is not None
+    if not (colon and valid_host and port.isascii() and port.isdigit() and int(port) <= 65535):
+        raise ValueError(f"config metrics_listen {listen!r} must be {METRICS_LISTEN_FORM}")
+    return host, int(port)
+
+
+def _is_ip(text: str, *, version: int) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == version
+    except ValueError:
+        return False
+
+
 def serve(listen: str, registry: CollectorRegistry = REGISTRY) -> Any:
-    """Serves ``registry`` (by default this process's) over HTTP at ``listen``, host:port."""
-    host, _, port = listen.rpartition(":")
-    server, _ = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
-    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+    """Serves ``registry`` (by default this process's) over HTTP at ``listen`` (see :func:`metrics_address`).
+
+    The endpoint has no authentication: bound beyond loopback (judged by the address bound, so
+    a host name counts for what it resolved to), a warning says who can read what."""
+    host, port = metrics_address(listen)
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    bound = ipaddress.ip_address(cast(str, server.server_address[0]))  # an IP socket's: a str
+    where = f"http://{listen.rpartition(':')[0]}:{server.server_port}/metrics"
+    if bound.is_loopback:
+        log.info("metrics on %s", where)
+    else:
+        log.warning(
+            "metrics_listen %s: Prometheus metrics (Authorize decision counts, RPC latencies by method, argon2 "
+            "load) are served without authentication on %s, to anyone who can reach %s; set metrics_listen to a "
+            "loopback address (127.0.0.1:9464) unless a firewall keeps it private",
+            listen,
+            where,
+            "every interface of this host" if bound.is_unspecified else f"{bound}",
+        )
     return server
 
 

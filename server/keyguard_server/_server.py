@@ -26,7 +26,7 @@ from playhouse import db_url
 
 from keyguard import KeyguardError
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
-from keyguard_server._auth import CallerGuard, ForCall, ensure_admin_token
+from keyguard_server._auth import CallerGuard, ForCall, ensure_admin_token, refusing_unparseable
 from keyguard_server._authorize import DAY_US, Authorizer
 from keyguard_server._config import Config
 from keyguard_server._envoy import EnvoyAuthorizationServicer
@@ -75,7 +75,8 @@ MAX_HEALTH_WATCHES = 64
 
 
 class _Routes(grpc.GenericRpcHandler):
-    """Every method the server serves, in one table, each handler behind the caller guard.
+    """Every method the server serves, in one table, each handler behind the caller guard and
+    answering a request that does not parse with INVALID_ARGUMENT (``refusing_unparseable``).
 
     The generated ``add_*_to_server`` functions register each service twice, as grpc "generic"
     handlers and as registered methods; they are given this table in place of the server and
@@ -95,8 +96,9 @@ class _Routes(grpc.GenericRpcHandler):
     def add_registered_method_handlers(
         self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
     ) -> None:
-        for name, handler in handlers.items():
+        for name, given in handlers.items():
             method = f"/{service}/{name}"
+            handler = refusing_unparseable(given)
             if (for_call := self._guard.guard(method, handler)) is None:
                 self._open[method] = handler
             else:
@@ -156,7 +158,12 @@ class KeyguardServer:
             config.database_settings, unrestricted_lapse_us=config.unrestricted_key_days * DAY_US
         )
         self._hasher = SecretHasher(
-            config.argon2, config.argon2_threads, config.argon2_max_pending, config.argon2_max_pending_hashes
+            config.argon2,
+            config.argon2_threads,
+            config.argon2_max_pending,
+            config.argon2_max_pending_hashes,
+            cpu_share=config.argon2_cpu_share / config.workers,  # of the machine, for all workers
+            max_wait=config.argon2_max_wait_seconds,
         )
         await self._hasher.calibrate()
         self.authorizer = Authorizer(self._store, self._hasher, config)
@@ -232,7 +239,7 @@ class KeyguardServer:
         if self.authorizer is not None:
             await self.flush_usage()
         if self._hasher is not None:
-            self._hasher.close()
+            await self._hasher.close()
         if self._store is not None:
             await self._store.close()
         if self._tracing is not None:
@@ -296,6 +303,12 @@ class BoundedHealthServicer(health.aio.HealthServicer):
             await super().Watch(request, context)
         finally:
             self._watches -= 1
+
+    async def List(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """UNIMPLEMENTED, said plainly. grpc_health's asyncio servicer leaves List to the generated
+        base class, whose NotImplementedError answered UNKNOWN and logged an ERROR traceback for
+        each call, from anyone (health is open to all)."""
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Health/List is not served; use Check or Watch")
 
 
 class JsonFormatter(logging.Formatter):

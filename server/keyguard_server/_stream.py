@@ -14,7 +14,8 @@
   parse), or when the server stops (UNAVAILABLE, see :meth:`StreamDecider.stop`).
   Only cancellation (the caller's, or a shutdown whose grace ran out) or a write that
   fails (the caller is gone) drops answers; a message without an answer was otherwise
-  never read.
+  never read. Either ends the call as cancelled, which is no error: nothing is logged
+  above DEBUG.
 - The RPC latency histogram is observed per message (read to answer ready), not
   per stream: a stream lives for hours.
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
@@ -38,6 +40,8 @@ import grpc
 
 from keyguard_server._metrics import RPC_SECONDS
 from keyguard_server._store import LATER, Later
+
+log = logging.getLogger("keyguard.stream")
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -123,6 +127,7 @@ class StreamDecider:
 
     def __init__(self, max_in_flight: int, method: str) -> None:
         self._max_in_flight = max_in_flight
+        self._method = method
         self._observe = RPC_SECONDS.labels(method).observe
         self._streams: set[_Stream[Any]] = set()
         self._stopping = False
@@ -198,6 +203,13 @@ class StreamDecider:
         stream.reader = asyncio.create_task(read())
         try:
             await stream.ended
+            if stream.broken:
+                # A write failed: the call is over (its caller cancelled it, went away, or its deadline
+                # passed), with nothing left to answer or report. That is how streams end, not an
+                # error: the write's exception, raised, was grpc's ERROR traceback whenever grpc had
+                # not yet seen the cancellation itself. Ended as cancelled, it is grpc's one DEBUG line.
+                log.debug("%s: a write failed (the caller is gone): %s", self._method, stream.failure)
+                raise asyncio.CancelledError
             if stream.failure is not None:
                 raise stream.failure
             if stream.stopped:

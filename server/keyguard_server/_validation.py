@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from keyguard import FieldViolation, InvalidArgument, KeyType, Permission, SignedRequest, signing
-from keyguard_server._secrets import ACCESS_KEY_RE, ACCESS_KEY_RULE
+from keyguard_server._secrets import ACCESS_KEY_RE, ACCESS_KEY_RULE, PRIVATE_KEY_PREFIX
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -148,7 +148,7 @@ class Violations:
     def symbol(self, value: str, field: str = "symbol") -> str:
         """A trading symbol, upper-cased; "" stays "" (none given)."""
         if value and not is_symbol(value):
-            self.add(field, f"{_clip(value)!r} {SYMBOL_RULE}")
+            self.add(field, f"{_shown(value)} {SYMBOL_RULE}")
         return value.upper()
 
     def symbols(self, values: Iterable[str], *, max_count: int, field: str = "symbols") -> tuple[str, ...]:
@@ -165,9 +165,9 @@ class Violations:
         for i, raw in enumerate(values):
             symbol = raw.upper()
             if not (raw.isascii() and SYMBOL_RE.fullmatch(symbol)):
-                self.add(f"{field}[{i}]", f"{_clip(raw)!r} {SYMBOL_RULE}")
+                self.add(f"{field}[{i}]", f"{_shown(raw)} {SYMBOL_RULE}")
             elif symbol in seen:
-                self.add(f"{field}[{i}]", f"{symbol} is already {field}[{seen[symbol]}]")
+                self.add(f"{field}[{i}]", f"{_shown(symbol)} is already {field}[{seen[symbol]}]")
             else:
                 seen[symbol] = i
         return tuple(seen)
@@ -179,7 +179,7 @@ class Violations:
         try:
             return client_address(value)
         except ValueError:
-            self.add(field, f"{_clip(value)!r} is not an IPv4 or IPv6 address")
+            self.add(field, f"{_shown(value)} is not an IPv4 or IPv6 address")
             return None
 
     def allowed_ips(self, values: Iterable[str], *, max_count: int, field: str = "allowed_ips") -> list[str]:
@@ -201,7 +201,7 @@ class Violations:
             try:
                 entry = parse_allowed_ip(raw)
                 if entry.is_unspecified:
-                    raise ValueError(f"{raw!r} is the unspecified address, never a client's")
+                    raise ValueError(f"{_shown(raw)} is the unspecified address, never a client's")
                 normalised[str(entry)] = None
             except ValueError as exc:
                 self.add(f"{field}[{i}]", str(exc))
@@ -255,9 +255,9 @@ def parse_allowed_ip(raw: str) -> IPNetwork | IPAddress:
     entry is a sign of mangled input, refused like any other.
     """
     if not raw.isprintable() or any(c.isspace() for c in raw):
-        raise ValueError(f"{_clip(raw)!r} must not contain white space or control characters")
+        raise ValueError(f"{_shown(raw)} must not contain white space or control characters")
     if "%" in raw:
-        raise ValueError(f"{_clip(raw)!r}: scoped IPv6 addresses are not supported")
+        raise ValueError(f"{_shown(raw)}: scoped IPv6 addresses are not supported")
     try:
         if "/" not in raw:
             return plain_address(ipaddress.ip_address(raw))
@@ -265,13 +265,13 @@ def parse_allowed_ip(raw: str) -> IPNetwork | IPAddress:
     except ValueError as exc:
         if "has host bits set" in str(exc):
             suggestion = ipaddress.ip_network(raw, strict=False)
-            raise ValueError(f"{_clip(raw)!r} has host bits set; did you mean {suggestion}?") from None
-        raise ValueError(f"{_clip(raw)!r} is not an IPv4/IPv6 address or CIDR network") from None
+            raise ValueError(f"{_shown(raw)} has host bits set; did you mean {suggestion}?") from None
+        raise ValueError(f"{_shown(raw)} is not an IPv4/IPv6 address or CIDR network") from None
     mapped = network.network_address.ipv4_mapped if network.version == 6 else None
     if mapped is not None and network.prefixlen >= 96:
         network = ipaddress.IPv4Network(f"{mapped}/{network.prefixlen - 96}")
     if network.prefixlen == 0:
-        raise ValueError(f"{_clip(raw)!r} allows every IP; leave the list empty for that")
+        raise ValueError(f"{_shown(raw)} allows every IP; leave the list empty for that")
     if network.num_addresses == 1:
         return network.network_address
     return network
@@ -282,8 +282,22 @@ def is_symbol(value: str) -> bool:
     return value.isascii() and SYMBOL_RE.fullmatch(value.upper()) is not None
 
 
-def _clip(value: str, limit: int = 60) -> str:
-    return value if len(value) <= limit else value[:limit] + "..."
+# What an error message may echo of a value: at most this many characters of it.
+MAX_SHOWN = 60
+# A run of letters and digits this long is no address, symbol or name anyone mistypes: a secret
+# (a private key's body without its prefix, a caller token) more likely than not.
+_SECRET_LIKE = re.compile(r"[A-Za-z0-9]{32}")
+
+
+def _shown(value: str) -> str:
+    """A value as every violation echoes it (the one place): quoted, and at most MAX_SHOWN characters
+    of it. Never one that may be a secret: people paste private keys into the wrong field, and
+    error messages end up in logs, tickets and screenshots. Anything containing the private key
+    prefix (in any case: a mistyped or truncated key is still a secret) or a long run of letters
+    and digits is not shown at all."""
+    if PRIVATE_KEY_PREFIX in value.lower() or _SECRET_LIKE.search(value):
+        return "(a value that looks like a secret, not shown)"
+    return repr(value if len(value) <= MAX_SHOWN else value[:MAX_SHOWN] + "...")
 
 
 @functools.lru_cache(maxsize=65536)

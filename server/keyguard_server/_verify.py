@@ -10,10 +10,11 @@
   never become a weapon: failures from one network never refuse another
   network's correct credential, a malformed secret (free to send) counts
   against nothing, and a cached good secret skips the limits altogether.
-- :class:`SecretHasher` (``_secrets``) runs argon2 fairly: one run per
-  distinct (hash, secret) however many callers ask, accounts served in turn,
-  and a verification refused at once only when its expected wait would
-  outlast its caller's deadline.
+- :class:`SecretHasher` (``_secrets``) runs argon2 within a CPU budget, at
+  the lowest priority, proven networks and clean accounts first: one run per
+  distinct (hash, secret) however many callers ask, and a verification
+  refused at once only when its expected wait would outlast its caller's
+  deadline.
 """
 
 from __future__ import annotations
@@ -29,12 +30,19 @@ from collections.abc import Callable
 
 
 class VerificationCache:
+    """What argon2 said, remembered as keyed digests: the one secret each stored hash accepted
+    (:meth:`hit`), and recent (hash, secret) pairs it refused (:meth:`failed`), so a repeated
+    wrong secret is answered at once, with no second run. Both are bounded (least recently
+    used first out) and keyed by the stored hash: a new hash starts with nothing remembered.
+    """
+
     def __init__(self, max_entries: int) -> None:
         # Keyed BLAKE2b is a MAC by design (RFC 7693) and CPython's own code: a third of the
         # cost of OpenSSL 3's HMAC-SHA256, which fetches its digest and takes locks per call.
         # Keyed once: each digest copies the state that has already absorbed the key's block.
         self._keyed = hashlib.blake2b(key=secrets.token_bytes(32), digest_size=32)
         self._digests: OrderedDict[str, bytes] = OrderedDict()
+        self._failures: OrderedDict[bytes, None] = OrderedDict()  # digests of (hash, secret)
         self._max = max_entries
 
     def _digest(self, secret: str) -> bytes:
@@ -54,6 +62,22 @@ class VerificationCache:
         self._digests.move_to_end(stored_hash)
         while len(self._digests) > self._max:
             self._digests.popitem(last=False)
+
+    def _pair_digest(self, stored_hash: str, secret: str) -> bytes:
+        mac = self._keyed.copy()
+        mac.update(f"{stored_hash}\n{secret}".encode())  # a hash holds no newline
+        return mac.digest()
+
+    def failed(self, stored_hash: str, secret: str) -> bool:
+        """Whether argon2 refused ``secret`` against ``stored_hash`` lately."""
+        return self._pair_digest(stored_hash, secret) in self._failures
+
+    def remember_failure(self, stored_hash: str, secret: str) -> None:
+        digest = self._pair_digest(stored_hash, secret)
+        self._failures[digest] = None
+        self._failures.move_to_end(digest)
+        while len(self._failures) > self._max:
+            self._failures.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._digests)
@@ -168,3 +192,14 @@ def client_network(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
             return str(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
         return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
     return str(ip)
+
+
+def wide_network(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """The network one operator commonly holds (an IPv4 /24, an IPv6 /48): where a flood's
+    failures mark the neighbours as suspect, so they queue behind clean traffic. Never used
+    to refuse anyone: only to order who is verified first."""
+    if ip.version == 6:
+        if not any(ip in prefix for prefix in IPV4_EMBEDDING):
+            return str(ipaddress.IPv6Network((int(ip) >> 80 << 80, 48)))
+        ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)  # NAT64: that IPv4 client's network
+    return str(ipaddress.IPv4Network((int(ip) >> 8 << 8, 24)))

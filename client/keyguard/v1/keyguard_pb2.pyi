@@ -150,9 +150,9 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     DECISION_ADDRESS_NOT_WHITELISTED: _Decision.ValueType  # 6
     """Address management is on and the destination is not whitelisted."""
     DECISION_RATE_LIMITED: _Decision.ValueType  # 7
-    """Too many recent failed attempts for this key or from this client IP, or
-    too many secrets waiting for verification: refused without checking the
-    secret. A secret already verified by this server is still accepted.
+    """Too many recent failed attempts for this key from this client network, or
+    from this network: refused without checking the secret. A secret already
+    verified by this server is still accepted.
     """
     DECISION_KEY_DISABLED: _Decision.ValueType  # 8
     """The key is disabled."""
@@ -179,12 +179,20 @@ class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.Val
     """Address management is on and the destination is whitelisted, but was added
     too recently: usable from its WithdrawalAddress.usable_from.
     """
+    DECISION_VERIFICATION_BUSY: _Decision.ValueType  # 17
+    """The secret could not be verified before the caller's deadline: argon2's
+    budget of this server is spent for now (a flood of wrong secrets, a
+    restart's stampede, a slow machine). Says nothing about the key or the
+    secret; retry shortly. A verification already under way goes on, and once
+    it succeeds the next request is answered from memory.
+    """
 
 class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper):
     """Why Authorize allowed or refused a request. Checks run in this order, after
     request validation; the first that fails decides: UNKNOWN_KEY,
-    ACCOUNT_FROZEN, KEY_DISABLED, KEY_EXPIRED, IP_NOT_ALLOWED, RATE_LIMITED
-    (skipped for a secret this server already verified), BAD_SECRET (ED25519:
+    ACCOUNT_FROZEN, KEY_DISABLED, KEY_EXPIRED, IP_NOT_ALLOWED, RATE_LIMITED or
+    VERIFICATION_BUSY (both skipped for a secret this server already verified),
+    BAD_SECRET (ED25519:
     STALE_REQUEST, BAD_SIGNATURE, REPLAYED_REQUEST), PERMISSION_DENIED,
     IP_RESTRICTION_REQUIRED, SYMBOL_NOT_ALLOWED, ADDRESS_NOT_WHITELISTED or
     ADDRESS_ON_HOLD.
@@ -203,9 +211,9 @@ DECISION_PERMISSION_DENIED: Decision.ValueType  # 5
 DECISION_ADDRESS_NOT_WHITELISTED: Decision.ValueType  # 6
 """Address management is on and the destination is not whitelisted."""
 DECISION_RATE_LIMITED: Decision.ValueType  # 7
-"""Too many recent failed attempts for this key or from this client IP, or
-too many secrets waiting for verification: refused without checking the
-secret. A secret already verified by this server is still accepted.
+"""Too many recent failed attempts for this key from this client network, or
+from this network: refused without checking the secret. A secret already
+verified by this server is still accepted.
 """
 DECISION_KEY_DISABLED: Decision.ValueType  # 8
 """The key is disabled."""
@@ -231,6 +239,13 @@ not on the key's list.
 DECISION_ADDRESS_ON_HOLD: Decision.ValueType  # 16
 """Address management is on and the destination is whitelisted, but was added
 too recently: usable from its WithdrawalAddress.usable_from.
+"""
+DECISION_VERIFICATION_BUSY: Decision.ValueType  # 17
+"""The secret could not be verified before the caller's deadline: argon2's
+budget of this server is spent for now (a flood of wrong secrets, a
+restart's stampede, a slow machine). Says nothing about the key or the
+secret; retry shortly. A verification already under way goes on, and once
+it succeeds the next request is answered from memory.
 """
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
 
