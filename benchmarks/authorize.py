@@ -59,6 +59,7 @@ import psycopg2
 from _harness import KeyguardProcess, Measured, cpu_seconds, ensure_h2load, grpc_frame, pinned
 from keyguard import Aborted, Client, CreatedKey, Decision, KeyguardError
 from keyguard.v1 import keyguard_pb2 as pb
+from keyguard_server._secrets import new_private_key
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
 
 BOT_IP = "203.0.113.7"
@@ -197,13 +198,13 @@ def h2load(server: Server, path: str, body: bytes, name: str, requests: int, str
 
 
 def flood(port: int, token: str, access_key: str, rate: float, stop: multiprocessing.synchronize.Event) -> None:
-    """Wrong but well-formed secrets from many IPs at ``rate`` per second; prints decisions seen."""
+    """Wrong but well-formed secrets (a new one each call, so each reaches argon2) from many IPs at
+    ``rate`` per second; prints decisions seen."""
     seen: collections.Counter[str] = collections.Counter()
-    wrong = "kgsk_" + "A" * 43 + "_" + "000000"
     with Client(f"127.0.0.1:{port}", token=token) as client:
         interval, next_at, i = 1 / rate, time.monotonic(), 0
         while not stop.is_set():
-            result = client.authorize(access_key, wrong, f"198.51.100.{i % 250}", "trade")
+            result = client.authorize(access_key, new_private_key(), f"198.51.100.{i % 250}", "trade")
             seen[result.decision.name] += 1
             i += 1
             next_at += interval

@@ -29,23 +29,20 @@ Flood sources (the AuthorizeRequest's client_ip, which the gateway fills in):
   repeat-5     the same 5 wrong secrets in turn, from random addresses of 198.51.100.0/24
 
 Columns, good key (h2load): req/s alone and with the flood, and flood / alone; p50 and p99
-latency (ms) alone -> flood; server CPU per good request (utime+stime of the whole process
-from /proc over the phase / good requests done; in the flood phase this includes the flood's
-own cost, all of it charged to the good requests), and of it what is not argon2's.
+latency (ms) alone -> flood; the server process's own CPU per good request (utime+stime of
+all its threads from /proc/<pid>/stat over the phase / good requests done; in the flood
+phase this includes the flood's own cost outside argon2, all of it charged to the good
+requests), and "loop": its main thread's (the event loop's) share of that in the flood phase.
 
-argon2 share: of the server process's CPU time during the flood phase, the part that argon2
-used, from /proc/<pid>/task/*/stat. argon2-cffi's verifications run on the server's
-ThreadPoolExecutor(thread_name_prefix="argon2") threads, and with parallelism > 1 argon2
-starts a short-lived thread per lane for each slice, which exits within the run, so its CPU
-time is on no thread alive at the end of a phase. Counted as argon2: the pool's threads plus
-the CPU time of threads that exited during the phase (the process's total minus what its
-surviving threads gained). The pool's threads are those whose comm starts with "argon2"
-(Python >= 3.14 names OS threads after Python's thread names); on older Pythons every Python
-thread has the process's comm, so before the phases the script sends 6 wrong secrets at once
-(from 192.0.2.200, on the victim key) to the otherwise idle server and takes the Python
-threads that gained CPU time meanwhile (gRPC's core threads name themselves; its unnamed
-poller thread gains next to nothing from 6 calls). "loop" is the main thread's share (the
-event loop); what is neither argon2 nor loop is mostly gRPC's core threads.
+argon2: the server runs argon2 (verifications, and hashing new secrets) in child processes
+of its own (`<python> -I .../keyguard_server/_argon2_worker.py T M P`, at nice 19; they
+inherit the server's pinning to core 0), so their CPU time is on none of the server's
+threads. Counted as argon2: the utime+stime gained over the flood phase by the server's
+child processes (found by their ppid in /proc/*/stat) whose command line names
+_argon2_worker. Shown as a share of the machine's cores (argon2 CPU seconds / (phase
+seconds x os.cpu_count()): what the server's budget, argon2_cpu_share, default 0.5, bounds)
+and as a share of the CPU of the server and argon2 together. An
+argon2 process that ends during a phase takes its CPU time with it (a warning says so).
 
 Flood columns: the achieved send rate (calls sent during the phase / its seconds; skipped
 sends, if any, follow in brackets), the client's own CPU use (of core 1, shared with h2load),
@@ -73,7 +70,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,8 +94,7 @@ MODERATE_ARGON2 = {
 }
 FLOOD_CPU = 1  # the flooder's core: the clients' side, with h2load
 SETTLE_SECONDS = 3.0  # the flood runs this long before h2load starts: past the failure buckets' burst
-PROBE_RUNS = 6  # concurrent wrong secrets that find the argon2 threads (see argon2_threads)
-PROBE_IP = "192.0.2.200"
+ARGON2_WORKER = b"_argon2_worker"  # in the command line of the server's argon2 processes
 
 
 # -- the flooder (a process of its own) ---------------------------------------------------------
@@ -208,63 +203,59 @@ def flooder(
     results.put(asyncio.run(_flood(*args)))
 
 
-# -- the server's CPU time, by thread --------------------------------------------------------------
+# -- the server's CPU time, and its argon2 processes' ---------------------------------------------
 
 
-def _ticks(stat: str) -> float:
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _seconds(stat_fields: list[str]) -> float:
+    """utime + stime of a /proc/<pid>/stat (its fields after the comm)."""
+    return (int(stat_fields[11]) + int(stat_fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(path: Path) -> list[str]:
+    return path.read_text().rsplit(")", 1)[1].split()  # from field 3, the state; ppid is [1]
+
+
+def argon2_processes(pid: int) -> dict[int, float]:
+    """The CPU seconds of each of the server's child processes that runs _argon2_worker, by pid."""
+    found: dict[int, float] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):  # ended meanwhile, or not ours to read
+            fields = _stat_fields(proc / "stat")
+            if int(fields[1]) == pid and ARGON2_WORKER in (proc / "cmdline").read_bytes():
+                found[int(proc.name)] = _seconds(fields)
+    return found
 
 
 @dataclass
 class CpuSnapshot:
-    total: float  # the whole process, exited threads included
-    threads: dict[int, tuple[str, float]]  # tid -> (comm, seconds)
+    server: float  # the server process, all its threads (exited ones included; its children not)
+    loop: float  # its main thread: the event loop
+    argon2: dict[int, float]  # its argon2 processes: pid -> CPU seconds
 
     @classmethod
     def of(cls, pid: int) -> CpuSnapshot:
-        threads: dict[int, tuple[str, float]] = {}
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # exited meanwhile
-                threads[int(task.name)] = ((task / "comm").read_text().strip(), _ticks((task / "stat").read_text()))
-        return cls(_ticks(Path(f"/proc/{pid}/stat").read_text()), threads)
+        return cls(
+            _seconds(_stat_fields(Path(f"/proc/{pid}/stat"))),
+            _seconds(_stat_fields(Path(f"/proc/{pid}/task/{pid}/stat"))),
+            argon2_processes(pid),
+        )
 
 
 @dataclass
 class CpuSplit:
-    total: float
+    server: float
+    loop: float
     argon2: float
-    loop: float  # the main thread: the event loop
 
 
-def argon2_threads(server: Server, victim: str) -> set[int]:
-    """The server's argon2 threads: named so (Python >= 3.14), or else the Python threads (comm
-    that of the process) that gain CPU time while PROBE_RUNS wrong secrets are verified at once,
-    the server otherwise idle."""
-    pid = server.proc.pid
-    before = CpuSnapshot.of(pid)
-    if named := {tid for tid, (comm, _) in before.threads.items() if comm.startswith("argon2")}:
-        return named
-    with server.client() as client, ThreadPoolExecutor(PROBE_RUNS) as pool:
-        list(pool.map(lambda _: client.authorize(victim, new_private_key(), PROBE_IP, "read"), range(PROBE_RUNS)))
-    after = CpuSnapshot.of(pid)
-    main_comm = after.threads[pid][0]
-    gained = {
-        tid: seconds - before.threads.get(tid, (comm, 0.0))[1]
-        for tid, (comm, seconds) in after.threads.items()
-        if tid != pid and comm == main_comm
-    }
-    most = max(gained.values(), default=0.0)
-    return {tid for tid, seconds in gained.items() if most > 0 and seconds >= most / 4}
-
-
-def cpu_split(pid: int, argon2: set[int], before: CpuSnapshot, after: CpuSnapshot) -> CpuSplit:
-    """The process's CPU time between two snapshots, and argon2's and the main thread's part of it
-    (see the module's docstring)."""
-    gained = {tid: seconds - before.threads.get(tid, (comm, 0.0))[1] for tid, (comm, seconds) in after.threads.items()}
-    total = after.total - before.total
-    exited = max(0.0, total - sum(gained.values()))  # argon2's lane threads
-    return CpuSplit(total, sum(gained.get(tid, 0.0) for tid in argon2) + exited, gained.get(pid, 0.0))
+def cpu_split(before: CpuSnapshot, after: CpuSnapshot) -> CpuSplit:
+    """CPU seconds between two snapshots: the server process's, its main thread's, argon2's."""
+    if ended := sorted(set(before.argon2) - set(after.argon2)):
+        print(f"  argon2 processes {ended} ended during the phase: their CPU time is not counted", file=sys.stderr)
+    argon2 = sum(seconds - before.argon2.get(pid, 0.0) for pid, seconds in after.argon2.items())
+    return CpuSplit(after.server - before.server, after.loop - before.loop, argon2)
 
 
 # -- the phases ----------------------------------------------------------------------------------
@@ -291,17 +282,23 @@ class Phase:
     flood: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def cpu_us(self) -> float:
-        return self.cpu.total / max(1, self.done) * 1e6
+    def server_us(self) -> float:
+        """The server process's own CPU per good request (argon2's processes not included)."""
+        return self.cpu.server / max(1, self.done) * 1e6
 
     @property
-    def non_argon2_us(self) -> float:
-        return (self.cpu.total - self.cpu.argon2) / max(1, self.done) * 1e6
+    def argon2_of_cores(self) -> float:
+        """argon2's CPU as a share of the machine's cores over the phase (what its budget bounds)."""
+        return self.cpu.argon2 / (self.seconds * (os.cpu_count() or 1))
+
+    @property
+    def argon2_of_cpu(self) -> float:
+        """argon2's part of the CPU of the server and argon2 together."""
+        return self.cpu.argon2 / ((self.cpu.server + self.cpu.argon2) or float("nan"))
 
 
 def measure(
     setup: Setup,
-    argon2: set[int],
     work: Path,
     name: str,
     args: argparse.Namespace,
@@ -333,7 +330,7 @@ def measure(
         after = CpuSnapshot.of(server.proc.pid)
     finally:
         stop.set()
-    cpu = cpu_split(server.proc.pid, argon2, before, after)
+    cpu = cpu_split(before, after)
     phase = Phase(row.rps, row.p50_ms, row.p99_ms, row.failed, done, cpu, ended - started)
     if process is not None:
         report: FloodReport = results.get(timeout=args.deadline + 60)
@@ -376,9 +373,8 @@ def run_row(source: str, rate: float, args: argparse.Namespace, work: Path) -> R
         warm = work / f"warm-{stem}.bin"
         warm.write_bytes(setup.body)
         h2load_grpc(server.port, server.token, AUTH, warm, work / f"warm-{stem}.tsv", streams=args.streams, seconds=1)
-        argon2 = argon2_threads(server, setup.victim)
-        alone = measure(setup, argon2, work, f"alone-{stem}", args, None)
-        flooded = measure(setup, argon2, work, f"flood-{stem}", args, (source, rate))
+        alone = measure(setup, work, f"alone-{stem}", args, None)
+        flooded = measure(setup, work, f"flood-{stem}", args, (source, rate))
     finally:
         server.stop(f" ({source} at {rate:g}/s)")
     return Row(source, rate, alone, flooded)
@@ -420,19 +416,19 @@ def print_header(args: argparse.Namespace) -> None:
 def print_table(rows: list[Row]) -> None:
     print(
         "| source | offered/s | sent/s | flood CPU | good req/s alone | flooded | ratio | p50 ms | p99 ms "
-        "| CPU us/good | non-argon2 us/good | argon2 share | loop share | flood decisions | flood p50 ms |"
+        "| server CPU us/good | loop share | argon2 of cores | argon2 of server+argon2 "
+        "| flood decisions | flood p50 ms |"
     )
     print("|" + "---|" * 15)
     for r in rows:
         a, f, fl = r.alone, r.flooded, r.flooded.flood
         sent = f"{fl['sent_per_s']:.0f}" + (f" ({fl['skipped_per_s']:.0f} skipped)" if fl["skipped_per_s"] else "")
-        total = f.cpu.total or float("nan")
         print(
             f"| {r.source} | {r.rate:g} | {sent} | {fl['client_cpu']:.0%} | {a.rps:.0f} | {f.rps:.0f} "
             f"| {f.rps / a.rps:.2f} | {a.p50_ms:.2f} -> {f.p50_ms:.2f} | {a.p99_ms:.2f} -> {f.p99_ms:.2f} "
-            f"| {a.cpu_us:.0f} -> {f.cpu_us:.0f} | {a.non_argon2_us:.0f} -> {f.non_argon2_us:.0f} "
-            f"| {f.cpu.argon2 / total:.0%} | {f.cpu.loop / total:.0%} | {outcome_text(fl['outcomes'])} "
-            f"| {fl['p50_ms']:.0f} |"
+            f"| {a.server_us:.0f} -> {f.server_us:.0f} | {f.cpu.loop / (f.cpu.server or float('nan')):.0%} "
+            f"| {f.argon2_of_cores:.0%} | {f.argon2_of_cpu:.0%} "
+            f"| {outcome_text(fl['outcomes'])} | {fl['p50_ms']:.0f} |"
         )
     failed = [(r.source, r.rate, r.alone.failed, r.flooded.failed) for r in rows if r.alone.failed or r.flooded.failed]
     for source, rate, alone, flooded in failed:
