@@ -370,3 +370,33 @@ def test_keyguard_down_means_envoy_denies(envoy: str, keyguard: RunningServer, t
     keyguard.stop()  # last test of the module: the fixture's server is gone now
     status, _ = call(f"{envoy}/api/v3/account", trade_key)
     assert status == 403  # fail closed: Envoy's answer when its ext_authz service fails
+
+
+def test_a_new_key_is_usable_through_a_gateway_timeout_shorter_than_argon2(
+    launch: StartServer, account: str, tmp_path: Path
+) -> None:
+    """ext_authz with the README's 0.5 s timeout, argon2 slower than that: the first request is
+    told to retry (503, not "too many failed attempts"), the verification goes on and is
+    remembered, and the key's second or third request is allowed."""
+    slow = launch(envoy_routes=ROUTES, argon2_time_cost=16, argon2_memory_kib=65536, argon2_parallelism=1)
+    assert slow.server.authorizer is not None
+    assert slow.server.authorizer.hasher.seconds > 0.5, "argon2 was too fast for this test to mean anything"
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    bootstrap = BOOTSTRAP.replace("timeout: 2s", "timeout: 0.5s").format(
+        token=slow.admin_token, upstream_port=upstream.server_address[1], keyguard_port=slow.server.port
+    )
+    try:
+        with slow.client() as client:
+            key = client.create_key(account, "bot", "read", [])
+        with run_envoy(bootstrap, tmp_path) as url:
+            answers = [call(f"{url}/api/v3/account", key) for _ in range(3)]
+            statuses = [status for status, _ in answers]
+            assert statuses[0] == 503, answers[0]
+            assert answers[0][1]["error"] == "VERIFICATION_BUSY"
+            assert 200 in statuses[1:], answers
+            assert call(f"{url}/api/v3/account", key)[0] == 200  # from memory from now on
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
+        slow.stop()
