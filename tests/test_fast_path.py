@@ -39,7 +39,7 @@ SLOW_ARGON2 = {"argon2_time_cost": 6, "argon2_memory_kib": 65536, "argon2_parall
 
 def verifications(server: RunningServer) -> int:
     assert server.server.authorizer is not None
-    return server.server.authorizer.argon2_verifications
+    return server.server.authorizer.hasher.verifications
 
 
 def allow(client: Client, key: CreatedKey, secret: str | None = None, ip: str = BOT_IP) -> Decision:

@@ -37,14 +37,14 @@ def decide(client: Client, key: CreatedKey, secret: str, ip: str = BOT_IP) -> De
 
 def verifications(server: RunningServer) -> int:
     assert server.server.authorizer is not None
-    return server.server.authorizer.argon2_verifications
+    return server.server.authorizer.hasher.verifications
 
 
 def test_argon2_runs_at_the_lowest_cpu_priority(start_server: StartServer) -> None:
     """argon2 runs in processes of its own at nice 19: it gets only the CPU the loop leaves."""
     server = start_server()
     assert server.server.authorizer is not None
-    pids = server.server.authorizer.argon2_process_ids
+    pids = server.server.authorizer.hasher.process_ids
     assert pids
     for pid in pids:
         nice = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
@@ -71,17 +71,17 @@ def test_the_budget_bounds_argon2_whatever_the_flood(start_server: StartServer, 
     server = start_server(argon2_cpu_share=share, argon2_threads=2, failure_burst=1000, **SLOWER_ARGON2)
     authorizer = server.server.authorizer
     assert authorizer is not None
-    budget = share * authorizer.cpus
+    budget = share * authorizer.hasher.cpus
     with server.client() as client, ThreadPoolExecutor(32) as pool:
         key = client.create_key(account, "victim", "read", [])
-        used_before, started = authorizer.argon2_cpu_used, time.monotonic()
+        used_before, started = authorizer.hasher.cpu_used, time.monotonic()
         ips = [f"{random.randrange(1, 224)}.{random.randrange(256)}.{random.randrange(256)}.7" for _ in range(300)]
         answers = list(pool.map(lambda ip: decide(client, key, new_private_key(), ip), ips))
         elapsed = time.monotonic() - started
-        used = authorizer.argon2_cpu_used - used_before
+        used = authorizer.hasher.cpu_used - used_before
     # The bucket starts full (at most a second's worth, or a run per process) and refills at the budget.
-    allowance = max(budget, 2 * authorizer.argon2_cpu_seconds) + budget * elapsed
-    assert used <= allowance * 1.2 + authorizer.argon2_cpu_seconds, (used, allowance, elapsed)
+    allowance = max(budget, 2 * authorizer.hasher.cpu_seconds) + budget * elapsed
+    assert used <= allowance * 1.2 + authorizer.hasher.cpu_seconds, (used, allowance, elapsed)
     assert set(answers) <= {Decision.BAD_SECRET, Decision.VERIFICATION_BUSY}
     assert answers.count(Decision.VERIFICATION_BUSY) > answers.count(Decision.BAD_SECRET)
 
@@ -122,7 +122,7 @@ def test_a_verification_that_outlasts_its_callers_deadline_is_remembered(
     request is allowed from memory."""
     server = start_server(**DEFAULT_ARGON2)
     assert server.server.authorizer is not None
-    run = server.server.authorizer.argon2_seconds
+    run = server.server.authorizer.hasher.seconds
     with server.client() as setup:
         key = setup.create_key(account, "bot", "read", [])
     with Client(server.target, timeout=run / 4, token=server.admin_token) as gateway:
@@ -155,7 +155,7 @@ def test_a_flood_over_many_accounts_never_refuses_another_accounts_first_verific
         try:
             time.sleep(1.0)  # the flood has failed, and fills argon2's queue
             assert server.server.authorizer is not None
-            assert server.server.authorizer.argon2_pending > 1
+            assert server.server.authorizer.hasher.pending > 1
             with Client(server.target, timeout=5, token=server.admin_token) as victim, ThreadPoolExecutor(12) as them:
                 results = list(them.map(lambda key: decide(victim, key, key.private_key), others))
         finally:

@@ -36,7 +36,7 @@ SLOWER_ARGON2 = {"argon2_time_cost": 3, "argon2_memory_kib": 16384, "argon2_para
 
 def verifications(server: RunningServer) -> int:
     assert server.server.authorizer is not None
-    return server.server.authorizer.argon2_verifications
+    return server.server.authorizer.hasher.verifications
 
 
 def decide(client: Client, key: CreatedKey, secret: str, ip: str) -> Decision:
@@ -265,11 +265,11 @@ def test_an_account_flooding_from_networks_it_proved_cannot_starve_other_account
         # The victims' deadline: a handful of argon2 runs on this machine (taking turns, each waits
         # for a few of the flood's runs), far fewer than the ~100 the flood queues.
         assert server.server.authorizer is not None
-        deadline = max(0.5, 15 * server.server.authorizer.argon2_seconds)
+        deadline = max(0.5, 15 * server.server.authorizer.hasher.seconds)
         with ThreadPoolExecutor(100) as pool:
             flood = [pool.submit(decide, client, own[i % 2], new_private_key(), networks[i % 8]) for i in range(150)]
             filled_by = time.monotonic() + 10
-            while server.server.authorizer.argon2_pending < 60:  # the flood fills the queue
+            while server.server.authorizer.hasher.pending < 60:  # the flood fills the queue
                 assert time.monotonic() < filled_by, "the flood did not queue"
                 time.sleep(0.01)
             with Client(server.target, token=server.admin_token, timeout=deadline) as gateway:

@@ -354,12 +354,12 @@ def test_a_frozen_account_refuses_every_key_until_unfrozen(guarded: RunningServe
     assert settings.frozen and kg.get_account_settings(account).frozen
     authorizer = guarded.server.authorizer
     assert authorizer is not None
-    runs = authorizer.argon2_verifications
+    runs = authorizer.hasher.verifications
     assert trade(kg, trader) is Decision.ACCOUNT_FROZEN
     result = kg.authorize(reader.key.access_key, reader.private_key, "198.51.100.1", "read")
     assert (result.decision, result.account_id) == (Decision.ACCOUNT_FROZEN, "")  # nothing told before the secret
     assert kg.authorize(reader.key.access_key, "kgsk_wrong", BOT_IP, "read").decision is Decision.ACCOUNT_FROZEN
-    assert authorizer.argon2_verifications == runs  # decided before any argon2
+    assert authorizer.hasher.verifications == runs  # decided before any argon2
     assert trade(kg, neighbour) is Decision.ALLOW  # other accounts are not touched
     assert len(kg.list_keys(account)) == 2  # keys are kept
     assert not kg.unfreeze_account(account).frozen

@@ -154,7 +154,7 @@ class Authorizer:
 
     def __init__(self, store: Store, hasher: SecretHasher, config: Config) -> None:
         self._store = store
-        self._hasher = hasher
+        self.hasher = hasher  # its figures (runs, CPU, pending) are the operator's and the tests' too
         # Whether decide_now can ever decide (SQLite): elsewhere servicers go straight to authorize.
         self.decides_now = store.reads_inline
         self.cache = VerificationCache(config.verify_cache_size)
@@ -171,39 +171,6 @@ class Authorizer:
         self._max_proven = config.verify_cache_size
         # The unrestricted-key policy (0: off).
         self._lapse_us = config.unrestricted_key_days * DAY_US
-
-    @property
-    def argon2_verifications(self) -> int:
-        return self._hasher.verifications
-
-    @property
-    def argon2_pending(self) -> int:
-        """argon2 verifications running or queued."""
-        return self._hasher.pending
-
-    @property
-    def argon2_cpu_seconds(self) -> float:
-        """argon2's CPU time per verification on this machine."""
-        return self._hasher.cpu_seconds
-
-    @property
-    def argon2_cpu_used(self) -> float:
-        """CPU seconds argon2 verifications used since the start (the budget bounds it)."""
-        return self._hasher.cpu_used
-
-    @property
-    def argon2_process_ids(self) -> list[int]:
-        return self._hasher.process_ids
-
-    @property
-    def cpus(self) -> int:
-        """The cores argon2's budget is a share of."""
-        return self._hasher.cpus
-
-    @property
-    def argon2_seconds(self) -> float:
-        """argon2's time per verification on this machine (measured at start, then kept up to date)."""
-        return self._hasher.seconds
 
     def decide_now(
         self,
@@ -456,7 +423,7 @@ class Authorizer:
             while True:  # until this secret is known good, joins a run, or holds its tokens
                 if self.cache.hit(candidate, secret):  # verified while this call waited
                     return candidate
-                if joining := self._hasher.is_running(candidate, secret):
+                if joining := self.hasher.is_running(candidate, secret):
                     break
                 if (left := deadline - time.monotonic()) <= 0:
                     return Decision.VERIFICATION_BUSY
@@ -467,7 +434,7 @@ class Authorizer:
                     break
                 await self._failures.settled(left, *buckets)
             try:
-                run = self._hasher.submit(
+                run = self.hasher.submit(
                     candidate,
                     secret,
                     share=row.account_id,
