@@ -10,6 +10,7 @@ to the decision made before it.
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -41,14 +42,17 @@ def verifications(server: RunningServer) -> int:
 
 
 def test_argon2_runs_at_the_lowest_cpu_priority(start_server: StartServer) -> None:
-    """argon2 runs in processes of its own at nice 19: it gets only the CPU the loop leaves."""
+    """argon2 runs in processes of its own at the lowest priority (SCHED_IDLE, nice 19): it gets
+    only the CPU the loop leaves."""
     server = start_server()
     assert server.server.authorizer is not None
     pids = server.server.authorizer.hasher.process_ids
     assert pids
     for pid in pids:
-        nice = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        nice, policy = int(fields[16]), int(fields[38])  # proc(5): nice, then policy
         assert nice == LOWEST_PRIORITY
+        assert policy == os.SCHED_IDLE
 
 
 def test_a_repeated_wrong_secret_costs_one_argon2_run(start_server: StartServer, account: str) -> None:

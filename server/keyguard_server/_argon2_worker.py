@@ -7,8 +7,8 @@ hash><TAB><secret>`` in, ``<1 or 0> <CPU seconds>`` out; or ``hash<TAB><secret>`
 ``<argon2id hash> <CPU seconds>`` out. Running argon2 in a process of its own, rather than a
 thread of the server's, is what keeps a flood of wrong secrets from slowing anyone else:
 
-- the process runs at the lowest CPU priority (nice 19, inherited by the lane threads
-  argon2 starts), so it only gets CPU the event loop leaves;
+- the process runs at the lowest CPU priority (SCHED_IDLE and nice 19, inherited by the
+  lane threads argon2 starts), so it only gets CPU the event loop leaves;
 - no thread of the server has to win the GIL from a busy event loop to start a run or to
   hand its result back: the loop reads the answer from a pipe it polls itself;
 - the process's own CPU time is argon2's alone, so each answer says what the run cost, and
@@ -28,8 +28,16 @@ import argon2
 LOWEST_PRIORITY = 19
 
 
-def main() -> None:
+def lowest_priority() -> None:
+    """Linux's SCHED_IDLE where there is one (it runs only when nothing else wants the core:
+    a weight of 3 against 15 for nice 19, and argon2's lane threads inherit it), and nice 19."""
     os.nice(LOWEST_PRIORITY - os.nice(0))
+    if hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+def main() -> None:
+    lowest_priority()
     time_cost, memory_kib, parallelism = (int(arg) for arg in sys.argv[1:4])
     hasher = argon2.PasswordHasher(
         time_cost=time_cost, memory_cost=memory_kib, parallelism=parallelism, type=argon2.Type.ID

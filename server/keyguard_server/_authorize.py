@@ -417,7 +417,7 @@ class Authorizer:
         )
         # What a failure here marks (SecretHasher.priority): this network's proof of the account's
         # keys, the account, the client's wide network.
-        marks = (f"{row.account_id} {network}", f"account {row.account_id}", f"network {wide_network(ip)}")
+        marks = (("proof", row.account_id, network), ("account", row.account_id), ("network", wide_network(ip)))
         charged = 0  # failed runs of earlier candidates this call started
         for candidate in candidates:
             while True:  # until this secret is known good, joins a run, or holds its tokens

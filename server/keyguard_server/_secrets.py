@@ -102,6 +102,9 @@ class Priority(enum.IntEnum):
 # How long a failed verification marks its account and client network as suspect.
 SUSPECT_SECONDS = 60.0
 MAX_SUSPECTS = 100_000  # marks remembered (least recently marked forgotten first)
+# What a failed verification marks: ("proof", account, client network), ("account", account),
+# ("network", wide network). See SecretHasher.priority.
+Mark = tuple[str, ...]
 
 
 @dataclass(eq=False)
@@ -110,7 +113,7 @@ class _Job:
     secret: str
     result: asyncio.Future[bool]
     cache: VerificationCache | None
-    marks: tuple[str, ...]  # what a failure marks as suspect (see SecretHasher.priority)
+    marks: tuple[Mark, ...]  # what a failure marks as suspect
     expires: float  # the hasher's clock: not started by then, it is dropped (its callers are gone)
 
 
@@ -186,7 +189,7 @@ class SecretHasher:
         self._queues: dict[Priority, OrderedDict[str, deque[_Job]]] = {p: OrderedDict() for p in Priority}
         self._coalesce_key = secrets.token_bytes(32)
         self._in_flight: dict[tuple[str, bytes], _Job] = {}
-        self._failed_at: OrderedDict[str, float] = OrderedDict()  # mark -> when it last failed
+        self._failed_at: OrderedDict[Mark, float] = OrderedDict()  # mark -> when it last failed
         # argon2's time (wall) and CPU cost per verification, measured as it runs; see calibrate().
         self._seconds = 0.1
         self._cpu_seconds = 0.1
@@ -311,15 +314,15 @@ class SecretHasher:
         """Whether a verification of this secret against this hash is under way (a new ask joins it)."""
         return self._run_key(stored_hash, secret) in self._in_flight
 
-    def priority(self, proven: bool, marks: tuple[str, ...]) -> Priority:
-        """PROVEN if ``proven`` and no verification failed lately with the first of ``marks``
-        (the key's account and the client network: a network proven once cannot then flood
-        ahead of everyone); else SUSPECT if one failed with any of the others, else CLEAN."""
+    def priority(self, proven: bool, marks: tuple[Mark, ...]) -> Priority:
+        """PROVEN if ``proven`` and its ("proof", ...) mark did not fail lately (a network that
+        proved an account's key once cannot then flood ahead of everyone); else SUSPECT if any
+        other of ``marks`` failed lately; else CLEAN."""
         since = self._clock() - SUSPECT_SECONDS
-        failed = [self._failed_at.get(mark, since) > since for mark in marks]
-        if proven and not (failed and failed[0]):
+        failed = {mark[0] for mark in marks if self._failed_at.get(mark, since) > since}
+        if proven and "proof" not in failed:
             return Priority.PROVEN
-        return Priority.SUSPECT if any(failed[1:]) else Priority.CLEAN
+        return Priority.SUSPECT if failed - {"proof"} else Priority.CLEAN
 
     def submit(
         self,
@@ -328,7 +331,7 @@ class SecretHasher:
         *,
         share: str = "",
         proven: bool = False,
-        marks: tuple[str, ...] = (),
+        marks: tuple[Mark, ...] = (),
         time_left: float = 10.0,
         cache: VerificationCache | None = None,
     ) -> asyncio.Future[bool]:
