@@ -27,6 +27,9 @@ Flood sources (the AuthorizeRequest's client_ip, which the gateway fills in):
   all-ipv4     a random IPv4 address per call (any of the 2**32 but the bot's)
   ipv6-/64s    a random address of 2000::/3 per call: a random /64, a random host part
   repeat-5     the same 5 wrong secrets in turn, from random addresses of 198.51.100.0/24
+  unknown-key  the control: access keys of no key (UNKNOWN_KEY, decided at once without a
+               wait), from random addresses of 198.51.100.0/24: what any flood of that many
+               Authorize calls costs the loop, argon2 or not
 
 Columns, good key (h2load): req/s alone and with the flood, and flood / alone; p50 and p99
 latency (ms) alone -> flood; the server process's own CPU per good request (utime+stime of
@@ -82,9 +85,9 @@ from authorize import AUTH, BOT_IP, Server, Setup, set_up
 
 from _harness import KeyguardProcess, h2load_grpc
 from keyguard.v1 import keyguard_pb2 as pb
-from keyguard_server._secrets import new_private_key
+from keyguard_server._secrets import new_access_key, new_private_key
 
-SOURCES = ("one-address", "one-/24", "all-ipv4", "ipv6-/64s", "repeat-5")
+SOURCES = ("one-address", "one-/24", "all-ipv4", "ipv6-/64s", "repeat-5", "unknown-key")
 ONE_ADDRESS = "192.0.2.10"
 ONE_24 = "198.51.100."
 GLOBAL_UNICAST_V6 = 1 << 125  # 2000::/3: the top three bits 001
@@ -114,7 +117,7 @@ def client_ips(source: str, rng: random.Random) -> str:
     """The client_ip of the flood's next call."""
     if source == "one-address":
         return ONE_ADDRESS
-    if source in ("one-/24", "repeat-5"):
+    if source in ("one-/24", "repeat-5", "unknown-key"):
         return f"{ONE_24}{rng.randrange(256)}"
     if source == "all-ipv4":
         while (ip := str(ipaddress.IPv4Address(rng.getrandbits(32)))) == BOT_IP:
@@ -174,7 +177,7 @@ async def _flood(
                 continue
             secret = repeated[sent % len(repeated)] if source == "repeat-5" else new_private_key()
             request = pb.AuthorizeRequest(
-                access_key=access_key,
+                access_key=new_access_key() if source == "unknown-key" else access_key,
                 private_key=secret,
                 client_ip=client_ips(source, rng),
                 required_permission=pb.PERMISSION_READ,

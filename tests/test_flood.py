@@ -22,7 +22,7 @@ import pytest
 
 from keyguard import Client, CreatedKey, Decision, KeyType, Permission, WithdrawalDestination, sign_request
 from keyguard_server._argon2_worker import LOWEST_PRIORITY
-from keyguard_server._secrets import new_private_key
+from keyguard_server._secrets import Priority, new_private_key
 from tests.conftest import RunningServer, StartServer
 
 BOT_IP = "203.0.113.7"
@@ -41,18 +41,27 @@ def verifications(server: RunningServer) -> int:
     return server.server.authorizer.hasher.verifications
 
 
-def test_argon2_runs_at_the_lowest_cpu_priority(start_server: StartServer) -> None:
-    """argon2 runs in processes of its own at the lowest priority (SCHED_IDLE, nice 19): it gets
-    only the CPU the loop leaves."""
+def scheduling(pid: int) -> tuple[int, int]:
+    """A process's nice value and scheduling policy (proc(5))."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[16]), int(fields[38])
+
+
+def test_suspect_verifications_run_at_the_lowest_cpu_priority(start_server: StartServer, account: str) -> None:
+    """argon2 runs in processes of its own: suspect verifications (after failures from their
+    account or network) at the lowest priority (SCHED_IDLE, nice 19), where they get only the
+    CPU the loop leaves; the others at normal priority, so a correct secret's first
+    verification progresses however busy the machine is."""
     server = start_server()
     assert server.server.authorizer is not None
-    pids = server.server.authorizer.hasher.process_ids
-    assert pids
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        nice, policy = int(fields[16]), int(fields[38])  # proc(5): nice, then policy
-        assert nice == LOWEST_PRIORITY
-        assert policy == os.SCHED_IDLE
+    hasher = server.server.authorizer.hasher
+    assert {scheduling(pid) for pid in hasher.process_ids(background=True)} == {(LOWEST_PRIORITY, os.SCHED_IDLE)}
+    assert {scheduling(pid) for pid in hasher.process_ids(background=False)} == {(0, os.SCHED_OTHER)}
+    with server.client() as client:
+        key = client.create_key(account, "bot", "read", [])
+        assert decide(client, key, new_private_key(), "198.51.100.1") is Decision.BAD_SECRET  # the account is suspect
+        assert hasher.priority(False, (("account", account),)) is Priority.SUSPECT
+        assert hasher.priority(False, (("account", f"{account}-other"),)) is Priority.CLEAN
 
 
 def test_a_repeated_wrong_secret_costs_one_argon2_run(start_server: StartServer, account: str) -> None:
@@ -213,3 +222,24 @@ def test_a_freeze_during_the_whitelist_lookup_wins(start_server: StartServer, ac
                 client.freeze_account(account, reason="incident")  # acknowledged during the wait
                 locker.commit()
                 assert answer.result().decision is Decision.ACCOUNT_FROZEN
+
+
+def test_two_secrets_for_one_key_make_it_suspect_before_any_run_fails(start_server: StartServer, account: str) -> None:
+    """A bot has one secret; a flood tries several per key. The second distinct secret for a key
+    marks it suspect at once (both go to the background queue), long before argon2 has failed
+    either: a flood over many fresh keys cannot keep its first attempts ahead of everyone."""
+    server = start_server(argon2_time_cost=16, argon2_memory_kib=65536, argon2_parallelism=1)
+    assert server.server.authorizer is not None
+    hasher = server.server.authorizer.hasher
+    assert hasher.seconds > 0.5, "argon2 was too fast for this test to mean anything"
+    with server.client() as client:
+        key = client.create_key(account, "bot", "read", [])
+        ((stored_hash,),) = server.sql("SELECT secret_hash FROM key_model WHERE access_key = ?", (key.key.access_key,))
+        assert hasher.priority(False, (("key", stored_hash),)) is Priority.CLEAN
+        started = time.monotonic()
+        with Client(server.target, timeout=0.1, token=server.admin_token) as hurried:
+            for _ in range(2):  # each gives up before argon2 could answer
+                assert decide(hurried, key, new_private_key()) is Decision.VERIFICATION_BUSY
+        assert hasher.priority(False, (("key", stored_hash),)) is Priority.SUSPECT
+        assert time.monotonic() - started < hasher.seconds  # no run had failed yet
+        assert decide(client, key, key.private_key) is Decision.ALLOW  # suspect is an order, not a refusal

@@ -1,5 +1,6 @@
-"""One argon2 process (``python -I .../_argon2_worker.py T M P``), run as a script: it imports
-argon2-cffi and nothing of keyguard's (whose import would, for one, register metrics).
+"""One argon2 process (``python -I .../_argon2_worker.py T M P background|foreground``), run as
+a script: it imports argon2-cffi and nothing of keyguard's (whose import would, for one,
+register metrics).
 
 :class:`keyguard_server._secrets.SecretHasher` starts a few of these and talks to them over
 their standard input and output, one job at a time each: a line ``verify<TAB><stored
@@ -7,8 +8,11 @@ hash><TAB><secret>`` in, ``<1 or 0> <CPU seconds>`` out; or ``hash<TAB><secret>`
 ``<argon2id hash> <CPU seconds>`` out. Running argon2 in a process of its own, rather than a
 thread of the server's, is what keeps a flood of wrong secrets from slowing anyone else:
 
-- the process runs at the lowest CPU priority (SCHED_IDLE and nice 19, inherited by the
-  lane threads argon2 starts), so it only gets CPU the event loop leaves;
+- suspect verifications (where wrong secrets came from lately) run in background processes
+  at the lowest CPU priority (SCHED_IDLE and nice 19, inherited by the lane threads argon2
+  starts): a flood's argon2 only gets CPU the event loop leaves. The others run at normal
+  priority, so a correct secret's first verification progresses however busy the machine is;
+
 - no thread of the server has to win the GIL from a busy event loop to start a run or to
   hand its result back: the loop reads the answer from a pipe it polls itself;
 - the process's own CPU time is argon2's alone, so each answer says what the run cost, and
@@ -26,6 +30,7 @@ import time
 import argon2
 
 LOWEST_PRIORITY = 19
+BACKGROUND, FOREGROUND = "background", "foreground"  # the last argument: at the lowest priority or not
 
 
 def lowest_priority() -> None:
@@ -37,7 +42,8 @@ def lowest_priority() -> None:
 
 
 def main() -> None:
-    lowest_priority()
+    if sys.argv[4] == BACKGROUND:
+        lowest_priority()
     time_cost, memory_kib, parallelism = (int(arg) for arg in sys.argv[1:4])
     hasher = argon2.PasswordHasher(
         time_cost=time_cost, memory_cost=memory_kib, parallelism=parallelism, type=argon2.Type.ID

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import hashlib
 import hmac
 import logging
@@ -103,7 +104,7 @@ class Priority(enum.IntEnum):
 SUSPECT_SECONDS = 60.0
 MAX_SUSPECTS = 100_000  # marks remembered (least recently marked forgotten first)
 # What a failed verification marks: ("proof", account, client network), ("account", account),
-# ("network", wide network). See SecretHasher.priority.
+# ("network", wide network), ("key", stored hash). See SecretHasher.priority.
 Mark = tuple[str, ...]
 
 
@@ -115,6 +116,9 @@ class _Job:
     cache: VerificationCache | None
     marks: tuple[Mark, ...]  # what a failure marks as suspect
     expires: float  # the hasher's clock: not started by then, it is dropped (its callers are gone)
+    share: str
+    priority: Priority
+    queued: bool = True  # not yet started
 
 
 @dataclass(eq=False)
@@ -129,14 +133,31 @@ class _Worker:
     reading: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
+@dataclass(eq=False)
+class _Pool:
+    """Verifier processes that serve some priorities, and their time per run, measured."""
+
+    serves: tuple[Priority, ...]
+    background: bool  # at the lowest CPU priority: runs only on CPU nobody else wants
+    workers: list[_Worker] = field(default_factory=list)
+    seconds: float = 0.1
+
+    @property
+    def running(self) -> int:
+        return sum(worker.job is not None for worker in self.workers)
+
+
 class SecretHasher:
     """argon2id hashing and verification off the event loop, bounded, prioritised and fair.
 
     argon2 costs tens of milliseconds of CPU by design, and verifications are driven by
     untrusted bots, so:
 
-    - Verifications run in worker processes at the lowest CPU priority (``_argon2_worker``):
-      they use the CPU the event loop leaves, and never need the loop's GIL.
+    - Verifications run in processes of their own (``_argon2_worker``), so they never need the
+      loop's GIL. Suspect ones (see below) run in ``processes`` of their own at the lowest CPU
+      priority: a flood's argon2 uses only CPU nobody else wants, and never slows the loop.
+      The others run in ``processes`` at normal priority: a correct secret's first
+      verification makes progress however busy the machine is.
     - A **budget**: argon2 may use ``cpu_share`` of the machine's cores on average (a token
       bucket of CPU seconds, charged each run's measured cost), whatever the flood looks like.
     - Concurrent verifications of the same secret against the same hash are *coalesced*:
@@ -173,7 +194,10 @@ class SecretHasher:
         self._hash_worker: _Worker | None = None  # one process hashes new secrets, in turn
         self._hash_turn = asyncio.Lock()
         self._processes = processes
-        self._workers: list[_Worker] = []
+        self._pools = (
+            _Pool((Priority.PROVEN, Priority.CLEAN), background=False),
+            _Pool((Priority.SUSPECT,), background=True),
+        )
         self._max_pending = max_pending
         self._max_pending_hashes = max_pending_hashes
         self._max_wait = max_wait
@@ -189,9 +213,11 @@ class SecretHasher:
         self._queues: dict[Priority, OrderedDict[str, deque[_Job]]] = {p: OrderedDict() for p in Priority}
         self._coalesce_key = secrets.token_bytes(32)
         self._in_flight: dict[tuple[str, bytes], _Job] = {}
+        self._by_hash: dict[str, list[_Job]] = {}  # stored hash -> its jobs not done (distinct secrets)
+        self._last_tried: OrderedDict[str, bytes] = OrderedDict()  # stored hash -> its last secret's digest
         self._failed_at: OrderedDict[Mark, float] = OrderedDict()  # mark -> when it last failed
-        # argon2's time (wall) and CPU cost per verification, measured as it runs; see calibrate().
-        self._seconds = 0.1
+        # argon2's CPU cost per verification, measured as it runs (its wall time: the pools'); see
+        # calibrate().
         self._cpu_seconds = 0.1
         self.pending_hashes = 0
         self.verifications = 0
@@ -199,23 +225,28 @@ class SecretHasher:
 
     async def calibrate(self) -> None:
         """Starts the argon2 processes and measures argon2's cost before the first verification
-        counts on it: one run on each verifier at once, as under load."""
-        self._hash_worker = await self._spawn()
-        self._workers = [await self._spawn() for _ in range(self._processes)]
+        counts on it: one run on each verifier of a pool at once, as under load."""
+        self._hash_worker = await self._spawn(background=False)
+        for pool in self._pools:
+            pool.workers = [await self._spawn(pool.background) for _ in range(self._processes)]
         sample = await self.hash("calibration")
-        for _ in range(2):  # the first round also waits for the processes to start
+        # The first round waits for every process to start; the second is timed.
+        for workers in ([w for pool in self._pools for w in pool.workers], self._pools[0].workers):
             started = self._clock()
-            answers = await asyncio.gather(*(self._verify(worker, sample, "calibration") for worker in self._workers))
-            self._seconds = self._clock() - started
+            answers = await asyncio.gather(*(self._verify(worker, sample, "calibration") for worker in workers))
+            seconds = self._clock() - started
+        for pool in self._pools:
+            pool.seconds = seconds
         self._cpu_seconds = max(cpu for _, cpu in answers)
         self._tokens, self._tokens_at = self._burst, self._clock()
 
-    async def _spawn(self) -> _Worker:
+    async def _spawn(self, background: bool) -> _Worker:
         """An argon2 process, started by subprocess with vfork (no fork handlers run in a
         process full of gRPC's threads) on a thread of its own: no wait for the loop."""
         params = self._params
         args = (params.time_cost, params.memory_kib, params.parallelism)
         command = [sys.executable, "-I", _argon2_worker.__file__, *(str(n) for n in args)]
+        command.append(_argon2_worker.BACKGROUND if background else _argon2_worker.FOREGROUND)
         process = await asyncio.to_thread(subprocess.Popen, command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         answers = asyncio.StreamReader()
         protocol = asyncio.StreamReaderProtocol(answers)
@@ -256,27 +287,25 @@ class SecretHasher:
 
     @property
     def seconds(self) -> float:
-        """argon2's time per verification, as measured lately on this machine."""
-        return self._seconds
+        """argon2's time per verification at normal priority, as measured lately on this machine."""
+        return self._pools[0].seconds
 
     @property
     def cpu_seconds(self) -> float:
         """argon2's CPU time per verification, as measured lately on this machine."""
         return self._cpu_seconds
 
-    @property
-    def process_ids(self) -> list[int]:
-        """The verifier processes' ids."""
-        return [worker.process.pid for worker in self._workers]
+    def process_ids(self, *, background: bool) -> list[int]:
+        """The ids of the verifier processes at normal priority, or of the background ones."""
+        return [worker.process.pid for pool in self._pools if pool.background == background for worker in pool.workers]
 
     @property
     def pending(self) -> int:
         """Verifications running or queued."""
-        return self._running + self._queued
+        return sum(pool.running for pool in self._pools) + self._queued
 
-    @property
-    def _running(self) -> int:
-        return sum(worker.job is not None for worker in self._workers)
+    def _pool(self, priority: Priority) -> _Pool:
+        return self._pools[priority is Priority.SUSPECT]
 
     @property
     def _queued(self) -> int:
@@ -303,7 +332,7 @@ class SecretHasher:
             except (ConnectionError, ValueError, OSError) as error:
                 log.error("argon2 hashing process failed (%s); starting another", error)
                 await _stop(worker)
-                self._hash_worker = await self._spawn()
+                self._hash_worker = await self._spawn(background=False)
                 raise HasherBusy from None
             return stored_hash
 
@@ -351,33 +380,75 @@ class SecretHasher:
             return job.result
         if self._closed:
             raise HasherBusy
+        # Two distinct secrets for one stored hash, at once or one after the other: at least one
+        # of them is wrong, and nothing tells which, so both are suspect, and so is the key for
+        # a while. A bot has one secret (its repeats are coalesced above, or ask again the same);
+        # a flood tries several per key, and is known for what it is before any run has failed.
+        marks = (*marks, ("key", stored_hash))
+        if self._last_tried.setdefault(stored_hash, key[1]) != key[1]:
+            self._mark(marks[-1], now)
+            for rival in self._by_hash.get(stored_hash, ()):
+                self._demote(rival)
+        self._last_tried[stored_hash] = key[1]
+        self._last_tried.move_to_end(stored_hash)
+        if len(self._last_tried) > MAX_SUSPECTS:
+            self._last_tried.popitem(last=False)
         priority = self.priority(proven, marks)
         wait = self._expected_wait(share, priority, now)
         if self.pending >= self._max_pending:
             raise HasherBusy
-        if wait + self._seconds <= time_left:
-            expires = now + time_left - self._seconds
+        seconds = self._pool(priority).seconds
+        if wait + seconds <= time_left:
+            expires = now + time_left - seconds
         elif priority is not Priority.SUSPECT and wait <= self._max_wait:
             expires = now + self._max_wait  # outlives its caller: remembered for the next request
         else:
             raise HasherBusy
-        job = _Job(stored_hash, secret, asyncio.get_running_loop().create_future(), cache, marks, expires)
+        job = _Job(
+            stored_hash, secret, asyncio.get_running_loop().create_future(), cache, marks, expires, share, priority
+        )
         self._in_flight[key] = job
-        job.result.add_done_callback(lambda _: self._in_flight.pop(key, None))
+        self._by_hash.setdefault(stored_hash, []).append(job)
+        job.result.add_done_callback(functools.partial(self._forget, key, job))
         self._queues[priority].setdefault(share, deque()).append(job)
         ARGON2_PENDING.inc()
         self._dispatch()
         return job.result
 
+    def _forget(self, key: tuple[str, bytes], job: _Job, _: object) -> None:
+        self._in_flight.pop(key, None)
+        rivals = self._by_hash[job.stored_hash]
+        rivals.remove(job)
+        if not rivals:
+            del self._by_hash[job.stored_hash]
+
+    def _demote(self, job: _Job) -> None:
+        """Moves a queued PROVEN or CLEAN job to the SUSPECT queue of its share."""
+        if not job.queued or job.priority is Priority.SUSPECT:
+            return
+        queues = self._queues[job.priority]
+        queues[job.share].remove(job)
+        if not queues[job.share]:
+            del queues[job.share]
+        job.priority = Priority.SUSPECT
+        self._queues[Priority.SUSPECT].setdefault(job.share, deque()).append(job)
+
+    def _mark(self, mark: Mark, now: float) -> None:
+        self._failed_at[mark] = now
+        self._failed_at.move_to_end(mark)
+        while len(self._failed_at) > MAX_SUSPECTS:
+            self._failed_at.popitem(last=False)
+
     def _expected_wait(self, share: str, priority: Priority, now: float) -> float:
         """Seconds until a new job of ``share`` at ``priority`` would start: every job of a
-        higher priority first, then the shares of its own take turns; a process must be free
-        and the budget must hold its cost."""
-        ahead = sum(len(q) for p in Priority if p < priority for q in self._queues[p].values())
+        higher priority its pool serves first, then the shares of its own take turns; one of
+        the pool's processes must be free and the budget must hold its cost."""
+        pool = self._pool(priority)
+        ahead = sum(len(q) for p in pool.serves if p < priority for q in self._queues[p].values())
         queues = self._queues[priority]
         mine = len(queues.get(share, ()))
         ahead += mine + sum(min(len(q), mine + 1) for s, q in queues.items() if s != share)
-        for_a_process = max(0, ahead + self._running - self._processes + 1) / self._processes * self._seconds
+        for_a_process = max(0, ahead + pool.running - self._processes + 1) / self._processes * pool.seconds
         for_the_budget = max(0.0, (ahead + 1) * self._cpu_seconds - self._refill(now)) / self._rate
         return max(for_a_process, for_the_budget)
 
@@ -386,10 +457,11 @@ class SecretHasher:
         self._tokens_at = now
         return self._tokens
 
-    def _next_job(self, now: float) -> _Job | None:
-        """The job whose turn it is (priorities in order, shares in turn), dropping those whose
-        time ran out unrun (their callers are gone: nobody is told but the cancelled future)."""
-        for priority in Priority:
+    def _next_job(self, pool: _Pool, now: float) -> _Job | None:
+        """The job whose turn it is in ``pool`` (priorities in order, shares in turn), dropping
+        those whose time ran out unrun (their callers are gone: nobody is told but the cancelled
+        future)."""
+        for priority in pool.serves:
             queues = self._queues[priority]
             while queues:
                 share, queue = next(iter(queues.items()))
@@ -398,6 +470,7 @@ class SecretHasher:
                     queues.move_to_end(share)
                 else:
                     del queues[share]
+                job.queued = False
                 if job.expires >= now:
                     return job
                 ARGON2_PENDING.dec()
@@ -409,20 +482,21 @@ class SecretHasher:
         if self._closed:
             return
         now = self._clock()
-        for worker in self._workers:
-            if worker.job is not None:
-                continue
-            if self._refill(now) < self._cpu_seconds and self._queued:
-                self._sleep_until_budget()
-                return
-            job = self._next_job(now)
-            if job is None:
-                return
-            self._tokens -= self._cpu_seconds  # charged now, corrected by the run's measured cost
-            worker.job, worker.started = job, now
-            self.verifications += 1
-            ARGON2_VERIFICATIONS.inc()
-            worker.reading = asyncio.get_running_loop().create_task(self._run(worker, job))
+        for pool in self._pools:  # the normal priority's first: its jobs get the budget first
+            for worker in pool.workers:
+                if worker.job is not None:
+                    continue
+                if self._refill(now) < self._cpu_seconds and self._queued:
+                    self._sleep_until_budget()
+                    return
+                job = self._next_job(pool, now)
+                if job is None:
+                    break
+                self._tokens -= self._cpu_seconds  # charged now, corrected by the run's measured cost
+                worker.job, worker.started = job, now
+                self.verifications += 1
+                ARGON2_VERIFICATIONS.inc()
+                worker.reading = asyncio.get_running_loop().create_task(self._run(pool, worker, job))
 
     def _sleep_until_budget(self) -> None:
         if self._wake is None:
@@ -433,14 +507,14 @@ class SecretHasher:
         self._wake = None
         self._dispatch()
 
-    async def _run(self, worker: _Worker, job: _Job) -> None:
+    async def _run(self, pool: _Pool, worker: _Worker, job: _Job) -> None:
         try:
             ok, cpu = await self._verify(worker, job.stored_hash, job.secret)
         except (ConnectionError, ValueError, OSError) as error:
             if not self._closed:
                 log.error("argon2 verifying process failed (%s); starting another", error)
                 await _stop(worker)
-                self._workers[self._workers.index(worker)] = await self._spawn()
+                pool.workers[pool.workers.index(worker)] = await self._spawn(pool.background)
             if not job.result.done():
                 job.result.set_exception(HasherBusy())
             ARGON2_PENDING.dec()
@@ -452,7 +526,7 @@ class SecretHasher:
         ARGON2_CPU_SECONDS.inc(cpu)
         self.cpu_used += cpu
         self._tokens += self._cpu_seconds - cpu  # the run's measured cost, not the estimate
-        self._seconds = 0.8 * self._seconds + 0.2 * (now - worker.started)
+        pool.seconds = 0.8 * pool.seconds + 0.2 * (now - worker.started)
         self._cpu_seconds = 0.8 * self._cpu_seconds + 0.2 * cpu
         if job.cache is not None:
             if ok:
@@ -461,10 +535,7 @@ class SecretHasher:
                 job.cache.remember_failure(job.stored_hash, job.secret)
         if not ok:
             for mark in job.marks:
-                self._failed_at[mark] = now
-                self._failed_at.move_to_end(mark)
-            while len(self._failed_at) > MAX_SUSPECTS:
-                self._failed_at.popitem(last=False)
+                self._mark(mark, now)
         if not job.result.done():
             job.result.set_result(ok)
         self._dispatch()
@@ -480,13 +551,14 @@ class SecretHasher:
                     job.result.cancel()
                     ARGON2_PENDING.dec()
             queues.clear()
-        for worker in self._workers:
+        verifiers = [worker for pool in self._pools for worker in pool.workers]
+        for worker in verifiers:
             if worker.job is not None:
                 worker.job.result.cancel()
                 ARGON2_PENDING.dec()
             if worker.reading is not None:
                 worker.reading.cancel()
-        everyone = [*self._workers, *([self._hash_worker] if self._hash_worker is not None else [])]
+        everyone = [*verifiers, *([self._hash_worker] if self._hash_worker is not None else [])]
         await asyncio.gather(*(_stop(worker) for worker in everyone))
 
 
