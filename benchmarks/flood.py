@@ -128,17 +128,22 @@ def client_ips(source: str, rng: random.Random) -> str:
     raise ValueError(f"unknown flood source {source!r}")
 
 
-async def _flood(
-    target: str,
-    token: str,
-    access_key: str,
-    source: str,
-    rate: float,
-    max_in_flight: int,
-    deadline: float,
-    ready: Any,
-    stop: Any,
-) -> FloodReport:
+@dataclass(frozen=True)
+class FloodPlan:
+    """What the flood process sends, to whom, how fast."""
+
+    target: str
+    token: str
+    access_key: str
+    source: str
+    rate: float
+    max_in_flight: int
+    deadline: float
+
+
+async def _flood(plan: FloodPlan, ready: Any, stop: Any) -> FloodReport:
+    target, token, access_key, source = plan.target, plan.token, plan.access_key, plan.source
+    rate, max_in_flight, deadline = plan.rate, plan.max_in_flight, plan.deadline
     rng = random.Random()  # addresses, not secrets
     repeated = [new_private_key() for _ in range(5)]
     records: list[tuple[float, float, str]] = []
@@ -189,23 +194,11 @@ async def _flood(
         return FloodReport(records, skipped, time.process_time() - cpu_before, time.monotonic() - start)
 
 
-def flooder(
-    target: str,
-    token: str,
-    access_key: str,
-    source: str,
-    rate: float,
-    max_in_flight: int,
-    deadline: float,
-    ready: Any,
-    stop: Any,
-    results: Any,
-) -> None:
+def flooder(plan: FloodPlan, ready: Any, stop: Any, results: Any) -> None:
     """The flood process: runs until ``stop``, then puts its :class:`FloodReport` on ``results``."""
     if (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(0, {FLOOD_CPU})
-    args = (target, token, access_key, source, rate, max_in_flight, deadline, ready, stop)
-    results.put(asyncio.run(_flood(*args)))
+    results.put(asyncio.run(_flood(plan, ready, stop)))
 
 
 # -- the server's CPU time, and its argon2 processes' ---------------------------------------------
@@ -318,8 +311,8 @@ def measure(
     process = None
     if flood:
         source, rate = flood
-        flood_args = (server.target, server.token, setup.victim, source, rate, args.in_flight, args.deadline)
-        process = context.Process(target=flooder, args=(*flood_args, ready, stop, results))
+        plan = FloodPlan(server.target, server.token, setup.victim, source, rate, args.in_flight, args.deadline)
+        process = context.Process(target=flooder, args=(plan, ready, stop, results))
         process.start()
         if not ready.wait(60):
             process.kill()

@@ -390,11 +390,15 @@ def test_a_new_key_is_usable_through_a_gateway_timeout_shorter_than_argon2(
         with slow.client() as client:
             key = client.create_key(account, "bot", "read", [])
         with run_envoy(bootstrap, tmp_path) as url:
-            answers = [call(f"{url}/api/v3/account", key) for _ in range(3)]
-            statuses = [status for status, _ in answers]
-            assert statuses[0] == 503, answers[0]
-            assert answers[0][1]["error"] == "VERIFICATION_BUSY"
-            assert 200 in statuses[1:], answers
+            # A bot retrying at once: on a quiet machine its second or third request is allowed;
+            # on a busy one argon2 takes longer, and so may the ALLOW, never longer than its run.
+            answers = [call(f"{url}/api/v3/account", key)]
+            gave_up = time.monotonic() + 5 * slow.server.authorizer.hasher.seconds + 5
+            while answers[-1][0] != 200 and time.monotonic() < gave_up:
+                answers.append(call(f"{url}/api/v3/account", key))
+            assert answers[0][0] == 503 and answers[0][1]["error"] == "VERIFICATION_BUSY", answers[0]
+            assert [status for status, _ in answers[1:-1]] == [503] * (len(answers) - 2), answers
+            assert answers[-1][0] == 200, answers
             assert call(f"{url}/api/v3/account", key)[0] == 200  # from memory from now on
     finally:
         upstream.shutdown()

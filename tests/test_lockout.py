@@ -268,10 +268,7 @@ def test_an_account_flooding_from_networks_it_proved_cannot_starve_other_account
         deadline = max(0.5, 15 * server.server.authorizer.hasher.seconds)
         with ThreadPoolExecutor(100) as pool:
             flood = [pool.submit(decide, client, own[i % 2], new_private_key(), networks[i % 8]) for i in range(150)]
-            filled_by = time.monotonic() + 10
-            while server.server.authorizer.hasher.pending < 60:  # the flood fills the queue
-                assert time.monotonic() < filled_by, "the flood did not queue"
-                time.sleep(0.01)
+            time.sleep(0.3)  # the flood is under way (what it may queue: its budget's worth, at most)
             with Client(server.target, token=server.admin_token, timeout=deadline) as gateway:
                 victims = [pool.submit(decide, gateway, key, key.private_key, BOT_IP) for key in others]
                 assert [v.result() for v in victims] == [Decision.ALLOW] * len(others)

@@ -169,8 +169,11 @@ class Config:
     argon2_threads: int = 2
     # The budget: argon2 verifications may use this share of the machine's cores on
     # average (measured CPU seconds), however many wrong secrets arrive. 0.5 on two
-    # cores: one core's worth.
+    # cores: one core's worth. Suspect verifications (where wrong secrets came from
+    # lately) have a budget of their own: even at the lowest CPU priority, argon2
+    # competes with the event loop for the caches and memory bandwidth the cores share.
     argon2_cpu_share: float = 0.5
+    argon2_suspect_cpu_share: float = 0.05
     # Verifications (of distinct secrets; identical ones share one run) that may run or
     # wait: a memory bound. The real bound is time: proven networks go first, then
     # accounts and networks that failed no verification lately, then the rest; a
@@ -320,8 +323,9 @@ class Config:
                 raise ValueError(f"config {name} must be more than 0 and at most 3600")
         if not 0 <= self.shutdown_grace <= 3600:
             raise ValueError("config shutdown_grace must be 0 to 3600")
-        if not 0 < self.argon2_cpu_share <= 1:
-            raise ValueError("config argon2_cpu_share must be more than 0 and at most 1")
+        for share in ("argon2_cpu_share", "argon2_suspect_cpu_share"):
+            if not 0 < getattr(self, share) <= 1:
+                raise ValueError(f"config {share} must be more than 0 and at most 1")
         if not 0 < self.failure_refill_per_second <= 1000:
             raise ValueError("config failure_refill_per_second must be more than 0 and at most 1000")
         if not 0 <= self.address_hold_seconds <= 30 * 24 * 3600:

@@ -134,11 +134,28 @@ class _Worker:
 
 
 @dataclass(eq=False)
+class _Budget:
+    """CPU seconds argon2 may use: ``rate`` a second on average, at most ``burst`` at once."""
+
+    rate: float
+    burst: float = 0.0
+    tokens: float = 0.0
+    at: float = 0.0
+    wake: asyncio.TimerHandle | None = None  # a dispatch when the tokens will be there
+
+    def refill(self, now: float) -> float:
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        return self.tokens
+
+
+@dataclass(eq=False)
 class _Pool:
-    """Verifier processes that serve some priorities, and their time per run, measured."""
+    """Verifier processes that serve some priorities, their budget, and their time per run."""
 
     serves: tuple[Priority, ...]
     background: bool  # at the lowest CPU priority: runs only on CPU nobody else wants
+    budget: _Budget
     workers: list[_Worker] = field(default_factory=list)
     seconds: float = 0.1
 
@@ -158,8 +175,11 @@ class SecretHasher:
       priority: a flood's argon2 uses only CPU nobody else wants, and never slows the loop.
       The others run in ``processes`` at normal priority: a correct secret's first
       verification makes progress however busy the machine is.
-    - A **budget**: argon2 may use ``cpu_share`` of the machine's cores on average (a token
-      bucket of CPU seconds, charged each run's measured cost), whatever the flood looks like.
+    - A **budget**: proven and clean verifications may use ``cpu_share`` of the machine's
+      cores on average, suspect ones ``suspect_cpu_share`` (token buckets of CPU seconds,
+      charged each run's measured cost), whatever the flood looks like. A low priority keeps
+      a flood's argon2 off the loop's core, but not out of the caches and memory bandwidth
+      the cores share: only a small budget does.
     - Concurrent verifications of the same secret against the same hash are *coalesced*:
       one run, every asker gets its result.
     - **Priorities** (:class:`Priority`): proven networks first, then verifications from
@@ -186,6 +206,7 @@ class SecretHasher:
         max_pending_hashes: int = 64,
         *,
         cpu_share: float = 0.5,
+        suspect_cpu_share: float = 0.05,
         max_wait: float = 5.0,
         cpus: int | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -194,21 +215,16 @@ class SecretHasher:
         self._hash_worker: _Worker | None = None  # one process hashes new secrets, in turn
         self._hash_turn = asyncio.Lock()
         self._processes = processes
+        self.cpus = cpus or os.cpu_count() or 1
         self._pools = (
-            _Pool((Priority.PROVEN, Priority.CLEAN), background=False),
-            _Pool((Priority.SUSPECT,), background=True),
+            _Pool((Priority.PROVEN, Priority.CLEAN), background=False, budget=_Budget(cpu_share * self.cpus)),
+            _Pool((Priority.SUSPECT,), background=True, budget=_Budget(suspect_cpu_share * self.cpus)),
         )
         self._max_pending = max_pending
         self._max_pending_hashes = max_pending_hashes
         self._max_wait = max_wait
         self._clock = clock
-        # The budget, in CPU seconds: refilled at _rate a second, at most _burst banked.
-        self.cpus = cpus or os.cpu_count() or 1
-        self._rate = cpu_share * self.cpus
         self.cpu_used = 0.0  # CPU seconds of every verification so far
-        self._tokens = 0.0
-        self._tokens_at = clock()
-        self._wake: asyncio.TimerHandle | None = None
         # priority -> share -> its jobs, in turn order
         self._queues: dict[Priority, OrderedDict[str, deque[_Job]]] = {p: OrderedDict() for p in Priority}
         self._coalesce_key = secrets.token_bytes(32)
@@ -238,7 +254,9 @@ class SecretHasher:
         for pool in self._pools:
             pool.seconds = seconds
         self._cpu_seconds = max(cpu for _, cpu in answers)
-        self._tokens, self._tokens_at = self._burst, self._clock()
+        for pool in self._pools:  # a second's worth banked, and at least a run per process
+            pool.budget.burst = max(pool.budget.rate, self._cpu_seconds * self._processes)
+            pool.budget.tokens, pool.budget.at = pool.budget.burst, self._clock()
 
     async def _spawn(self, background: bool) -> _Worker:
         """An argon2 process, started by subprocess with vfork (no fork handlers run in a
@@ -279,11 +297,6 @@ class SecretHasher:
             return False, 0.0
         answer, cpu = await self._ask(worker, "verify", stored_hash, secret)
         return answer == "1", cpu
-
-    @property
-    def _burst(self) -> float:
-        """CPU seconds the budget may bank: a second's worth, and at least a run per process."""
-        return max(self._rate, self._cpu_seconds * self._processes)
 
     @property
     def seconds(self) -> float:
@@ -449,13 +462,8 @@ class SecretHasher:
         mine = len(queues.get(share, ()))
         ahead += mine + sum(min(len(q), mine + 1) for s, q in queues.items() if s != share)
         for_a_process = max(0, ahead + pool.running - self._processes + 1) / self._processes * pool.seconds
-        for_the_budget = max(0.0, (ahead + 1) * self._cpu_seconds - self._refill(now)) / self._rate
+        for_the_budget = max(0.0, (ahead + 1) * self._cpu_seconds - pool.budget.refill(now)) / pool.budget.rate
         return max(for_a_process, for_the_budget)
-
-    def _refill(self, now: float) -> float:
-        self._tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self._rate)
-        self._tokens_at = now
-        return self._tokens
 
     def _next_job(self, pool: _Pool, now: float) -> _Job | None:
         """The job whose turn it is in ``pool`` (priorities in order, shares in turn), dropping
@@ -486,25 +494,25 @@ class SecretHasher:
             for worker in pool.workers:
                 if worker.job is not None:
                     continue
-                if self._refill(now) < self._cpu_seconds and self._queued:
-                    self._sleep_until_budget()
-                    return
+                if pool.budget.refill(now) < self._cpu_seconds:
+                    self._sleep_until_budget(pool.budget)
+                    break
                 job = self._next_job(pool, now)
                 if job is None:
                     break
-                self._tokens -= self._cpu_seconds  # charged now, corrected by the run's measured cost
+                pool.budget.tokens -= self._cpu_seconds  # charged now, corrected by the run's measured cost
                 worker.job, worker.started = job, now
                 self.verifications += 1
                 ARGON2_VERIFICATIONS.inc()
                 worker.reading = asyncio.get_running_loop().create_task(self._run(pool, worker, job))
 
-    def _sleep_until_budget(self) -> None:
-        if self._wake is None:
-            delay = max(0.001, (self._cpu_seconds - self._tokens) / self._rate)
-            self._wake = asyncio.get_running_loop().call_later(delay, self._woken)
+    def _sleep_until_budget(self, budget: _Budget) -> None:
+        if budget.wake is None and self._queued:
+            delay = max(0.001, (self._cpu_seconds - budget.tokens) / budget.rate)
+            budget.wake = asyncio.get_running_loop().call_later(delay, self._woken, budget)
 
-    def _woken(self) -> None:
-        self._wake = None
+    def _woken(self, budget: _Budget) -> None:
+        budget.wake = None
         self._dispatch()
 
     async def _run(self, pool: _Pool, worker: _Worker, job: _Job) -> None:
@@ -525,7 +533,7 @@ class SecretHasher:
         ARGON2_PENDING.dec()
         ARGON2_CPU_SECONDS.inc(cpu)
         self.cpu_used += cpu
-        self._tokens += self._cpu_seconds - cpu  # the run's measured cost, not the estimate
+        pool.budget.tokens += self._cpu_seconds - cpu  # the run's measured cost, not the estimate
         pool.seconds = 0.8 * pool.seconds + 0.2 * (now - worker.started)
         self._cpu_seconds = 0.8 * self._cpu_seconds + 0.2 * cpu
         if job.cache is not None:
@@ -543,8 +551,9 @@ class SecretHasher:
     async def close(self) -> None:
         """Refuses new work, cancels what waits and stops the verifier processes."""
         self._closed = True
-        if self._wake is not None:
-            self._wake.cancel()
+        for pool in self._pools:
+            if pool.budget.wake is not None:
+                pool.budget.wake.cancel()
         for queues in self._queues.values():
             for queue in queues.values():
                 for job in queue:

@@ -163,6 +163,7 @@ class KeyguardServer:
             config.argon2_max_pending,
             config.argon2_max_pending_hashes,
             cpu_share=config.argon2_cpu_share / config.workers,  # of the machine, for all workers
+            suspect_cpu_share=config.argon2_suspect_cpu_share / config.workers,
             max_wait=config.argon2_max_wait_seconds,
         )
         await self._hasher.calibrate()
