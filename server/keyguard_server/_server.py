@@ -27,7 +27,7 @@ from playhouse import db_url
 from keyguard import KeyguardError
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._auth import CallerGuard, ForCall, ensure_admin_token, refusing_unparseable
-from keyguard_server._authorize import DAY_US, Authorizer
+from keyguard_server._authorize import DAY_US, Authorizer, FlushBackoff
 from keyguard_server._config import Config
 from keyguard_server._envoy import EnvoyAuthorizationServicer
 from keyguard_server._grpc import AuthorizationServicer, KeyManagementServicer
@@ -141,6 +141,7 @@ class KeyguardServer:
         self._server: grpc.aio.Server | None = None
         self._health = BoundedHealthServicer()
         self._background: list[asyncio.Task[None]] = []
+        self._flush_backoff = FlushBackoff(config.last_used_flush_seconds)
         self._metrics_server: Any = None
         self.metrics_port = 0
         self.authorizer: Authorizer | None = None
@@ -252,10 +253,12 @@ class KeyguardServer:
         try:
             await self.authorizer.usage.flush()
             await self.authorizer.forget_old_nonces()
-        except KeyguardError as exc:  # the database is away: the next flush retries
-            log.warning("could not record last-used times: %s", exc.message)
+        except KeyguardError as exc:  # the database is away or full: retried, backing off
+            self._flush_backoff.failed(exc.message)
         except Exception:  # a failed flush must not stop the server; the next one retries
             log.exception("could not record last-used times")
+        else:
+            self._flush_backoff.landed()
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -277,7 +280,7 @@ class KeyguardServer:
 
     async def _flush_usage_periodically(self) -> None:
         while not self._stopped:  # not only cancellation: 3.11's wait_for can swallow one
-            await asyncio.sleep(self.config.last_used_flush_seconds)
+            await asyncio.sleep(self._flush_backoff.delay)
             await self.flush_usage()
 
 
