@@ -16,10 +16,16 @@ that does block fails these tests within seconds instead of hanging them.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import select
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -384,3 +390,245 @@ def test_another_process_holding_the_sqlite_write_lock_does_not_stop_reads(
                 server, account, lambda: assert_reads_answer(server, client, cached, uncached)
             )
         assert_create_works_again(client, account, before)
+
+
+# -- outages that every call meets: the database gone, or its disk full ------------------------
+
+# Management calls during an outage, with deadlines well above the server's own bound on a
+# call (database_connect_timeout + database_statement_timeout + 0.5 s = 2.5 s here).
+OUTAGE_TIMEOUT = 5.0
+OUTAGE_SETTINGS: dict[str, Any] = {
+    "database_connect_timeout_seconds": 1.0,
+    "database_statement_timeout_seconds": 1.0,
+    "database_lock_timeout_seconds": 0.5,
+    "health_check_seconds": 0.2,
+    "health_check_timeout_seconds": 0.5,
+    "last_used_flush_seconds": 0.2,
+}
+WRITES = "keyguard.writes"
+
+
+class Probe:
+    """Management calls made while the database is in trouble: each call's status code counted
+    ("OK" for a success), and what each change answered remembered, to be checked afterwards
+    against what is really stored (:meth:`assert_honest`)."""
+
+    def __init__(self, client: Client, account: str, victims: list[str]) -> None:
+        self.client, self.account = client, account
+        self.victims = list(victims)  # access keys that rounds delete, one each
+        self.codes: Counter[str] = Counter()
+        self.messages: Counter[str] = Counter()
+        self.created: dict[str, str] = {}  # key name -> "OK" or the refusal's message
+        self.deleted: dict[str, str] = {}  # access key -> "OK" or the refusal's message
+        self._rounds = 0
+
+    def _call(self, call: Callable[[], object]) -> str:
+        try:
+            call()
+        except KeyguardError as exc:
+            self.codes[exc.code.name] += 1
+            self.messages[f"{exc.code.name}: {exc.message}"] += 1
+            return exc.message
+        self.codes["OK"] += 1
+        return "OK"
+
+    def round(self) -> None:
+        """Three reads and two changes (a create, a delete)."""
+        self._rounds += 1
+        name = f"outage-{self._rounds}"
+        self._call(lambda: self.client.list_keys(self.account))
+        self._call(lambda: self.client.get_account_settings(self.account))
+        self._call(lambda: self.client.list_audit_events(self.account, page_size=10))
+        self.created[name] = self._call(lambda: self.client.create_key(self.account, name, "read"))
+        if self.victims:
+            victim = self.victims.pop()
+            self.deleted[victim] = self._call(lambda: self.client.delete_key(self.account, victim))
+
+    def assert_honest(self, client: Client) -> None:
+        """Every change that answered OK is stored; every one that said "nothing was changed" is not."""
+        stored = client.list_keys(self.account)
+        names, keys = {k.name for k in stored}, {k.access_key for k in stored}
+        for name, answer in self.created.items():
+            if answer == "OK":
+                assert name in names, f"CreateKey {name!r} answered OK but the key is not stored"
+            elif "nothing was changed" in answer:
+                assert name not in names, f"CreateKey {name!r} said {answer!r} but the key is stored"
+        for key, answer in self.deleted.items():
+            if answer == "OK":
+                assert key not in keys, f"DeleteKey {key!r} answered OK but the key is still stored"
+            elif "nothing was changed" in answer:
+                assert key in keys, f"DeleteKey {key!r} said {answer!r} but the key is gone"
+
+
+def assert_outage_logged_quietly(caplog: pytest.LogCaptureFixture, seconds: float) -> None:
+    """An expected outage of ``seconds`` logs no traceback and no ERROR, and its WARNINGs are
+    rate-limited: at most one per kind (health, the store's, the last-used flush's, one spare) per
+    10 s, however many calls met it."""
+    most = 4 * (1 + int(seconds // 10))
+    tracebacks = [r.getMessage() for r in caplog.records if r.exc_info]
+    assert not tracebacks, f"tracebacks logged for an expected outage: {tracebacks}"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, f"ERRORs logged for an expected outage: {errors}"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) <= most, f"{len(warnings)} WARNINGs (at most {most}): {warnings}"
+
+
+def health_of(server: RunningServer, service: str) -> int:
+    with grpc.insecure_channel(server.target) as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)
+        return int(stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=READ_TIMEOUT).status)
+
+
+def proxied_url(database: str, proxy: TcpProxy) -> str:
+    parts = urlsplit(database)
+    credentials = parts.netloc.rpartition("@")[0]
+    return urlunsplit(parts._replace(netloc=f"{credentials}@{proxy.address}" if credentials else proxy.address))
+
+
+def ride_out(server: RunningServer, client: Client, account: str, rounds: int) -> tuple[Probe, list[CreatedKey]]:
+    """Before the outage: a key for Authorize (cached) and ``rounds`` keys to delete during it."""
+    bot = client.create_key(account, "bot", "read", [])
+    assert allow(client, bot) is Decision.ALLOW
+    victims = [client.create_key(account, f"victim-{i}", "read").key.access_key for i in range(rounds)]
+    return Probe(client, account, victims), [bot]
+
+
+@on_postgres
+@pytest.mark.parametrize("outage", ["refused", "connect_timeout"])
+def test_an_unreachable_postgres_answers_unavailable_never_internal(
+    start_server: StartServer, postgres: Postgres, account: str, outage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL unreachable: its port refusing connections (every connection reset, nothing
+    listening), or accepting them and never answering (a partition: connects time out). Every
+    management call answers UNAVAILABLE (never INTERNAL), saying whether anything changed, within
+    the server's bound; health is NOT_SERVING; the log holds no traceback, and a few rate-limited
+    WARNINGs at most. After it: everything works, and whatever answered OK is stored."""
+    database = postgres.create()
+    parts = urlsplit(database)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 5432
+    proxy = TcpProxy(host, port)
+    try:
+        server = start_server(database=proxied_url(database, proxy), **OUTAGE_SETTINGS)
+        with client_for(server, OUTAGE_TIMEOUT) as client:
+            probe, (bot,) = ride_out(server, client, account, rounds=2)
+            caplog.set_level(logging.INFO)
+            caplog.clear()
+            outage_began = time.monotonic()
+            listen = proxy.port
+            proxy.close()  # every connection reset; nothing listens: connection refused
+            if outage == "connect_timeout":
+                proxy = TcpProxy(host, port, port=listen)  # listens again, forwards nothing
+                proxy.stall()
+            eventually(NOT_SERVING, lambda: health(server), within=5, what="health in the outage")
+            for _ in range(2):
+                probe.round()
+            auth_error, _ = failure_of(lambda: allow(client, bot))
+            print(f"{outage}: {dict(probe.codes)} {dict(probe.messages)}")
+            assert auth_error.code is grpc.StatusCode.UNAVAILABLE
+            assert probe.codes == Counter(UNAVAILABLE=10), f"status codes in the outage: {dict(probe.codes)}"
+            for message in probe.messages:
+                assert "nothing was changed" in message or "may or may not" in message, message
+            assert_outage_logged_quietly(caplog, time.monotonic() - outage_began)
+            if outage == "connect_timeout":
+                proxy.resume()
+            else:
+                proxy = TcpProxy(host, port, port=listen)
+            eventually(SERVING, lambda: health(server), within=10, what="health after the outage")
+            eventually(
+                Decision.ALLOW, lambda: allow(client, bot), within=10, what="Authorize after", tolerate=(KeyguardError,)
+            )
+            client.create_key(account, "after-the-outage", "read")
+            probe.assert_honest(client)
+    finally:
+        proxy.close()
+
+
+# -- a PostgreSQL server of the test's own, to stop and start ----------------------------------
+
+PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+
+
+class OwnPostgres:
+    """A PostgreSQL server of its own (initdb in a temporary directory, owned by the postgres
+    user), which a test may stop and start: the shared server cannot be stopped under other tests."""
+
+    def __init__(self, bin_dir: Path) -> None:
+        self._bin = bin_dir
+        self._base = Path(tempfile.mkdtemp(prefix="keyguard-pg-"))
+        shutil.chown(self._base, "postgres", "postgres")
+        self._data = self._base / "data"
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            self.port = free.getsockname()[1]
+        self._as_postgres("initdb", "-D", str(self._data), "-A", "trust", "-U", "postgres", "--no-sync")
+        self.start()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _as_postgres(self, program: str, *args: str) -> None:
+        command = ["runuser", "-u", "postgres", "--", str(self._bin / program), *args]
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self._base} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._as_postgres("pg_ctl", "-D", str(self._data), "-o", options, "-l", str(self._base / "log"), "-w", "start")
+
+    def stop(self) -> None:
+        self._as_postgres("pg_ctl", "-D", str(self._data), "-m", "fast", "-w", "stop")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop()
+        shutil.rmtree(self._base, ignore_errors=True)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[OwnPostgres]:
+    if os.geteuid() != 0 or not PG_BINS or shutil.which("runuser") is None:
+        pytest.skip("a PostgreSQL server of the test's own needs root, runuser and PostgreSQL's binaries")
+    server = OwnPostgres(PG_BINS[-1])
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@on_postgres
+def test_a_stopped_postgres_answers_unavailable_and_a_restart_costs_nothing(
+    start_server: StartServer, own_postgres: OwnPostgres, account: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL stopped (``pg_ctl stop -m fast``: every session terminated, then nothing
+    listens): every management call answers UNAVAILABLE, never INTERNAL, saying whether anything
+    changed; health is NOT_SERVING; no traceback is logged. Started again, everything works by
+    itself; a restart between two calls costs them nothing (each reconnects), and whatever
+    answered OK is stored."""
+    server = start_server(database=own_postgres.url, **OUTAGE_SETTINGS)
+    with client_for(server, OUTAGE_TIMEOUT) as client:
+        probe, (bot,) = ride_out(server, client, account, rounds=3)
+        caplog.set_level(logging.INFO)
+        caplog.clear()
+        outage_began = time.monotonic()
+        own_postgres.stop()
+        eventually(NOT_SERVING, lambda: health(server), within=5, what="health while PostgreSQL is stopped")
+        for _ in range(2):
+            probe.round()
+        auth_error, _ = failure_of(lambda: allow(client, bot))
+        print(f"stopped: {dict(probe.codes)} {dict(probe.messages)}")
+        assert auth_error.code is grpc.StatusCode.UNAVAILABLE
+        assert probe.codes == Counter(UNAVAILABLE=10), f"status codes while stopped: {dict(probe.codes)}"
+        assert_outage_logged_quietly(caplog, time.monotonic() - outage_began)
+        own_postgres.start()
+        eventually(SERVING, lambda: health(server), within=10, what="health once PostgreSQL is back")
+        own_postgres.restart()  # between two calls: the next ones reconnect
+        probe.codes.clear()
+        probe.round()
+        print(f"after a restart: {dict(probe.codes)} {dict(probe.messages)}")
+        assert probe.codes == Counter(OK=5), f"status codes right after a restart: {dict(probe.codes)}"
+        eventually(
+            Decision.ALLOW, lambda: allow(client, bot), within=10, what="Authorize after", tolerate=(KeyguardError,)
+        )
+        assert_outage_logged_quietly(caplog, time.monotonic() - outage_began)
+        probe.assert_honest(client)

@@ -51,6 +51,7 @@ import enum
 import functools
 import ipaddress
 import json
+import logging
 import math
 import mmap
 import os
@@ -95,6 +96,10 @@ from keyguard_server._validation import IPAddress, IPNetwork, parse_allowed_ip
 P = ParamSpec("P")
 T = TypeVar("T")
 
+log = logging.getLogger("keyguard.store")
+
+# An outage's WARNINGs: at most one per kind in this many seconds (each call meets it).
+OUTAGE_LOG_SECONDS = 10.0
 # Replicas starting together wait for the one that migrates.
 MIGRATION_TIMEOUT = 120.0
 MAX_VERDICTS_PER_ROW = 8  # client addresses whose allowlist answer a key's AuthRow keeps (bounded memory)
@@ -392,6 +397,7 @@ class _DatabaseThreads:
         except _ConnectionLost as lost:
             self._discard_connection()
             if _thread.committing:
+                _outage_log.warning("connection lost", "the database connection was lost while committing", lost)
                 raise Unavailable(
                     "the database connection was lost while committing; the change may or may not have been applied"
                 ) from lost.__cause__
@@ -399,6 +405,7 @@ class _DatabaseThreads:
             return _mapped(fn, *args, **kwargs)
         except _ConnectionLost as lost:
             self._discard_connection()
+            _outage_log.warning("unreachable", "the database is unreachable", lost)
             raise Unavailable("the database is unreachable; nothing was changed") from lost.__cause__
         finally:
             self._remember_connection()
@@ -450,27 +457,118 @@ def _transaction(db: pw.Database) -> Iterator[None]:
         _thread.committing = True
 
 
+class _Failure(enum.Enum):
+    """What a failed database call means to its caller, whatever the driver raised."""
+
+    LOCKED = "locked"  # a lock not had in time: ABORTED
+    CONFLICT = "conflict"  # rolled back for a concurrent change: ABORTED
+    TIMED_OUT = "timed out"  # the statement timeout: UNAVAILABLE
+    UNREACHABLE = "unreachable"  # no usable connection: a new one may work, else UNAVAILABLE
+
+
+# SQLite's primary result codes (https://sqlite.org/rescode.html), as sqlite3 reports them.
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CANTOPEN = 5, 6, 14
+_SQLITE_TEXTS = (
+    ("database is locked", _Failure.LOCKED),
+    ("database table is locked", _Failure.LOCKED),
+    ("unable to open database file", _Failure.UNREACHABLE),
+)
+_SQLITE_CODES = {_SQLITE_BUSY: _Failure.LOCKED, _SQLITE_LOCKED: _Failure.LOCKED, _SQLITE_CANTOPEN: _Failure.UNREACHABLE}
+# SQLSTATE classes of a connection that is gone: 08 connection exception, 57P0x the server
+# shutting down, crashed or not yet accepting connections (a restart).
+_PG_UNREACHABLE_PREFIXES = ("08", "57P01", "57P02", "57P03")
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception behind it, outermost first: peewee's ``orig`` (peewee wraps a
+    connection that cannot be opened twice, once in ``connect`` and again around the statement
+    that opened it), ``__cause__`` and ``__context__`` (a rollback that failed after the error)."""
+    seen: set[int] = set()
+    todo = deque([exc])
+    while todo:
+        current = todo.popleft()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        for behind in (getattr(current, "orig", None), current.__cause__, current.__context__):
+            if isinstance(behind, BaseException):
+                todo.append(behind)
+
+
+def _failure_of(exc: BaseException) -> _Failure | None:
+    """The failure a database error stands for, read from the driver's own error wherever it is
+    wrapped (the first one in ``_chain`` that says); None: not one keyguard expects."""
+    for error in _chain(exc):
+        if isinstance(error, psycopg2.Error):
+            code = error.pgcode or ""
+            if code == _LOCK_NOT_AVAILABLE:
+                return _Failure.LOCKED
+            if code in _CONFLICTS:
+                return _Failure.CONFLICT
+            if code == _QUERY_CANCELED:
+                return _Failure.TIMED_OUT
+            if code == _READ_ONLY or code.startswith(_PG_UNREACHABLE_PREFIXES):
+                return _Failure.UNREACHABLE
+            # No SQLSTATE: libpq's own error (refused, timed out, closed by the server).
+            if not code and isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+                return _Failure.UNREACHABLE
+        elif isinstance(error, sqlite3.Error):
+            known = _SQLITE_CODES.get(getattr(error, "sqlite_errorcode", -1) & 0xFF)
+            text = str(error)
+            known = known or next((failure for words, failure in _SQLITE_TEXTS if words in text), None)
+            if known is not None:
+                return known
+    return None
+
+
 class _ConnectionLost(Exception):
     """The connection is dead (its cause says why); a new one may work."""
 
 
+class _RateLimitedWarnings:
+    """An expected outage's WARNINGs: one line per kind per ``every`` seconds, however many calls
+    meet it, naming the driver's own words (no traceback: nothing is wrong with keyguard), and
+    counting the ones left out meanwhile. Thread-safe (database threads log)."""
+
+    def __init__(self, every: float) -> None:
+        self._every = every
+        self._last: dict[str, tuple[float, int]] = {}  # kind -> (when last logged, left out since)
+        self._lock = threading.Lock()
+
+    def warning(self, kind: str, what: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        with self._lock:
+            logged_at, left_out = self._last.get(kind, (-math.inf, 0))
+            if now - logged_at < self._every:
+                self._last[kind] = (logged_at, left_out + 1)
+                return
+            self._last[kind] = (now, 0)
+        errors = [e for e in _chain(exc) if isinstance(e, (psycopg2.Error, sqlite3.Error))]
+        words = " ".join(str(errors[-1] if errors else exc.__cause__ or exc).split())  # the driver's, on one line
+        since = f" (and {left_out} more in the last {now - logged_at:.0f} s)" if left_out else ""
+        log.warning("%s: %s%s", what, words, since)
+
+
+_outage_log = _RateLimitedWarnings(OUTAGE_LOG_SECONDS)
+
+
 def _mapped(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    """Database failures as what they mean to a caller; keyguard errors pass through."""
+    """The one mapping of database failures to what they mean to a caller (keyguard errors pass
+    through; one keyguard does not expect is raised as it is, and answers INTERNAL)."""
     try:
         return fn(*args, **kwargs)
-    except (pw.OperationalError, pw.InterfaceError) as exc:
-        original = getattr(exc, "orig", exc)
-        code = getattr(original, "pgcode", None)
-        text = str(exc)
-        if code == _LOCK_NOT_AVAILABLE or "database is locked" in text or "database table is locked" in text:
+    except (pw.PeeweeException, psycopg2.Error, sqlite3.Error) as exc:
+        failure = _failure_of(exc)
+        if failure is _Failure.LOCKED:
             raise Aborted(
                 "another change holds the database lock this change needs (lock timeout); nothing was changed"
             ) from exc
-        if code == _QUERY_CANCELED:
+        if failure is _Failure.TIMED_OUT:
             raise Unavailable("the database did not answer in time (statement timeout); nothing was changed") from exc
-        if code in _CONFLICTS:
+        if failure is _Failure.CONFLICT:
             raise Aborted("the change met a concurrent one and was rolled back; nothing was changed") from exc
-        if (code is None or code == _READ_ONLY) and isinstance(original, psycopg2.Error):  # the connection failed
+        if failure is _Failure.UNREACHABLE:
             raise _ConnectionLost from exc
         raise
 
