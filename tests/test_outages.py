@@ -28,6 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -37,7 +38,7 @@ import psycopg2
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from keyguard import Aborted, Client, CreatedKey, Decision, KeyguardError, Permission, Unavailable
+from keyguard import Aborted, Client, CreatedKey, Decision, KeyguardError, Permission, StorageFull, Unavailable
 from keyguard_server._config import EnvoyRoute
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
@@ -460,11 +461,11 @@ class Probe:
                 assert key in keys, f"DeleteKey {key!r} said {answer!r} but the key is gone"
 
 
-def assert_outage_logged_quietly(caplog: pytest.LogCaptureFixture, seconds: float) -> None:
-    """An expected outage of ``seconds`` logs no traceback and no ERROR, and its WARNINGs are
-    rate-limited: at most one per kind (health, the store's, the last-used flush's, one spare) per
-    10 s, however many calls met it."""
-    most = 4 * (1 + int(seconds // 10))
+def assert_outage_logged_quietly(caplog: pytest.LogCaptureFixture, seconds: float, outages: int = 1) -> None:
+    """``outages`` expected outages, over ``seconds``, log no traceback and no ERROR, and their
+    WARNINGs are rate-limited: at most four per outage (health's two, the store's, the last-used
+    flush's) and per 10 s, however many calls met them."""
+    most = 4 * outages * (1 + int(seconds // 10))
     tracebacks = [r.getMessage() for r in caplog.records if r.exc_info]
     assert not tracebacks, f"tracebacks logged for an expected outage: {tracebacks}"
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
@@ -630,5 +631,93 @@ def test_a_stopped_postgres_answers_unavailable_and_a_restart_costs_nothing(
         eventually(
             Decision.ALLOW, lambda: allow(client, bot), within=10, what="Authorize after", tolerate=(KeyguardError,)
         )
-        assert_outage_logged_quietly(caplog, time.monotonic() - outage_began)
+        assert_outage_logged_quietly(caplog, time.monotonic() - outage_began, outages=2)  # the stop, the restart
         probe.assert_honest(client)
+
+
+# -- a full disk ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (needs root), unmounted at the end."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=False)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Fills the disk to its last byte with one file; the file."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 16, 1 << 12, 1 << 9, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+    return filler
+
+
+def gauge(name: str) -> float | None:
+    """A metric's value in this process (the in-process servers')."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name)
+
+
+@on_sqlite
+def test_a_full_disk_refuses_changes_with_resource_exhausted_and_says_so_in_health(
+    start_server: StartServer, tmp_path: Path, account: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite on a disk that fills up: every change that cannot land answers RESOURCE_EXHAUSTED
+    ("the database's disk is full; nothing was changed", with a retry hint: keyguard.StorageFull),
+    never INTERNAL; reads and Authorize go on; health "" stays SERVING while keyguard.writes turns
+    NOT_SERVING and keyguard_database_writable 0; the last-used flush backs off and logs once; no
+    traceback. Freed, writes land again by themselves (health and gauge too), the last-used times
+    recorded meanwhile land, and whatever answered OK is stored."""
+    with small_disk(tmp_path / "disk", "2m") as disk:
+        server = start_server(database=f"sqlite:///{disk / 'kg.db'}", **OUTAGE_SETTINGS)
+        with client_for(server, OUTAGE_TIMEOUT) as client:
+            probe, (bot,) = ride_out(server, client, account, rounds=3)
+            assert health_of(server, WRITES) == SERVING
+            caplog.set_level(logging.INFO)
+            caplog.clear()
+            outage_began, used_from = time.monotonic(), datetime.now(UTC)
+            filler = fill(disk)
+            for _ in range(3):
+                probe.round()
+                assert quickly(lambda: allow(client, bot), 0.5, "Authorize on a full disk") is Decision.ALLOW
+            print(f"disk full: {dict(probe.codes)} {dict(probe.messages)}")
+            assert probe.codes["OK"] >= 9, f"reads failed on a full disk: {dict(probe.codes)}"
+            assert set(probe.codes) <= {"OK", "RESOURCE_EXHAUSTED"}, f"status codes: {dict(probe.codes)}"
+            assert probe.codes["RESOURCE_EXHAUSTED"] >= 4, f"changes landed on a full disk: {dict(probe.codes)}"
+            assert set(probe.messages) == {"RESOURCE_EXHAUSTED: the database's disk is full; nothing was changed"}
+            error, _ = failure_of(lambda: client.create_key(account, "one-more", "read"))
+            assert isinstance(error, StorageFull), f"not told apart from a per-account limit: {error!r}"
+            eventually(NOT_SERVING, lambda: health_of(server, WRITES), within=3, what="keyguard.writes on a full disk")
+            assert health(server) == SERVING, "reads and Authorize still work: the server itself is serving"
+            assert gauge("keyguard_database_writable") == 0
+            time.sleep(1.5)  # several flush periods: the failing flush must back off, logging once
+            assert_outage_logged_quietly(caplog, time.monotonic() - outage_began)
+            flush_warnings = [r for r in caplog.records if "last-used" in r.getMessage()]
+            assert len(flush_warnings) == 1, [r.getMessage() for r in flush_warnings]
+            filler.unlink()
+            eventually(SERVING, lambda: health_of(server, WRITES), within=3, what="keyguard.writes once freed")
+            assert gauge("keyguard_database_writable") == 1
+            client.create_key(account, "after-the-disk-full", "read")
+            eventually(
+                True,
+                lambda: (client.get_key(account, bot.key.access_key).last_used_at or used_from) > used_from,
+                within=70,  # the flush's backoff, at most 60 s
+                what="the last-used time recorded while the disk was full",
+            )
+            probe.assert_honest(client)
