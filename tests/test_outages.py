@@ -16,12 +16,19 @@ that does block fails these tests within seconds instead of hanging them.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import select
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -31,7 +38,7 @@ import psycopg2
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from keyguard import Aborted, Client, CreatedKey, Decision, KeyguardError, Permission, Unavailable
+from keyguard import Aborted, Client, CreatedKey, Decision, KeyguardError, Permission, StorageFull, Unavailable
 from keyguard_server._config import EnvoyRoute
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
@@ -384,3 +391,333 @@ def test_another_process_holding_the_sqlite_write_lock_does_not_stop_reads(
                 server, account, lambda: assert_reads_answer(server, client, cached, uncached)
             )
         assert_create_works_again(client, account, before)
+
+
+# -- outages that every call meets: the database gone, or its disk full ------------------------
+
+# Management calls during an outage, with deadlines well above the server's own bound on a
+# call (database_connect_timeout + database_statement_timeout + 0.5 s = 2.5 s here).
+OUTAGE_TIMEOUT = 5.0
+OUTAGE_SETTINGS: dict[str, Any] = {
+    "database_connect_timeout_seconds": 1.0,
+    "database_statement_timeout_seconds": 1.0,
+    "database_lock_timeout_seconds": 0.5,
+    "health_check_seconds": 0.2,
+    "health_check_timeout_seconds": 0.5,
+    "last_used_flush_seconds": 0.2,
+}
+WRITES = "keyguard.writes"
+
+
+class Probe:
+    """Management calls made while the database is in trouble: each call's status code counted
+    ("OK" for a success), and what each change answered remembered, to be checked afterwards
+    against what is really stored (:meth:`assert_honest`)."""
+
+    def __init__(self, client: Client, account: str, victims: list[str]) -> None:
+        self.client, self.account = client, account
+        self.victims = list(victims)  # access keys that rounds delete, one each
+        self.codes: Counter[str] = Counter()
+        self.messages: Counter[str] = Counter()
+        self.created: dict[str, str] = {}  # key name -> "OK" or the refusal's message
+        self.deleted: dict[str, str] = {}  # access key -> "OK" or the refusal's message
+        self._rounds = 0
+
+    def _call(self, call: Callable[[], object]) -> str:
+        try:
+            call()
+        except KeyguardError as exc:
+            self.codes[exc.code.name] += 1
+            self.messages[f"{exc.code.name}: {exc.message}"] += 1
+            return exc.message
+        self.codes["OK"] += 1
+        return "OK"
+
+    def round(self) -> None:
+        """Three reads and two changes (a create, a delete)."""
+        self._rounds += 1
+        name = f"outage-{self._rounds}"
+        self._call(lambda: self.client.list_keys(self.account))
+        self._call(lambda: self.client.get_account_settings(self.account))
+        self._call(lambda: self.client.list_audit_events(self.account, page_size=10))
+        self.created[name] = self._call(lambda: self.client.create_key(self.account, name, "read"))
+        if self.victims:
+            victim = self.victims.pop()
+            self.deleted[victim] = self._call(lambda: self.client.delete_key(self.account, victim))
+
+    def assert_honest(self, client: Client) -> None:
+        """Every change that answered OK is stored; every one that said "nothing was changed" is not."""
+        stored = client.list_keys(self.account)
+        names, keys = {k.name for k in stored}, {k.access_key for k in stored}
+        for name, answer in self.created.items():
+            if answer == "OK":
+                assert name in names, f"CreateKey {name!r} answered OK but the key is not stored"
+            elif "nothing was changed" in answer:
+                assert name not in names, f"CreateKey {name!r} said {answer!r} but the key is stored"
+        for key, answer in self.deleted.items():
+            if answer == "OK":
+                assert key not in keys, f"DeleteKey {key!r} answered OK but the key is still stored"
+            elif "nothing was changed" in answer:
+                assert key in keys, f"DeleteKey {key!r} said {answer!r} but the key is gone"
+
+
+def assert_outage_logged_quietly(caplog: pytest.LogCaptureFixture, seconds: float, outages: int = 1) -> None:
+    """``outages`` expected outages, over ``seconds``, log no traceback and no ERROR, and their
+    WARNINGs are rate-limited: at most four per outage (health's two, the store's, the last-used
+    flush's) and per 10 s, however many calls met them."""
+    most = 4 * outages * (1 + int(seconds // 10))
+    tracebacks = [r.getMessage() for r in caplog.records if r.exc_info]
+    assert not tracebacks, f"tracebacks logged for an expected outage: {tracebacks}"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, f"ERRORs logged for an expected outage: {errors}"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) <= most, f"{len(warnings)} WARNINGs (at most {most}): {warnings}"
+
+
+def health_of(server: RunningServer, service: str) -> int:
+    with grpc.insecure_channel(server.target) as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)
+        return int(stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=READ_TIMEOUT).status)
+
+
+def proxied_url(database: str, proxy: TcpProxy) -> str:
+    parts = urlsplit(database)
+    credentials = parts.netloc.rpartition("@")[0]
+    return urlunsplit(parts._replace(netloc=f"{credentials}@{proxy.address}" if credentials else proxy.address))
+
+
+def ride_out(server: RunningServer, client: Client, account: str, rounds: int) -> tuple[Probe, list[CreatedKey]]:
+    """Before the outage: a key for Authorize (cached) and ``rounds`` keys to delete during it."""
+    bot = client.create_key(account, "bot", "read", [])
+    assert allow(client, bot) is Decision.ALLOW
+    victims = [client.create_key(account, f"victim-{i}", "read").key.access_key for i in range(rounds)]
+    return Probe(client, account, victims), [bot]
+
+
+@on_postgres
+@pytest.mark.parametrize("outage", ["refused", "connect_timeout"])
+def test_an_unreachable_postgres_answers_unavailable_never_internal(
+    start_server: StartServer, postgres: Postgres, account: str, outage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL unreachable: its port refusing connections (every connection reset, nothing
+    listening), or accepting them and never answering (a partition: connects time out). Every
+    management call answers UNAVAILABLE (never INTERNAL), saying whether anything changed, within
+    the server's bound; health is NOT_SERVING; the log holds no traceback, and a few rate-limited
+    WARNINGs at most. After it: everything works, and whatever answered OK is stored."""
+    database = postgres.create()
+    parts = urlsplit(database)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 5432
+    proxy = TcpProxy(host, port)
+    try:
+        server = start_server(database=proxied_url(database, proxy), **OUTAGE_SETTINGS)
+        with client_for(server, OUTAGE_TIMEOUT) as client:
+            probe, (bot,) = ride_out(server, client, account, rounds=2)
+            caplog.set_level(logging.INFO)
+            caplog.clear()
+            outage_began = time.monotonic()
+            listen = proxy.port
+            proxy.close()  # every connection reset; nothing listens: connection refused
+            if outage == "connect_timeout":
+                proxy = TcpProxy(host, port, port=listen)  # listens again, forwards nothing
+                proxy.stall()
+            eventually(NOT_SERVING, lambda: health(server), within=5, what="health in the outage")
+            for _ in range(2):
+                probe.round()
+            auth_error, _ = failure_of(lambda: allow(client, bot))
+            print(f"{outage}: {dict(probe.codes)} {dict(probe.messages)}")
+            assert auth_error.code is grpc.StatusCode.UNAVAILABLE
+            assert probe.codes == Counter(UNAVAILABLE=10), f"status codes in the outage: {dict(probe.codes)}"
+            for message in probe.messages:
+                assert "nothing was changed" in message or "may or may not" in message, message
+            assert_outage_logged_quietly(caplog, time.monotonic() - outage_began)
+            if outage == "connect_timeout":
+                proxy.resume()
+            else:
+                proxy = TcpProxy(host, port, port=listen)
+            eventually(SERVING, lambda: health(server), within=10, what="health after the outage")
+            eventually(
+                Decision.ALLOW, lambda: allow(client, bot), within=10, what="Authorize after", tolerate=(KeyguardError,)
+            )
+            client.create_key(account, "after-the-outage", "read")
+            probe.assert_honest(client)
+    finally:
+        proxy.close()
+
+
+# -- a PostgreSQL server of the test's own, to stop and start ----------------------------------
+
+PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+
+
+class OwnPostgres:
+    """A PostgreSQL server of its own (initdb in a temporary directory, owned by the postgres
+    user), which a test may stop and start: the shared server cannot be stopped under other tests."""
+
+    def __init__(self, bin_dir: Path) -> None:
+        self._bin = bin_dir
+        self._base = Path(tempfile.mkdtemp(prefix="keyguard-pg-"))
+        shutil.chown(self._base, "postgres", "postgres")
+        self._data = self._base / "data"
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            self.port = free.getsockname()[1]
+        self._as_postgres("initdb", "-D", str(self._data), "-A", "trust", "-U", "postgres", "--no-sync")
+        self.start()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _as_postgres(self, program: str, *args: str) -> None:
+        command = ["runuser", "-u", "postgres", "--", str(self._bin / program), *args]
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self._base} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._as_postgres("pg_ctl", "-D", str(self._data), "-o", options, "-l", str(self._base / "log"), "-w", "start")
+
+    def stop(self) -> None:
+        self._as_postgres("pg_ctl", "-D", str(self._data), "-m", "fast", "-w", "stop")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop()
+        shutil.rmtree(self._base, ignore_errors=True)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[OwnPostgres]:
+    if os.geteuid() != 0 or not PG_BINS or shutil.which("runuser") is None:
+        pytest.skip("a PostgreSQL server of the test's own needs root, runuser and PostgreSQL's binaries")
+    server = OwnPostgres(PG_BINS[-1])
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@on_postgres
+def test_a_stopped_postgres_answers_unavailable_and_a_restart_costs_nothing(
+    start_server: StartServer, own_postgres: OwnPostgres, account: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL stopped (``pg_ctl stop -m fast``: every session terminated, then nothing
+    listens): every management call answers UNAVAILABLE, never INTERNAL, saying whether anything
+    changed; health is NOT_SERVING; no traceback is logged. Started again, everything works by
+    itself; a restart between two calls costs them nothing (each reconnects), and whatever
+    answered OK is stored."""
+    server = start_server(database=own_postgres.url, **OUTAGE_SETTINGS)
+    with client_for(server, OUTAGE_TIMEOUT) as client:
+        probe, (bot,) = ride_out(server, client, account, rounds=3)
+        caplog.set_level(logging.INFO)
+        caplog.clear()
+        outage_began = time.monotonic()
+        own_postgres.stop()
+        eventually(NOT_SERVING, lambda: health(server), within=5, what="health while PostgreSQL is stopped")
+        for _ in range(2):
+            probe.round()
+        auth_error, _ = failure_of(lambda: allow(client, bot))
+        print(f"stopped: {dict(probe.codes)} {dict(probe.messages)}")
+        assert auth_error.code is grpc.StatusCode.UNAVAILABLE
+        assert probe.codes == Counter(UNAVAILABLE=10), f"status codes while stopped: {dict(probe.codes)}"
+        assert_outage_logged_quietly(caplog, time.monotonic() - outage_began)
+        own_postgres.start()
+        eventually(SERVING, lambda: health(server), within=10, what="health once PostgreSQL is back")
+        own_postgres.restart()  # between two calls: the next ones reconnect
+        probe.codes.clear()
+        probe.round()
+        print(f"after a restart: {dict(probe.codes)} {dict(probe.messages)}")
+        assert probe.codes == Counter(OK=5), f"status codes right after a restart: {dict(probe.codes)}"
+        eventually(
+            Decision.ALLOW, lambda: allow(client, bot), within=10, what="Authorize after", tolerate=(KeyguardError,)
+        )
+        assert_outage_logged_quietly(caplog, time.monotonic() - outage_began, outages=2)  # the stop, the restart
+        probe.assert_honest(client)
+
+
+# -- a full disk ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (needs root), unmounted at the end."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=False)
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Fills the disk to its last byte with one file; the file."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (1 << 16, 1 << 12, 1 << 9, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+    return filler
+
+
+def gauge(name: str) -> float | None:
+    """A metric's value in this process (the in-process servers')."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name)
+
+
+@on_sqlite
+def test_a_full_disk_refuses_changes_with_resource_exhausted_and_says_so_in_health(
+    start_server: StartServer, tmp_path: Path, account: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite on a disk that fills up: every change that cannot land answers RESOURCE_EXHAUSTED
+    ("the database's disk is full; nothing was changed", with a retry hint: keyguard.StorageFull),
+    never INTERNAL; reads and Authorize go on; health "" stays SERVING while keyguard.writes turns
+    NOT_SERVING and keyguard_database_writable 0; the last-used flush backs off and logs once; no
+    traceback. Freed, writes land again by themselves (health and gauge too), the last-used times
+    recorded meanwhile land, and whatever answered OK is stored."""
+    with small_disk(tmp_path / "disk", "2m") as disk:
+        server = start_server(database=f"sqlite:///{disk / 'kg.db'}", **OUTAGE_SETTINGS)
+        with client_for(server, OUTAGE_TIMEOUT) as client:
+            probe, (bot,) = ride_out(server, client, account, rounds=3)
+            assert health_of(server, WRITES) == SERVING
+            caplog.set_level(logging.INFO)
+            caplog.clear()
+            outage_began, used_from = time.monotonic(), datetime.now(UTC)
+            filler = fill(disk)
+            for _ in range(3):
+                probe.round()
+                assert quickly(lambda: allow(client, bot), 0.5, "Authorize on a full disk") is Decision.ALLOW
+            print(f"disk full: {dict(probe.codes)} {dict(probe.messages)}")
+            assert probe.codes["OK"] >= 9, f"reads failed on a full disk: {dict(probe.codes)}"
+            assert set(probe.codes) <= {"OK", "RESOURCE_EXHAUSTED"}, f"status codes: {dict(probe.codes)}"
+            assert probe.codes["RESOURCE_EXHAUSTED"] >= 4, f"changes landed on a full disk: {dict(probe.codes)}"
+            assert set(probe.messages) == {"RESOURCE_EXHAUSTED: the database's disk is full; nothing was changed"}
+            error, _ = failure_of(lambda: client.create_key(account, "one-more", "read"))
+            assert isinstance(error, StorageFull), f"not told apart from a per-account limit: {error!r}"
+            eventually(NOT_SERVING, lambda: health_of(server, WRITES), within=3, what="keyguard.writes on a full disk")
+            assert health(server) == SERVING, "reads and Authorize still work: the server itself is serving"
+            assert gauge("keyguard_database_writable") == 0
+            time.sleep(1.5)  # several flush periods: the failing flush must back off, logging once
+            assert_outage_logged_quietly(caplog, time.monotonic() - outage_began)
+            flush_warnings = [r for r in caplog.records if "last-used" in r.getMessage()]
+            assert len(flush_warnings) == 1, [r.getMessage() for r in flush_warnings]
+            filler.unlink()
+            eventually(SERVING, lambda: health_of(server, WRITES), within=3, what="keyguard.writes once freed")
+            assert gauge("keyguard_database_writable") == 1
+            client.create_key(account, "after-the-disk-full", "read")
+            eventually(
+                True,
+                lambda: (client.get_key(account, bot.key.access_key).last_used_at or used_from) > used_from,
+                within=70,  # the flush's backoff, at most 60 s
+                what="the last-used time recorded while the disk was full",
+            )
+            probe.assert_honest(client)

@@ -18,6 +18,7 @@ from keyguard._errors import (
     NotFound,
     PermissionDenied,
     ServerError,
+    StorageFull,
     Unauthenticated,
     Unavailable,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "PermissionDenied",
     "ServerError",
     "SignedRequest",
+    "StorageFull",
     "StreamingAuthorizer",
     "Unauthenticated",
     "Unavailable",

@@ -16,7 +16,14 @@ from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from keyguard._errors import ERRORS_BY_CODE, FieldViolation, InvalidArgument, KeyguardError, ServerError
+from keyguard._errors import (
+    ERRORS_BY_CODE,
+    FieldViolation,
+    InvalidArgument,
+    KeyguardError,
+    ServerError,
+    StorageFull,
+)
 from keyguard._models import (
     AccountSettings,
     ApiKey,
@@ -478,12 +485,19 @@ def domain_error(exc: grpc.RpcError) -> KeyguardError:
     """The keyguard error a failed call stands for (INVALID_ARGUMENT with its field violations)."""
     assert isinstance(exc, grpc.Call)
     code = exc.code()
-    status = rpc_status.from_call(exc) if code is grpc.StatusCode.INVALID_ARGUMENT else None
+    status = rpc_status.from_call(exc) if code in _DETAILED else None
     return _error(code, exc.details() or code.name, status.details if status else ())
+
+
+# The codes whose status details tell the error apart (the others' are not read).
+_DETAILED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 def _error(code: grpc.StatusCode, message: str, details: Iterable[any_pb2.Any]) -> KeyguardError:
     """The keyguard error for a status: a failed call's, or a stream answer's ``error``."""
+    retry_info = error_details_pb2.RetryInfo.DESCRIPTOR.full_name
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and any(d.TypeName() == retry_info for d in details):
+        return StorageFull(message)  # worth retrying later, unlike a per-account limit
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         violations: list[FieldViolation] = []
         for detail in details:

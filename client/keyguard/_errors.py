@@ -63,6 +63,14 @@ class LimitExceeded(KeyguardError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class StorageFull(KeyguardError):
+    """The database's disk is full: nothing was changed. Reads and Authorize go on; retry the
+    change later (the status carries a ``google.rpc.RetryInfo``, which tells it apart from
+    :class:`LimitExceeded`, the same code)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class Unauthenticated(KeyguardError):
     code = grpc.StatusCode.UNAUTHENTICATED
 

@@ -123,6 +123,47 @@ class UsageRecorder:
         return len(batch)
 
 
+# The longest the periodic last-used flush waits between attempts while they fail.
+FLUSH_BACKOFF_CAP = 60.0
+
+
+class FlushBackoff:
+    """When the periodic last-used flush runs next, and what its failures log.
+
+    Every ``every`` seconds while flushes land; after a failure (the database down, or its disk
+    full) exponentially less often, doubling up to ``FLUSH_BACKOFF_CAP``, so an outage is not
+    hammered with retries nor the log flooded: the first failure of an outage is logged (one
+    WARNING), the recovery once (INFO), the attempts in between not. Nothing recorded is lost
+    meanwhile: :class:`UsageRecorder` merges a failed batch back, and the next attempt retries it.
+    """
+
+    def __init__(self, every: float) -> None:
+        self._every = every
+        self._cap = max(every, FLUSH_BACKOFF_CAP)
+        self._failures = 0  # in a row
+
+    @property
+    def delay(self) -> float:
+        """Seconds until the next attempt."""
+        return min(self._cap, self._every * 2.0**self._failures)
+
+    def failed(self, why: str) -> None:
+        self._failures += 1
+        if self._failures == 1:
+            log.warning(
+                "could not record last-used times: %s; retrying in %g s, then less often (at most every %g s) "
+                "until it lands; nothing recorded is lost",
+                why,
+                self.delay,
+                self._cap,
+            )
+
+    def landed(self) -> None:
+        if self._failures:
+            log.info("last-used times recorded again, after %d failed attempts", self._failures)
+            self._failures = 0
+
+
 # One counter child per decision, bound once: labels() per call costs a lock and a lookup.
 _DECISION_COUNTERS = {decision: DECISIONS.labels(decision.name) for decision in Decision}
 

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 import grpc
-from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -29,6 +29,7 @@ from keyguard import (
     KeyguardError,
     Permission,
     SignedRequest,
+    StorageFull,
     WithdrawalAddress,
     WithdrawalDestination,
 )
@@ -41,6 +42,9 @@ from keyguard_server._store import LATER, Later
 from keyguard_server._stream import StreamDecider
 
 log = logging.getLogger("keyguard.grpc")
+
+# StorageFull's retry hint (google.rpc.RetryInfo): a full disk is not freed at once.
+STORAGE_FULL_RETRY_SECONDS = 30
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -64,6 +68,10 @@ def status_message(exc: KeyguardError) -> status_pb2.Status:
         )
         detail = any_pb2.Any()
         detail.Pack(bad_request)
+        details.append(detail)
+    elif isinstance(exc, StorageFull):  # retry later: what tells it apart from LimitExceeded
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=STORAGE_FULL_RETRY_SECONDS)))
         details.append(detail)
     code: int = exc.code.value[0]
     return status_pb2.Status(code=code, message=exc.message, details=details)

@@ -186,6 +186,16 @@ ARGON2_PENDING = Gauge(
     "argon2 verifications running or waiting for a verifier process.",
     multiprocess_mode="livesum",  # --workers: the sum over the workers alive
 )
+DATABASE_WRITABLE = Gauge(
+    "keyguard_database_writable",
+    "1 while writes land; 0 from a write that met a full disk until one lands again.",
+    multiprocess_mode="livemin",  # --workers: 0 if any worker alive cannot write
+)
+DATABASE_FAILURES = Counter(
+    "keyguard_database_failures_total",
+    "Database calls that failed for the database's sake, not the request's, by reason.",
+    ["reason"],  # unreachable, connection_lost, disk_full
+)
 
 
 METRICS_LISTEN_FORM = (

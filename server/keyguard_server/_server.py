@@ -27,7 +27,7 @@ from playhouse import db_url
 from keyguard import KeyguardError
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._auth import CallerGuard, ForCall, ensure_admin_token, refusing_unparseable
-from keyguard_server._authorize import DAY_US, Authorizer
+from keyguard_server._authorize import DAY_US, Authorizer, FlushBackoff
 from keyguard_server._config import Config
 from keyguard_server._envoy import EnvoyAuthorizationServicer
 from keyguard_server._grpc import AuthorizationServicer, KeyManagementServicer
@@ -36,7 +36,7 @@ from keyguard_server._metrics import MULTIPROCESS_ENV, WorkerMetrics, multiproce
 from keyguard_server._metrics import serve as serve_metrics
 from keyguard_server._reflection import enable_server_reflection
 from keyguard_server._secrets import SecretHasher
-from keyguard_server._services import ENVOY_AUTHORIZATION, HEALTH, KEYGUARD_SERVICES
+from keyguard_server._services import ENVOY_AUTHORIZATION, HEALTH, KEYGUARD_SERVICES, WRITES_HEALTH
 from keyguard_server._store import Store
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 
@@ -141,6 +141,7 @@ class KeyguardServer:
         self._server: grpc.aio.Server | None = None
         self._health = BoundedHealthServicer()
         self._background: list[asyncio.Task[None]] = []
+        self._flush_backoff = FlushBackoff(config.last_used_flush_seconds)
         self._metrics_server: Any = None
         self.metrics_port = 0
         self.authorizer: Authorizer | None = None
@@ -253,32 +254,49 @@ class KeyguardServer:
         try:
             await self.authorizer.usage.flush()
             await self.authorizer.forget_old_nonces()
-        except KeyguardError as exc:  # the database is away: the next flush retries
-            log.warning("could not record last-used times: %s", exc.message)
+        except KeyguardError as exc:  # the database is away or full: retried, backing off
+            self._flush_backoff.failed(exc.message)
         except Exception:  # a failed flush must not stop the server; the next one retries
             log.exception("could not record last-used times")
+        else:
+            self._flush_backoff.landed()
 
-    async def _set_health(self, serving: bool) -> None:
+    async def _set_health(self, serving: bool, writes_land: bool = True) -> None:
+        """Every name ``serving``; ``keyguard.writes`` only while writes land too (see _services)."""
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *KEYGUARD_SERVICES, ENVOY_AUTHORIZATION):
             await self._health.set(name, status)
+        writes = serving and writes_land
+        await self._health.set(
+            WRITES_HEALTH,
+            health_pb2.HealthCheckResponse.SERVING if writes else health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
 
     async def _watch_database(self) -> None:
         """SERVING only while the database answers in time (a silent partition counts, not only a
-        refusal), so load balancers route around a broken one; SERVING again when it is back."""
+        refusal), so load balancers route around a broken one; SERVING again when it is back.
+        ``keyguard.writes`` also turns NOT_SERVING while writes meet a full disk (the database
+        answering all the same), and SERVING again once a write, or the watcher's probe, lands."""
         assert self._store is not None
-        serving = True
+        serving = writes = True
+        timeout = self.config.health_check_timeout_seconds
         while not self._stopped:  # not only cancellation: 3.11's wait_for can swallow one
             await asyncio.sleep(self.config.health_check_seconds)
-            now = await self._store.ping(self.config.health_check_timeout_seconds)
+            now = await self._store.ping(timeout)
+            landing = await self._store.writes_land(timeout) if now else writes
             if now != serving:
                 log.warning("database %s", "reachable again" if now else "unreachable: health is NOT_SERVING")
-                await self._set_health(now)
-                serving = now
+            elif landing != writes:
+                log.warning(
+                    "writes %s", "land again" if landing else "fail, the disk is full: keyguard.writes is NOT_SERVING"
+                )
+            if (now, landing) != (serving, writes):
+                await self._set_health(now, landing)
+                serving, writes = now, landing
 
     async def _flush_usage_periodically(self) -> None:
         while not self._stopped:  # not only cancellation: 3.11's wait_for can swallow one
-            await asyncio.sleep(self.config.last_used_flush_seconds)
+            await asyncio.sleep(self._flush_backoff.delay)
             await self.flush_usage()
 
 

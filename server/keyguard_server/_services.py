@@ -18,5 +18,8 @@ KEYGUARD_SERVICES: tuple[str, ...] = tuple(s.full_name for s in pb.DESCRIPTOR.se
 # Envoy's ext_authz Check: another name for Authorization.
 ENVOY_AUTHORIZATION: str = ext.DESCRIPTOR.services_by_name["Authorization"].full_name
 HEALTH: str = health.SERVICE_NAME
+# A health name of its own, no gRPC service: NOT_SERVING while writes cannot land (a full disk)
+# though the database answers, so reads and Authorize stay SERVING under "" and their services.
+WRITES_HEALTH = "keyguard.writes"
 # Open to every caller, authenticated or not: they reveal nothing about keys or accounts.
 OPEN_SERVICES = frozenset({HEALTH, V1ALPHA_SERVICE_NAME, V1_SERVICE_NAME})

@@ -51,6 +51,7 @@ import enum
 import functools
 import ipaddress
 import json
+import logging
 import math
 import mmap
 import os
@@ -59,6 +60,7 @@ import sqlite3
 import sys
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -80,13 +82,16 @@ from keyguard import (
     AuthorizeResult,
     Decision,
     FailedPrecondition,
+    KeyguardError,
     KeyType,
     LimitExceeded,
     NotFound,
     Permission,
+    StorageFull,
     Unavailable,
     WithdrawalAddress,
 )
+from keyguard_server._metrics import DATABASE_FAILURES, DATABASE_WRITABLE
 from keyguard_server._schema import MODELS, AccountModel, AddressModel, AuditModel, KeyModel, NonceModel, migrate
 from keyguard_server._secrets import ACCESS_KEY_RE
 from keyguard_server._threads import share_core_until
@@ -95,6 +100,10 @@ from keyguard_server._validation import IPAddress, IPNetwork, parse_allowed_ip
 P = ParamSpec("P")
 T = TypeVar("T")
 
+log = logging.getLogger("keyguard.store")
+
+# An outage's WARNINGs: at most one per kind in this many seconds (each call meets it).
+OUTAGE_LOG_SECONDS = 10.0
 # Replicas starting together wait for the one that migrates.
 MIGRATION_TIMEOUT = 120.0
 MAX_VERDICTS_PER_ROW = 8  # client addresses whose allowlist answer a key's AuthRow keeps (bounded memory)
@@ -357,6 +366,27 @@ def open_database(settings: DatabaseSettings, *, role: str = "main") -> pw.Datab
     return database
 
 
+class WriteState:
+    """Whether writes land: False from a write that met a full disk until one lands again. The
+    health watcher reports it (``keyguard.writes``) and so does ``keyguard_database_writable``."""
+
+    def __init__(self) -> None:
+        self._landing = True
+        DATABASE_WRITABLE.set(1)
+
+    @property
+    def landing(self) -> bool:
+        return self._landing
+
+    @landing.setter
+    def landing(self, landing: bool) -> None:
+        if landing != self._landing:
+            self._landing = landing
+            DATABASE_WRITABLE.set(int(landing))
+            if landing:
+                log.info("writes land again: the database's disk has room")
+
+
 class _DatabaseThreads:
     """A bounded pool of threads, each with its own connection to ``db`` and the models bound to it.
 
@@ -365,8 +395,12 @@ class _DatabaseThreads:
     is running is abandoned to finish (or fail) on its own.
     """
 
-    def __init__(self, db: pw.Database, name: str, threads: int, *, changes: bool) -> None:
+    def __init__(
+        self, db: pw.Database, name: str, threads: int, *, changes: bool, writes: WriteState | None = None
+    ) -> None:
+        """``writes``: told of every call that returns (a write landed) or meets a full disk."""
         self.db = db
+        self._write_state = writes
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix=name, initializer=db.bind, initargs=(MODELS,))
         self._changes = changes  # whether a call that ran past its bound may have changed something
         self._connections: set[Any] = set()  # every thread's connection, to close them all at the end
@@ -376,13 +410,20 @@ class _DatabaseThreads:
         future = self._pool.submit(functools.partial(self._reconnecting, fn, *args, **kwargs))
         share_core_until(future)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), within)
+            result = await asyncio.wait_for(asyncio.wrap_future(future), within)
+        except StorageFull:
+            if self._write_state is not None:
+                self._write_state.landing = False
+            raise
         except TimeoutError:
             if future.cancel() or not self._changes:
                 raise Unavailable(f"the database did not answer within {within:g} s; nothing was changed") from None
             raise Unavailable(
                 f"the database did not answer within {within:g} s; a change may or may not have been applied"
             ) from None
+        if self._write_state is not None:
+            self._write_state.landing = True
+        return result
 
     def _reconnecting(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``fn``, retried once on a fresh connection if the old one turned out to be dead."""
@@ -392,6 +433,7 @@ class _DatabaseThreads:
         except _ConnectionLost as lost:
             self._discard_connection()
             if _thread.committing:
+                _report_outage("connection_lost", "the database connection was lost while committing", lost)
                 raise Unavailable(
                     "the database connection was lost while committing; the change may or may not have been applied"
                 ) from lost.__cause__
@@ -399,6 +441,7 @@ class _DatabaseThreads:
             return _mapped(fn, *args, **kwargs)
         except _ConnectionLost as lost:
             self._discard_connection()
+            _report_outage("unreachable", "the database is unreachable", lost)
             raise Unavailable("the database is unreachable; nothing was changed") from lost.__cause__
         finally:
             self._remember_connection()
@@ -450,27 +493,140 @@ def _transaction(db: pw.Database) -> Iterator[None]:
         _thread.committing = True
 
 
+class _Failure(enum.Enum):
+    """What a failed database call means to its caller, whatever the driver raised."""
+
+    LOCKED = "locked"  # a lock not had in time: ABORTED
+    CONFLICT = "conflict"  # rolled back for a concurrent change: ABORTED
+    TIMED_OUT = "timed out"  # the statement timeout: UNAVAILABLE
+    UNREACHABLE = "unreachable"  # no usable connection: a new one may work, else UNAVAILABLE
+    DISK_FULL = "disk full"  # the change was rolled back: RESOURCE_EXHAUSTED
+
+
+# SQLite's primary result codes (https://sqlite.org/rescode.html), as sqlite3 reports them.
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_FULL, _SQLITE_CANTOPEN = 5, 6, 13, 14
+_SQLITE_TEXTS = (
+    ("database is locked", _Failure.LOCKED),
+    ("database table is locked", _Failure.LOCKED),
+    ("database or disk is full", _Failure.DISK_FULL),
+    ("unable to open database file", _Failure.UNREACHABLE),
+)
+_SQLITE_CODES = {
+    _SQLITE_BUSY: _Failure.LOCKED,
+    _SQLITE_LOCKED: _Failure.LOCKED,
+    _SQLITE_FULL: _Failure.DISK_FULL,
+    _SQLITE_CANTOPEN: _Failure.UNREACHABLE,
+}
+# PostgreSQL's class 53, insufficient resources: disk_full, its class's generic code, out_of_memory.
+# (53300 too_many_connections comes from libpq at connect, without a SQLSTATE: unreachable.)
+_PG_DISK_FULL = ("53100", "53000", "53200")
+# SQLSTATE classes of a connection that is gone: 08 connection exception, 57P0x the server
+# shutting down, crashed or not yet accepting connections (a restart).
+_PG_UNREACHABLE_PREFIXES = ("08", "57P01", "57P02", "57P03")
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception behind it, outermost first: peewee's ``orig`` (peewee wraps a
+    connection that cannot be opened twice, once in ``connect`` and again around the statement
+    that opened it), ``__cause__`` and ``__context__`` (a rollback that failed after the error)."""
+    seen: set[int] = set()
+    todo = deque([exc])
+    while todo:
+        current = todo.popleft()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        for behind in (getattr(current, "orig", None), current.__cause__, current.__context__):
+            if isinstance(behind, BaseException):
+                todo.append(behind)
+
+
+def _failure_of(exc: BaseException) -> _Failure | None:
+    """The failure a database error stands for, read from the driver's own error wherever it is
+    wrapped (the first one in ``_chain`` that says); None: not one keyguard expects."""
+    for error in _chain(exc):
+        if isinstance(error, psycopg2.Error):
+            code = error.pgcode or ""
+            if code == _LOCK_NOT_AVAILABLE:
+                return _Failure.LOCKED
+            if code in _CONFLICTS:
+                return _Failure.CONFLICT
+            if code == _QUERY_CANCELED:
+                return _Failure.TIMED_OUT
+            if code in _PG_DISK_FULL:
+                return _Failure.DISK_FULL
+            if code == _READ_ONLY or code.startswith(_PG_UNREACHABLE_PREFIXES):
+                return _Failure.UNREACHABLE
+            # No SQLSTATE: libpq's own error (refused, timed out, closed by the server).
+            if not code and isinstance(error, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+                return _Failure.UNREACHABLE
+        elif isinstance(error, sqlite3.Error):
+            known = _SQLITE_CODES.get(getattr(error, "sqlite_errorcode", -1) & 0xFF)
+            text = str(error)
+            known = known or next((failure for words, failure in _SQLITE_TEXTS if words in text), None)
+            if known is not None:
+                return known
+    return None
+
+
 class _ConnectionLost(Exception):
     """The connection is dead (its cause says why); a new one may work."""
 
 
+class _RateLimitedWarnings:
+    """An expected outage's WARNINGs: one line per kind per ``every`` seconds, however many calls
+    meet it, naming the driver's own words (no traceback: nothing is wrong with keyguard), and
+    counting the ones left out meanwhile. Thread-safe (database threads log)."""
+
+    def __init__(self, every: float) -> None:
+        self._every = every
+        self._last: dict[str, tuple[float, int]] = {}  # kind -> (when last logged, left out since)
+        self._lock = threading.Lock()
+
+    def warning(self, kind: str, what: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        with self._lock:
+            logged_at, left_out = self._last.get(kind, (-math.inf, 0))
+            if now - logged_at < self._every:
+                self._last[kind] = (logged_at, left_out + 1)
+                return
+            self._last[kind] = (now, 0)
+        errors = [e for e in _chain(exc) if isinstance(e, (psycopg2.Error, sqlite3.Error))]
+        words = " ".join(str(errors[-1] if errors else exc.__cause__ or exc).split())  # the driver's, on one line
+        since = f" (and {left_out} more in the last {now - logged_at:.0f} s)" if left_out else ""
+        log.warning("%s: %s%s", what, words, since)
+
+
+_outage_log = _RateLimitedWarnings(OUTAGE_LOG_SECONDS)
+
+
+def _report_outage(reason: str, what: str, exc: BaseException) -> None:
+    """A call failed for the database's sake: counted (``keyguard_database_failures_total``) and
+    logged, rate-limited."""
+    DATABASE_FAILURES.labels(reason).inc()
+    _outage_log.warning(reason, what, exc)
+
+
 def _mapped(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    """Database failures as what they mean to a caller; keyguard errors pass through."""
+    """The one mapping of database failures to what they mean to a caller (keyguard errors pass
+    through; one keyguard does not expect is raised as it is, and answers INTERNAL)."""
     try:
         return fn(*args, **kwargs)
-    except (pw.OperationalError, pw.InterfaceError) as exc:
-        original = getattr(exc, "orig", exc)
-        code = getattr(original, "pgcode", None)
-        text = str(exc)
-        if code == _LOCK_NOT_AVAILABLE or "database is locked" in text or "database table is locked" in text:
+    except (pw.PeeweeException, psycopg2.Error, sqlite3.Error) as exc:
+        failure = _failure_of(exc)
+        if failure is _Failure.LOCKED:
             raise Aborted(
                 "another change holds the database lock this change needs (lock timeout); nothing was changed"
             ) from exc
-        if code == _QUERY_CANCELED:
+        if failure is _Failure.TIMED_OUT:
             raise Unavailable("the database did not answer in time (statement timeout); nothing was changed") from exc
-        if code in _CONFLICTS:
+        if failure is _Failure.CONFLICT:
             raise Aborted("the change met a concurrent one and was rolled back; nothing was changed") from exc
-        if (code is None or code == _READ_ONLY) and isinstance(original, psycopg2.Error):  # the connection failed
+        if failure is _Failure.DISK_FULL:  # a failed statement or COMMIT: rolled back
+            _report_outage("disk_full", "the database's disk is full", exc)
+            raise StorageFull("the database's disk is full; nothing was changed") from exc
+        if failure is _Failure.UNREACHABLE:
             raise _ConnectionLost from exc
         raise
 
@@ -633,6 +789,14 @@ class _Queries:
     def fetch_one(self, sql: str, params: tuple[object, ...]) -> tuple[Any, ...] | None:
         row: tuple[Any, ...] | None = _execute(self.db, sql, params).fetchone()
         return row
+
+    def probe_write(self) -> None:
+        """A write that leaves nothing behind when it lands: a nonce row (of no key, so no request
+        can ever match it) inserted and deleted in one transaction, whose commit still writes."""
+        probe = f"write-probe-{uuid.uuid4().hex}"
+        with _transaction(self.db):
+            NonceModel.insert(access_key="", nonce=probe, seen_at_us=0).execute()
+            NonceModel.delete().where((NonceModel.access_key == "") & (NonceModel.nonce == probe)).execute()
 
     def whitelisted(self, account_id: str, asset: str, address: str, memo: str) -> bool:
         params = (account_id, asset, address, memo)
@@ -1312,12 +1476,13 @@ def _fail(waiters: list[_Lookup], exc: Unavailable) -> None:
 
 
 @contextlib.contextmanager
-def _unavailable_when_locked() -> Iterator[None]:
-    """For Authorize: a lock it cannot get in time is the database being unavailable to it
-    (the gateway fails closed on UNAVAILABLE); ABORTED is for changes a caller may retry."""
+def _unavailable_to_authorize() -> Iterator[None]:
+    """For Authorize: a lock it cannot get in time, or a full disk for a signed request's nonce,
+    is the database being unavailable to it (the gateway fails closed on UNAVAILABLE); ABORTED
+    and RESOURCE_EXHAUSTED are for changes a caller may retry."""
     try:
         yield
-    except Aborted as exc:
+    except (Aborted, StorageFull) as exc:
         raise Unavailable(exc.message) from None
 
 
@@ -1360,7 +1525,8 @@ class Store:
         self.settings = settings
         self.db = open_database(settings)
         self._reads = _DatabaseThreads(self.db, "db-read", settings.read_threads, changes=False)
-        self._writes = _DatabaseThreads(self.db, "db-write", settings.write_threads, changes=True)
+        self.writes = WriteState()  # the nonces' pool is left out: its pruning often writes nothing
+        self._writes = _DatabaseThreads(self.db, "db-write", settings.write_threads, changes=True, writes=self.writes)
         self._nonce_db = open_database(settings, role="nonces")
         self._nonces = _DatabaseThreads(self._nonce_db, "db-nonce", 1, changes=True)
         self._inline = open_database(settings, role="inline") if settings.is_sqlite else None
@@ -1428,6 +1594,14 @@ class Store:
         except (Unavailable, Aborted, pw.DatabaseError):
             return False
         return True
+
+    async def writes_land(self, within: float) -> bool:
+        """Whether writes land: as the last write found, and while that met a full disk, as a
+        probe write (which leaves nothing behind) finds now, within ``within`` seconds."""
+        if not self.writes.landing:
+            with contextlib.suppress(KeyguardError):
+                await self._writes.call(within, self._q.probe_write)
+        return self.writes.landing
 
     # -- hot path -------------------------------------------------------------
 
@@ -1501,13 +1675,11 @@ class Store:
 
     async def auth_lookup(self, access_key: str, within: float) -> AuthRow | None:
         """The key's current state, read within ``within`` seconds (else ``Unavailable``)."""
-        try:
+        with _unavailable_to_authorize():
             if self._lookups is not None:
                 row = await self._lookups.lookup(access_key, within)
             else:
                 row = await self._read_one(self._q.auth_sql, (access_key,), within)
-        except Aborted as exc:  # a lock Authorize cannot get in time: the database is unavailable to it
-            raise Unavailable(exc.message) from None
         return None if row is None else self._auth_row(row)
 
     def _auth_row(self, row: tuple[Any, ...]) -> AuthRow:
@@ -1526,14 +1698,14 @@ class Store:
         """When the whitelisted destination becomes usable (µs since the epoch), None if it is
         not whitelisted: one point lookup answers both."""
         params = (account_id, asset, address, memo)
-        with _unavailable_when_locked():
+        with _unavailable_to_authorize():
             row = await self._read_one(self._q.whitelisted_sql, params, within)
         return None if row is None else int(row[0])
 
     async def use_nonce(self, access_key: str, nonce: str, timestamp_ms: int, within: float) -> bool:
         """Records a signed request's nonce with the request's own timestamp; False if this key
         already used it (a replay)."""
-        with _unavailable_when_locked():
+        with _unavailable_to_authorize():
             return await self._nonces.call(within, self._insert_nonce, access_key, nonce, timestamp_ms * 1000)
 
     def _insert_nonce(self, access_key: str, nonce: str, timestamp_us: int) -> bool:
