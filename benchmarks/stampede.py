@@ -9,7 +9,8 @@ data dir, unpinned) and measures, with real clients on loopback:
   stampede, after   the same with other fresh keys, right after a flood of --flood-seconds of
                     distinct wrong secrets at --flood-rate/s from one /24 (2 s deadlines);
   many accounts     wrong secrets spread over --accounts keys of as many accounts from as many
-                    IPv6 /64s (one flooding thread each, back to back, 5 s deadlines) while
+                    IPv6 /64s (one flooding thread each, --many-rate/s in all, 5 s deadlines;
+                    0: each thread back to back) while
                     --victims other accounts make their keys' first verification, 5 s
                     deadlines: how many were allowed, and how long each took.
 
@@ -70,7 +71,7 @@ def flood(server: KeyguardProcess, key: CreatedKey, rate: float, seconds: float)
     return f"{len(futures)} wrong secrets in {seconds:g} s: {dict(counts)}"
 
 
-def many_accounts(server: KeyguardProcess, accounts: int, victims: int) -> str:
+def many_accounts(server: KeyguardProcess, accounts: int, victims: int, rate: float) -> str:
     with Client(server.target, token=server.token, timeout=30) as admin:
         targets = [admin.create_key(f"flooded-{i}", "bot", "read", []) for i in range(accounts)]
         others = [admin.create_key(f"other-{i}", "bot", "read", []) for i in range(victims)]
@@ -82,6 +83,8 @@ def many_accounts(server: KeyguardProcess, accounts: int, victims: int) -> str:
             while not stop.is_set():
                 ip = f"2001:db8:{i:x}:{random.randrange(65536):x}::1"
                 flood_answers[ask(flooder, targets[i], new_private_key(), ip)[0]] += 1
+                if rate:
+                    stop.wait(accounts / rate)
 
     with ThreadPoolExecutor(accounts) as pool:
         flooding = [pool.submit(flood_one, i) for i in range(accounts)]
@@ -103,6 +106,7 @@ def main() -> None:
     parser.add_argument("--flood-seconds", type=float, default=5.0)
     parser.add_argument("--accounts", type=int, default=64)
     parser.add_argument("--victims", type=int, default=12)
+    parser.add_argument("--many-rate", type=float, default=66.0, help="the many-accounts flood's rate (0: flat out)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="keyguard-stampede-") as tmp:
         server = KeyguardProcess(Path(tmp), pin=False)
@@ -117,8 +121,12 @@ def main() -> None:
             print("  " + flood(server, flooded, args.flood_rate, args.flood_seconds), flush=True)
             print("stampede, right after the flood:", flush=True)
             print("  " + stampede(server, after, args.per_key, args.deadline), flush=True)
-            print(f"many accounts ({args.accounts} flooded from as many IPv6 /64s, {args.victims} others):", flush=True)
-            print("  " + many_accounts(server, args.accounts, args.victims), flush=True)
+            print(
+                f"many accounts ({args.accounts} flooded from as many IPv6 /64s at {args.many_rate:g}/s, "
+                f"{args.victims} others):",
+                flush=True,
+            )
+            print("  " + many_accounts(server, args.accounts, args.victims, args.many_rate), flush=True)
         finally:
             server.stop()
 
