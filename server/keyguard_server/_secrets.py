@@ -331,7 +331,9 @@ class SecretHasher:
         self.pending_hashes += 1
         try:
             # A task of its own, shielded: a caller that gives up must not abandon the job mid-way.
-            return await asyncio.shield(asyncio.get_running_loop().create_task(self._hash(secret)))
+            job = asyncio.get_running_loop().create_task(self._hash(secret))
+            job.add_done_callback(_retrieved)  # a caller that gave up is not there to read its failure
+            return await asyncio.shield(job)
         finally:
             self.pending_hashes -= 1
 
@@ -343,9 +345,10 @@ class SecretHasher:
             try:
                 stored_hash, _ = await self._ask(worker, "hash", secret)
             except (ConnectionError, ValueError, OSError) as error:
-                log.error("argon2 hashing process failed (%s); starting another", error)
-                await _stop(worker)
-                self._hash_worker = await self._spawn(background=False)
+                if not self._closed:  # else close() ended the process: the shutdown, not a failure
+                    log.error("argon2 hashing process failed (%s); starting another", error)
+                    await _stop(worker)
+                    self._hash_worker = await self._spawn(background=False)
                 raise HasherBusy from None
             return stored_hash
 
@@ -569,6 +572,13 @@ class SecretHasher:
                 worker.reading.cancel()
         everyone = [*verifiers, *([self._hash_worker] if self._hash_worker is not None else [])]
         await asyncio.gather(*(_stop(worker) for worker in everyone))
+
+
+def _retrieved(job: asyncio.Task[str]) -> None:
+    """Marks a hash job's failure as seen: its caller may have given up (a CreateKey answered
+    at shutdown), and asyncio would log an unread one as a traceback."""
+    if not job.cancelled():
+        job.exception()
 
 
 async def _stop(worker: _Worker) -> None:

@@ -29,6 +29,7 @@ from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._auth import CallerGuard, ForCall, ensure_admin_token, refusing_unparseable
 from keyguard_server._authorize import DAY_US, Authorizer, FlushBackoff
 from keyguard_server._config import Config
+from keyguard_server._drain import Drain
 from keyguard_server._envoy import EnvoyAuthorizationServicer
 from keyguard_server._grpc import AuthorizationServicer, KeyManagementServicer
 from keyguard_server._keys import KeyManager
@@ -87,8 +88,9 @@ class _Routes(grpc.GenericRpcHandler):
     here once per method instead of by an interceptor on every call.
     """
 
-    def __init__(self, guard: CallerGuard) -> None:
+    def __init__(self, guard: CallerGuard, drain: Drain) -> None:
         self._guard = guard
+        self._drain = drain
         self._open: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}  # methods open to all
         self._checked: dict[str, ForCall] = {}  # methods behind the caller check: each call's handler
         self._generic_services: set[str] = set()
@@ -98,7 +100,8 @@ class _Routes(grpc.GenericRpcHandler):
     ) -> None:
         for name, given in handlers.items():
             method = f"/{service}/{name}"
-            handler = refusing_unparseable(given)
+            # Health is answered while the server drains: it is how load balancers learn to stop.
+            handler = refusing_unparseable(self._drain.tracking(given, lingers=service == HEALTH))
             if (for_call := self._guard.guard(method, handler)) is None:
                 self._open[method] = handler
             else:
@@ -140,6 +143,7 @@ class KeyguardServer:
         self._hasher: SecretHasher | None = None
         self._server: grpc.aio.Server | None = None
         self._health = BoundedHealthServicer()
+        self._drain = Drain()
         self._background: list[asyncio.Task[None]] = []
         self._flush_backoff = FlushBackoff(config.last_used_flush_seconds)
         self._metrics_server: Any = None
@@ -186,7 +190,7 @@ class KeyguardServer:
         )
         self.manager = KeyManager(self._store, self._hasher, config)
         self._authorization = AuthorizationServicer(self.authorizer, config.authorize_stream_max_in_flight)
-        routes = _Routes(CallerGuard(callers))
+        routes = _Routes(CallerGuard(callers), self._drain)
         registrar: Any = routes  # stands in for the server in the generated add_*_to_server functions
         pb_grpc.add_KeyManagementServicer_to_server(KeyManagementServicer(self.manager), registrar)
         pb_grpc.add_AuthorizationServicer_to_server(self._authorization, registrar)
@@ -222,16 +226,21 @@ class KeyguardServer:
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stops accepting calls, lets in-flight ones finish within ``grace``, closes the DB.
-        Stopping a stopped server does nothing."""
+        """Health says NOT_SERVING (every name, at once), calls from now on are refused
+        (UNAVAILABLE), those in flight finish within ``grace`` seconds (None: 0) or answer
+        UNAVAILABLE (see _drain); then grpc stops, and only then the argon2 processes and the
+        database, which the calls needed. Stopping a stopped server does nothing."""
         if self._stopped:
             return
         self._stopped = True
+        deadline = asyncio.get_running_loop().time() + (grace or 0.0)
         await self._health.enter_graceful_shutdown()
         if self._authorization is not None:
             self._authorization.end_streams()  # they answer what they read, then end within the grace
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._drain.drain(grace or 0.0)
+            # Nothing is left in a handler: grpc's shutdown (GOAWAY) has no call to cancel.
+            await self._server.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
