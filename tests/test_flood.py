@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -247,3 +248,27 @@ def test_two_secrets_for_one_key_make_it_suspect_before_any_run_fails(start_serv
         assert hasher.priority(False, (("key", stored_hash),)) is Priority.SUSPECT
         assert time.monotonic() - started < hasher.seconds  # no run had failed yet
         assert decide(client, key, key.private_key) is Decision.ALLOW  # suspect is an order, not a refusal
+
+
+def test_a_verifier_process_killed_mid_run_is_replaced_and_its_askers_answered(
+    start_server: StartServer, account: str
+) -> None:
+    """kill -9 of an argon2 process while it verifies: that verification answers
+    VERIFICATION_BUSY (never hangs), a new process takes its place, and the key's next request
+    is allowed."""
+    server = start_server(argon2_threads=1, argon2_time_cost=16, argon2_memory_kib=65536, argon2_parallelism=1)
+    assert server.server.authorizer is not None
+    hasher = server.server.authorizer.hasher
+    (victim,) = hasher.process_ids(background=False)
+    with server.client() as client, ThreadPoolExecutor(1) as pool:
+        key = client.create_key(account, "bot", "read", [])
+        answer = pool.submit(decide, client, key, key.private_key)
+        time.sleep(hasher.seconds / 3)  # mid-run
+        os.kill(victim, signal.SIGKILL)
+        assert answer.result() is Decision.VERIFICATION_BUSY
+        started = time.monotonic()
+        while not hasher.process_ids(background=False):  # the replacement starts after the answer
+            assert time.monotonic() - started < 10, "no process replaced the one killed"
+            time.sleep(0.05)
+        assert hasher.process_ids(background=False) != [victim]
+        assert decide(client, key, key.private_key) is Decision.ALLOW

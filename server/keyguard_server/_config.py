@@ -164,8 +164,9 @@ class Config:
     argon2_time_cost: int = Argon2Params.time_cost
     argon2_memory_kib: int = Argon2Params.memory_kib
     argon2_parallelism: int = Argon2Params.parallelism
-    # argon2 verifications that run at once, each in a verifier process of its own at
-    # the lowest CPU priority; each holds argon2_memory_kib while it works.
+    # argon2 verifications that run at once, each in a process of its own (as many
+    # again for suspect ones, at the lowest CPU priority); each holds argon2_memory_kib
+    # while it works.
     argon2_threads: int = 2
     # The budget: argon2 verifications may use this share of the machine's cores on
     # average (measured CPU seconds), however many wrong secrets arrive. 0.5 on two

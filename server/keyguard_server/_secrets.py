@@ -14,6 +14,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import math
 import os
 import re
 import secrets
@@ -119,6 +120,7 @@ class _Job:
     share: str
     priority: Priority
     queued: bool = True  # not yet started
+    charged: float = 0.0  # CPU seconds its run was charged to the budget when it started
 
 
 @dataclass(eq=False)
@@ -138,13 +140,15 @@ class _Budget:
     """CPU seconds argon2 may use: ``rate`` a second on average, at most ``burst`` at once."""
 
     rate: float
-    burst: float = 0.0
+    runs: int  # runs it may bank at least (its pool's processes): however costly a run turns out
     tokens: float = 0.0
     at: float = 0.0
     wake: asyncio.TimerHandle | None = None  # a dispatch when the tokens will be there
 
-    def refill(self, now: float) -> float:
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+    def refill(self, now: float, cost: float) -> float:
+        """The tokens now; they bank up to a second's worth, and at least ``runs`` runs of
+        ``cost``, so a run costlier than measured so far can never stall the pool."""
+        self.tokens = min(max(self.rate, cost * self.runs), self.tokens + (now - self.at) * self.rate)
         self.at = now
         return self.tokens
 
@@ -217,8 +221,8 @@ class SecretHasher:
         self._processes = processes
         self.cpus = cpus or os.cpu_count() or 1
         self._pools = (
-            _Pool((Priority.PROVEN, Priority.CLEAN), background=False, budget=_Budget(cpu_share * self.cpus)),
-            _Pool((Priority.SUSPECT,), background=True, budget=_Budget(suspect_cpu_share * self.cpus)),
+            _Pool((Priority.PROVEN, Priority.CLEAN), False, _Budget(cpu_share * self.cpus, processes)),
+            _Pool((Priority.SUSPECT,), True, _Budget(suspect_cpu_share * self.cpus, processes)),
         )
         self._max_pending = max_pending
         self._max_pending_hashes = max_pending_hashes
@@ -230,7 +234,8 @@ class SecretHasher:
         self._coalesce_key = secrets.token_bytes(32)
         self._in_flight: dict[tuple[str, bytes], _Job] = {}
         self._by_hash: dict[str, list[_Job]] = {}  # stored hash -> its jobs not done (distinct secrets)
-        self._last_tried: OrderedDict[str, bytes] = OrderedDict()  # stored hash -> its last secret's digest
+        # stored hash -> its last secret's digest, and when; forgotten when a secret matches
+        self._last_tried: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self._failed_at: OrderedDict[Mark, float] = OrderedDict()  # mark -> when it last failed
         # argon2's CPU cost per verification, measured as it runs (its wall time: the pools'); see
         # calibrate().
@@ -254,9 +259,9 @@ class SecretHasher:
         for pool in self._pools:
             pool.seconds = seconds
         self._cpu_seconds = max(cpu for _, cpu in answers)
-        for pool in self._pools:  # a second's worth banked, and at least a run per process
-            pool.budget.burst = max(pool.budget.rate, self._cpu_seconds * self._processes)
-            pool.budget.tokens, pool.budget.at = pool.budget.burst, self._clock()
+        for pool in self._pools:  # full at the start
+            pool.budget.tokens, pool.budget.at = math.inf, self._clock()
+            pool.budget.refill(self._clock(), self._cpu_seconds)
 
     async def _spawn(self, background: bool) -> _Worker:
         """An argon2 process, started by subprocess with vfork (no fork handlers run in a
@@ -392,7 +397,8 @@ class SecretHasher:
         key = self._run_key(stored_hash, secret)
         now = self._clock()
         if (job := self._in_flight.get(key)) is not None:
-            job.expires = max(job.expires, now + time_left)
+            job.expires = max(job.expires, now + time_left - self._pool(job.priority).seconds)
+            self._promote(job, self.priority(proven, marks))  # a proven asker lifts the run it joins
             return job.result
         if self._closed:
             raise HasherBusy
@@ -401,11 +407,12 @@ class SecretHasher:
         # a while. A bot has one secret (its repeats are coalesced above, or ask again the same);
         # a flood tries several per key, and is known for what it is before any run has failed.
         marks = (*marks, ("key", stored_hash))
-        if self._last_tried.setdefault(stored_hash, key[1]) != key[1]:
+        last, at = self._last_tried.get(stored_hash, (key[1], now))
+        if last != key[1] and now - at < SUSPECT_SECONDS:
             self._mark(marks[-1], now)
             for rival in self._by_hash.get(stored_hash, ()):
                 self._demote(rival)
-        self._last_tried[stored_hash] = key[1]
+        self._last_tried[stored_hash] = (key[1], now)
         self._last_tried.move_to_end(stored_hash)
         if len(self._last_tried) > MAX_SUSPECTS:
             self._last_tried.popitem(last=False)
@@ -439,15 +446,25 @@ class SecretHasher:
             del self._by_hash[job.stored_hash]
 
     def _demote(self, job: _Job) -> None:
-        """Moves a queued PROVEN or CLEAN job to the SUSPECT queue of its share."""
-        if not job.queued or job.priority is Priority.SUSPECT:
+        """Moves a queued CLEAN job to the SUSPECT queue of its share (a PROVEN one stays)."""
+        if job.priority is Priority.CLEAN:
+            self._requeue(job, Priority.SUSPECT)
+
+    def _promote(self, job: _Job, priority: Priority) -> None:
+        if priority < job.priority:
+            self._requeue(job, priority)
+
+    def _requeue(self, job: _Job, priority: Priority) -> None:
+        """Moves a job still queued to the end of its share's queue at ``priority``."""
+        if not job.queued:
             return
         queues = self._queues[job.priority]
         queues[job.share].remove(job)
         if not queues[job.share]:
             del queues[job.share]
-        job.priority = Priority.SUSPECT
-        self._queues[Priority.SUSPECT].setdefault(job.share, deque()).append(job)
+        job.priority = priority
+        self._queues[priority].setdefault(job.share, deque()).append(job)
+        self._dispatch()  # the other pool may be free
 
     def _mark(self, mark: Mark, now: float) -> None:
         self._failed_at[mark] = now
@@ -465,7 +482,8 @@ class SecretHasher:
         mine = len(queues.get(share, ()))
         ahead += mine + sum(min(len(q), mine + 1) for s, q in queues.items() if s != share)
         for_a_process = max(0, ahead + pool.running - self._processes + 1) / self._processes * pool.seconds
-        for_the_budget = max(0.0, (ahead + 1) * self._cpu_seconds - pool.budget.refill(now)) / pool.budget.rate
+        tokens = pool.budget.refill(now, self._cpu_seconds)
+        for_the_budget = max(0.0, (ahead + 1) * self._cpu_seconds - tokens) / pool.budget.rate
         return max(for_a_process, for_the_budget)
 
     def _next_job(self, pool: _Pool, now: float) -> _Job | None:
@@ -497,13 +515,14 @@ class SecretHasher:
             for worker in pool.workers:
                 if worker.job is not None:
                     continue
-                if pool.budget.refill(now) < self._cpu_seconds:
+                if pool.budget.refill(now, self._cpu_seconds) < self._cpu_seconds:
                     self._sleep_until_budget(pool.budget)
                     break
                 job = self._next_job(pool, now)
                 if job is None:
                     break
-                pool.budget.tokens -= self._cpu_seconds  # charged now, corrected by the run's measured cost
+                job.charged = self._cpu_seconds  # now; corrected by the run's measured cost
+                pool.budget.tokens -= job.charged
                 worker.job, worker.started = job, now
                 self.verifications += 1
                 ARGON2_VERIFICATIONS.inc()
@@ -522,21 +541,30 @@ class SecretHasher:
         try:
             ok, cpu = await self._verify(worker, job.stored_hash, job.secret)
         except (ConnectionError, ValueError, OSError) as error:
-            if not self._closed:
-                log.error("argon2 verifying process failed (%s); starting another", error)
-                await _stop(worker)
-                pool.workers[pool.workers.index(worker)] = await self._spawn(pool.background)
+            # Settled first, whatever becomes of the process: its askers, their failure tokens
+            # and every later asker of the same secret wait on this job.
             if not job.result.done():
                 job.result.set_exception(HasherBusy())
+                job.result.exception()  # retrieved: its askers may all be gone
             ARGON2_PENDING.dec()
+            if not self._closed:
+                log.error("argon2 verifying process failed (%s); starting another", error)
+                pool.workers.remove(worker)
+                await _stop(worker)
+                try:
+                    pool.workers.append(await self._spawn(pool.background))
+                except OSError as spawning:  # the pool runs one process short until a restart
+                    log.error("could not start an argon2 process: %s", spawning)
             self._dispatch()
             return
+        if job.cache is not None and ok:
+            self._last_tried.pop(job.stored_hash, None)  # the key's secret: no conflict with it
         now = self._clock()
         worker.job = None
         ARGON2_PENDING.dec()
         ARGON2_CPU_SECONDS.inc(cpu)
         self.cpu_used += cpu
-        pool.budget.tokens += self._cpu_seconds - cpu  # the run's measured cost, not the estimate
+        pool.budget.tokens += job.charged - cpu  # the run's measured cost, not the estimate
         pool.seconds = 0.8 * pool.seconds + 0.2 * (now - worker.started)
         self._cpu_seconds = 0.8 * self._cpu_seconds + 0.2 * cpu
         if job.cache is not None:

@@ -196,8 +196,9 @@ def client_network(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
 
 def wide_network(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     """The network one operator commonly holds (an IPv4 /24, an IPv6 /48): where a flood's
-    failures mark the neighbours as suspect, so they queue behind clean traffic. Never used
-    to refuse anyone: only to order who is verified first."""
+    failures mark the neighbours as suspect, so they queue behind clean traffic and are paid
+    for by the suspect budget. It refuses nobody by itself: a suspect verification is refused
+    only when, in that order, it could not finish before its caller's deadline."""
     if ip.version == 6:
         if not any(ip in prefix for prefix in IPV4_EMBEDDING):
             return str(ipaddress.IPv6Network((int(ip) >> 80 << 80, 48)))
