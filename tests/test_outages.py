@@ -461,6 +461,16 @@ class Probe:
                 assert key in keys, f"DeleteKey {key!r} said {answer!r} but the key is gone"
 
 
+def all_unavailable(probe: Probe, authorize: Callable[[], object], case: str) -> None:
+    """Two more rounds of the probe's calls, and an Authorize: every one UNAVAILABLE."""
+    for _ in range(2):
+        probe.round()
+    auth_error, _ = failure_of(authorize)
+    print(f"{case}: {dict(probe.codes)} {dict(probe.messages)}")
+    assert auth_error.code is grpc.StatusCode.UNAVAILABLE
+    assert probe.codes == Counter(UNAVAILABLE=10), f"status codes ({case}): {dict(probe.codes)}"
+
+
 def assert_outage_logged_quietly(caplog: pytest.LogCaptureFixture, seconds: float, outages: int = 1) -> None:
     """``outages`` expected outages, over ``seconds``, log no traceback and no ERROR, and their
     WARNINGs are rate-limited: at most four per outage (health's two, the store's, the last-used
@@ -521,12 +531,7 @@ def test_an_unreachable_postgres_answers_unavailable_never_internal(
                 proxy = TcpProxy(host, port, port=listen)  # listens again, forwards nothing
                 proxy.stall()
             eventually(NOT_SERVING, lambda: health(server), within=5, what="health in the outage")
-            for _ in range(2):
-                probe.round()
-            auth_error, _ = failure_of(lambda: allow(client, bot))
-            print(f"{outage}: {dict(probe.codes)} {dict(probe.messages)}")
-            assert auth_error.code is grpc.StatusCode.UNAVAILABLE
-            assert probe.codes == Counter(UNAVAILABLE=10), f"status codes in the outage: {dict(probe.codes)}"
+            all_unavailable(probe, lambda: allow(client, bot), outage)
             for message in probe.messages:
                 assert "nothing was changed" in message or "may or may not" in message, message
             assert_outage_logged_quietly(caplog, time.monotonic() - outage_began)
@@ -614,12 +619,7 @@ def test_a_stopped_postgres_answers_unavailable_and_a_restart_costs_nothing(
         outage_began = time.monotonic()
         own_postgres.stop()
         eventually(NOT_SERVING, lambda: health(server), within=5, what="health while PostgreSQL is stopped")
-        for _ in range(2):
-            probe.round()
-        auth_error, _ = failure_of(lambda: allow(client, bot))
-        print(f"stopped: {dict(probe.codes)} {dict(probe.messages)}")
-        assert auth_error.code is grpc.StatusCode.UNAVAILABLE
-        assert probe.codes == Counter(UNAVAILABLE=10), f"status codes while stopped: {dict(probe.codes)}"
+        all_unavailable(probe, lambda: allow(client, bot), "stopped")
         assert_outage_logged_quietly(caplog, time.monotonic() - outage_began)
         own_postgres.start()
         eventually(SERVING, lambda: health(server), within=10, what="health once PostgreSQL is back")
