@@ -10,6 +10,7 @@ to the decision made before it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -22,6 +23,7 @@ import psycopg2
 import pytest
 
 from keyguard import Client, CreatedKey, Decision, KeyType, Permission, WithdrawalDestination, sign_request
+from keyguard_server import _secrets
 from keyguard_server._argon2_worker import LOWEST_PRIORITY
 from keyguard_server._secrets import Priority, new_private_key
 from tests.conftest import RunningServer, StartServer
@@ -272,3 +274,28 @@ def test_a_verifier_process_killed_mid_run_is_replaced_and_its_askers_answered(
             time.sleep(0.05)
         assert hasher.process_ids(background=False) != [victim]
         assert decide(client, key, key.private_key) is Decision.ALLOW
+
+
+def test_a_stuck_verifier_process_is_replaced(
+    start_server: StartServer, account: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A verifier that stops answering (SIGSTOP here; a hung process in life) keeps no slot for
+    ever: after STUCK_SECONDS it is killed and replaced, and verifications go on."""
+    monkeypatch.setattr(_secrets, "STUCK_SECONDS", 1.0)
+    server = start_server(argon2_threads=1)
+    assert server.server.authorizer is not None
+    hasher = server.server.authorizer.hasher
+    (stuck,) = hasher.process_ids(background=False)
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        with server.client() as client:
+            key = client.create_key(account, "bot", "read", [])
+            started = time.monotonic()
+            while (answer := decide(client, key, key.private_key)) is not Decision.ALLOW:
+                assert answer is Decision.VERIFICATION_BUSY
+                assert time.monotonic() - started < 15, "the stuck process kept its slot"
+                time.sleep(0.2)
+        assert stuck not in hasher.process_ids(background=False)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stuck, signal.SIGKILL)

@@ -104,6 +104,7 @@ class Priority(enum.IntEnum):
 # How long a failed verification marks its account and client network as suspect.
 SUSPECT_SECONDS = 60.0
 MAX_SUSPECTS = 100_000  # marks remembered (least recently marked forgotten first)
+STUCK_SECONDS = 60.0  # and 20 runs' time: a verifier process silent for that long is replaced
 # What a failed verification marks: ("proof", account, client network), ("account", account),
 # ("network", wide network), ("key", stored hash). See SecretHasher.priority.
 Mark = tuple[str, ...]
@@ -539,8 +540,11 @@ class SecretHasher:
 
     async def _run(self, pool: _Pool, worker: _Worker, job: _Job) -> None:
         try:
-            ok, cpu = await self._verify(worker, job.stored_hash, job.secret)
-        except (ConnectionError, ValueError, OSError) as error:
+            # A process that answers nothing for this long is stuck, not slow: replaced.
+            ok, cpu = await asyncio.wait_for(
+                self._verify(worker, job.stored_hash, job.secret), STUCK_SECONDS + 20 * pool.seconds
+            )
+        except (ConnectionError, ValueError, OSError, TimeoutError) as error:
             # Settled first, whatever becomes of the process: its askers, their failure tokens
             # and every later asker of the same secret wait on this job.
             if not job.result.done():
@@ -548,7 +552,7 @@ class SecretHasher:
                 job.result.exception()  # retrieved: its askers may all be gone
             ARGON2_PENDING.dec()
             if not self._closed:
-                log.error("argon2 verifying process failed (%s); starting another", error)
+                log.error("argon2 verifying process failed (%r); starting another", error)
                 pool.workers.remove(worker)
                 await _stop(worker)
                 try:
