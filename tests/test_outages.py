@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pwd
 import select
 import shutil
 import socket
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -721,3 +723,50 @@ def test_a_full_disk_refuses_changes_with_resource_exhausted_and_says_so_in_heal
                 what="the last-used time recorded while the disk was full",
             )
             probe.assert_honest(client)
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_postgres_on_a_full_disk_refuses_changes_with_resource_exhausted(
+    start_server: StartServer, postgres: Postgres, account: str
+) -> None:
+    """PostgreSQL whose database lives on a disk that fills up (a tablespace on a small tmpfs;
+    its WAL stays on the server's own disk, as a full data disk leaves it): a change that cannot
+    land answers RESOURCE_EXHAUSTED (keyguard.StorageFull, 53100), never INTERNAL, keyguard.writes
+    turns NOT_SERVING, and Authorize goes on."""
+    reachable = Path(tempfile.mkdtemp(prefix="kg-pg-disk-"))  # pytest's own tmp is root's alone
+    reachable.chmod(0o755)
+    with small_disk(reachable / "disk", "8m") as disk:
+        owner = pwd.getpwnam("postgres")
+        os.chown(disk, owner.pw_uid, owner.pw_gid)
+        name = f"kg_full_{uuid.uuid4().hex[:8]}"
+        url = urlunsplit(urlsplit(postgres.admin_url)._replace(path=f"/{name}"))
+        admin = psycopg2.connect(postgres.admin_url, connect_timeout=3)
+        admin.autocommit = True  # CREATE TABLESPACE / DATABASE cannot run in a transaction
+        admin.cursor().execute(f"CREATE TABLESPACE {name} LOCATION '{disk}'")
+        try:
+            admin.cursor().execute(f"CREATE DATABASE {name} TABLESPACE {name}")
+            server = start_server(database=url, **OUTAGE_SETTINGS)
+            with client_for(server, OUTAGE_TIMEOUT) as client:
+                bot = client.create_key(account, "bot", "read", [])
+                assert allow(client, bot) is Decision.ALLOW
+                fill(disk)
+                codes: Counter[str] = Counter()
+                refusals: list[KeyguardError] = []
+                for i in range(60):  # until a change needs a page the disk has no room for
+                    try:
+                        client.create_key(f"{account}-{i // 16}", f"key-{i}", "read")
+                        codes["OK"] += 1
+                    except KeyguardError as exc:
+                        codes[exc.code.name] += 1
+                        refusals.append(exc)
+                print(f"PostgreSQL on a full disk: {dict(codes)}")
+                assert codes["RESOURCE_EXHAUSTED"] > 0, dict(codes)
+                assert all(isinstance(exc, StorageFull) for exc in refusals), refusals
+                assert all("nothing was changed" in str(exc) for exc in refusals), refusals
+                eventually(NOT_SERVING, lambda: health_of(server, WRITES), within=3, what="keyguard.writes")
+                assert allow(client, bot) is Decision.ALLOW
+        finally:
+            postgres.drop(url)
+            admin.cursor().execute(f"DROP TABLESPACE IF EXISTS {name}")
+            admin.close()
+    shutil.rmtree(reachable, ignore_errors=True)
