@@ -396,8 +396,12 @@ def test_a_new_key_is_usable_through_a_gateway_timeout_shorter_than_argon2(
             gave_up = time.monotonic() + 5 * slow.server.authorizer.hasher.seconds + 5
             while answers[-1][0] != 200 and time.monotonic() < gave_up:
                 answers.append(call(f"{url}/api/v3/account", key))
-            assert answers[0][0] == 503 and answers[0][1]["error"] == "VERIFICATION_BUSY", answers[0]
-            assert [status for status, _ in answers[1:-1]] == [503] * (len(answers) - 2), answers
+            # Each refusal before the ALLOW: keyguard's 503 VERIFICATION_BUSY, or, where a busy machine
+            # delivered that answer after Envoy's 0.5 s, Envoy's own 403 (its ext_authz timed out).
+            # Never a 429 "too many failed attempts", never a 401.
+            for status, body in answers[:-1]:
+                busy = status == 503 and isinstance(body, dict) and body.get("error") == "VERIFICATION_BUSY"
+                assert busy or (status, body) == (403, ""), answers
             assert answers[-1][0] == 200, answers
             assert call(f"{url}/api/v3/account", key)[0] == 200  # from memory from now on
     finally:
