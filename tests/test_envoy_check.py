@@ -22,7 +22,7 @@ from keyguard import Client, CreatedKey, KeyType, Permission, WithdrawalDestinat
 from keyguard.signing import envoy_payload
 from keyguard_server import _envoy
 from keyguard_server._config import EnvoyRoute
-from keyguard_server._store import now_us
+from keyguard_server.authorize._domain import now_us
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from tests.conftest import RunningServer, StartServer

@@ -22,8 +22,9 @@ from keyguard_server import Config
 from keyguard_server._authorize import DAY_US
 from keyguard_server._schema import VERSION
 from keyguard_server._secrets import new_private_key
-from keyguard_server._store import AccountState, AuthRow, Store
+from keyguard_server._store import AccountState, Store
 from keyguard_server._verify import FailureLimiter
+from keyguard_server.authorize._domain import KeyRow
 from tests.conftest import RunningServer, StartServer
 from tests.processes import ServeProcess
 
@@ -162,7 +163,7 @@ def test_a_change_is_seen_after_other_processes_checkpoint_and_reopen_the_databa
             elsewhere("PRAGMA wal_checkpoint(TRUNCATE)")
             elsewhere("SELECT count(*) FROM key_model")
             after = store.auth_row_now(access_key)
-            assert isinstance(before, AuthRow) and isinstance(after, AuthRow)
+            assert isinstance(before, KeyRow) and isinstance(after, KeyRow)
             return before.enabled, after.enabled
         finally:
             await store.close()

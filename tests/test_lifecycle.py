@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from keyguard import AlreadyExists, AuditAction, Client, CreatedKey, Decision, InvalidArgument, NotFound, Permission
-from keyguard_server._store import now_us
+from keyguard_server.authorize._domain import now_us
 from tests.conftest import RunningServer, StartServer
 
 # Storage-dependent: updates, rotation and expiry as stored and read back.

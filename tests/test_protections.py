@@ -26,7 +26,7 @@ from keyguard import (
     WithdrawalDestination,
 )
 from keyguard_server._authorize import DAY_US, _key_rule_refusal, management_on
-from keyguard_server._store import AuthRow, now_us
+from keyguard_server.authorize._domain import KeyRow, now_us
 from tests.conftest import RunningServer, StartServer
 
 # Storage-dependent: freezes, holds and pending changes are stored and read in the one lookup.
@@ -259,8 +259,8 @@ def test_wide_trade_allowlists_are_accepted_with_the_policy_off(client: Client, 
     assert client.create_key(account, "trader", "trade", WHOLE_INTERNET).key.allowed_ips == tuple(WHOLE_INTERNET)
 
 
-def auth_row(permission: Permission, allowed_ips: str, unrestricted_since_us: int | None) -> AuthRow:
-    return AuthRow(
+def auth_row(permission: Permission, allowed_ips: str, unrestricted_since_us: int | None) -> KeyRow:
+    return KeyRow(
         "acct", "bot", permission, allowed_ips, "", False, True, None, "", None, KeyType.SECRET, "", "",
         unrestricted_since_us=unrestricted_since_us,
     )  # fmt: skip

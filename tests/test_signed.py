@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from keyguard import Client, CreatedKey, Decision, InvalidArgument, KeyType, SignedRequest, sign_request
-from keyguard_server._store import now_us
+from keyguard_server.authorize._domain import now_us
 from tests.conftest import RunningServer, StartServer
 
 # Storage-dependent: replay nonces are stored in the database, shared by replicas.

@@ -38,8 +38,8 @@ from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._auth import token_sha256
 from keyguard_server._config import Caller, Role
 from keyguard_server._secrets import new_private_key
-from keyguard_server._store import LATER
 from keyguard_server._stream import SHUTTING_DOWN
+from keyguard_server.authorize._domain import LATER
 from tests.conftest import LoopThread, RawStubs, RunningServer, StartServer
 from tests.processes import ServeProcess
 

@@ -39,7 +39,7 @@ from keyguard_server._secrets import (
     SecretHasher,
     is_well_formed_private_key,
 )
-from keyguard_server._store import LATER, AuthRow, Later, Store, now_us
+from keyguard_server._store import Store
 from keyguard_server._validation import (
     IPAddress,
     Violations,
@@ -47,6 +47,7 @@ from keyguard_server._validation import (
     is_symbol,
 )
 from keyguard_server._verify import FailureLimiter, VerificationCache, client_network, wide_network
+from keyguard_server.authorize._domain import FOREVER, LATER, KeyRow, Later, Outcome, now_us
 
 log = logging.getLogger("keyguard.service")
 P = ParamSpec("P")
@@ -54,11 +55,6 @@ P = ParamSpec("P")
 MAX_PROVEN_NETWORKS = 8  # per key: client networks whose verifications take turns with the rest
 NONCE_CLOCK_MARGIN_MS = 60_000  # how far replicas' clocks may disagree without a replay slipping through
 DAY_US = 24 * 3600 * 10**6
-FOREVER = 2**63  # µs since the epoch: later than any time a row holds
-MAX_OUTCOMES_PER_ROW = 16  # request shapes (client IP, permission, symbol) whose outcome a key's row keeps
-# decide_now's memo per request shape: (refusal before the secret or None, result after it,
-# the parsed client IP, from, until): true while from <= now < until.
-_Outcome = tuple[AuthorizeResult | None, AuthorizeResult, IPAddress, int, int]
 # Waits one authorize call may make: the secret (argon2), then a nonce or a destination, and
 # one more argon2 run if the key was re-keyed meanwhile.
 MAX_WAITS = 3
@@ -246,17 +242,16 @@ class Authorizer:
             if row is not None:
                 now = self.clock()
                 outcome = row.outcomes.get((client_ip, required, symbol))
-                if outcome is None or not outcome[3] <= now < outcome[4]:
+                if outcome is None or not outcome.since <= now < outcome.until:
                     outcome = self._outcome(row, access_key, client_ip, required, symbol, now)
-                refusal, result, ip, _, _ = outcome
-                if refusal is not None:
-                    return _count(refusal)
+                if outcome.before is not None:
+                    return _count(outcome.before)
                 if row.key_type is KeyType.ED25519 or not self._cached(row, private_key, now):
                     return LATER
                 CACHE_HITS.inc()
-                if result is row.allow:
-                    self.usage.record(access_key, ip, now)
-                return _count(result)
+                if outcome.after is row.allow:
+                    self.usage.record(access_key, outcome.ip, now)
+                return _count(outcome.after)
         ip, level, destination, symbol = _shape(access_key, client_ip, required, destination, signed, symbol)
         if not ACCESS_KEY_RE.fullmatch(access_key):
             return _count(_deny(Decision.UNKNOWN_KEY))
@@ -275,8 +270,8 @@ class Authorizer:
         return result if result is LATER else _count(result)
 
     def _outcome(
-        self, row: AuthRow, access_key: str, client_ip: str, required: Permission, symbol: str, now: int
-    ) -> _Outcome:
+        self, row: KeyRow, access_key: str, client_ip: str, required: Permission, symbol: str, now: int
+    ) -> Outcome:
         """What ``row`` says of a request without destination or signature, before the secret
         (steps 1-4, a refusal or None) and after it (steps 7-10, its result), with the parsed
         client IP; true from ``now`` until the first moment one of the row's times (expiry, the
@@ -287,10 +282,8 @@ class Authorizer:
         assert result is not LATER  # only a destination waits
         lapses = [row.unrestricted_since_us + self._lapse_us] if row.unrestricted_since_us is not None else []
         until = min((t for t in (row.expires_at_us, *lapses) if t is not None and t > now), default=FOREVER)
-        outcome = (_state_refusal(row, ip, now, client_ip), result, ip, now, until)
-        if len(row.outcomes) >= MAX_OUTCOMES_PER_ROW:
-            row.outcomes.clear()
-        row.outcomes[client_ip, required, symbol] = outcome
+        outcome = Outcome(_state_refusal(row, ip, now, client_ip), result, ip, now, until)
+        row.keep((client_ip, required, symbol), outcome)
         return outcome
 
     @_counted
@@ -347,7 +340,7 @@ class Authorizer:
             proofs.waits += 1
         raise Unavailable("the key changed while it was being decided, again and again; try again")
 
-    def _decide(self, request: _Request, row: AuthRow, proofs: _Proofs, now: int) -> AuthorizeResult | _Wait:
+    def _decide(self, request: _Request, row: KeyRow, proofs: _Proofs, now: int) -> AuthorizeResult | _Wait:
         """The order of checks on ``row`` at ``now``, with what earlier waits of this call
         proved: the answer, or the wait it needs first (then :meth:`authorize` waits, reads the
         row again and asks again)."""
@@ -393,14 +386,14 @@ class Authorizer:
             return row.refusal(Decision.ADDRESS_ON_HOLD)
         return row.allow
 
-    def _candidates(self, row: AuthRow, secret: str, proofs: _Proofs, now: int) -> list[str]:
+    def _candidates(self, row: KeyRow, secret: str, proofs: _Proofs, now: int) -> list[str]:
         """The hashes ``secret`` may still match (the row's, and in a rotation's grace the
         previous one), less those this call already tried and those argon2 refused it lately."""
         hashes = [row.secret_hash] + ([row.previous_secret_hash] if row.in_grace(now) else [])
         return [h for h in hashes if h not in proofs.tried and not self.cache.failed(h, secret)]
 
     async def _wait(
-        self, wait: _Wait, request: _Request, row: AuthRow, proofs: _Proofs, deadline: float
+        self, wait: _Wait, request: _Request, row: KeyRow, proofs: _Proofs, deadline: float
     ) -> AuthorizeResult | None:
         """Performs ``wait`` and keeps what it proved in ``proofs``; a refusal the wait itself
         decided (a wrong secret, a replayed nonce, limits), or None to decide again."""
@@ -428,7 +421,7 @@ class Authorizer:
             proofs.destination_of = row.account_id
         return None
 
-    def _cached(self, row: AuthRow, private_key: str, now: int) -> bool:
+    def _cached(self, row: KeyRow, private_key: str, now: int) -> bool:
         """Whether ``private_key`` was verified before against the row's hash (or, in a
         rotation's grace, the previous one)."""
         return self.cache.hit(row.secret_hash, private_key) or (
@@ -438,7 +431,7 @@ class Authorizer:
     def _read_budget(self, deadline: float) -> float:
         return min(self._read_timeout, max(0.001, deadline - time.monotonic()))
 
-    async def _verify(self, request: _Request, row: AuthRow, candidates: list[str], deadline: float) -> str | Decision:
+    async def _verify(self, request: _Request, row: KeyRow, candidates: list[str], deadline: float) -> str | Decision:
         """The candidate hash the request's secret matches; else why not: BAD_SECRET,
         RATE_LIMITED (failures emptied a bucket) or VERIFICATION_BUSY (argon2 could not answer
         before the deadline; a run under way goes on and is remembered).
@@ -525,7 +518,7 @@ class Authorizer:
     def _after_secret_now(
         self,
         access_key: str,
-        row: AuthRow,
+        row: KeyRow,
         ip: IPAddress,
         required: Permission,
         destination: WithdrawalDestination | None,
@@ -542,7 +535,7 @@ class Authorizer:
         return result
 
     def _rules(
-        self, row: AuthRow, required: Permission, destination: WithdrawalDestination | None, symbol: str, now: int
+        self, row: KeyRow, required: Permission, destination: WithdrawalDestination | None, symbol: str, now: int
     ) -> AuthorizeResult | Later:
         """The rules of steps 7-10, without the destination's lookup (LATER when one is needed)."""
         if row.permission < required:
@@ -653,9 +646,9 @@ def _validated(
     return ip, level, destination, symbol
 
 
-def _state_refusal(row: AuthRow, ip: IPAddress, now: int, written_ip: str = "") -> AuthorizeResult | None:
+def _state_refusal(row: KeyRow, ip: IPAddress, now: int, written_ip: str = "") -> AuthorizeResult | None:
     """Steps 3-4 of the order of checks (docs/architecture.md): frozen account, disabled,
-    expired, client IP (``written_ip``: the text ``ip`` was parsed from, see ``AuthRow.admits``)."""
+    expired, client IP (``written_ip``: the text ``ip`` was parsed from, see ``KeyRow.admits``)."""
     if row.frozen:  # before anything else about the key, and before any argon2
         return _deny(Decision.ACCOUNT_FROZEN)
     if not row.enabled:
@@ -667,7 +660,7 @@ def _state_refusal(row: AuthRow, ip: IPAddress, now: int, written_ip: str = "") 
     return None
 
 
-def _key_rule_refusal(row: AuthRow, required: Permission, symbol: str, now: int, lapse_us: int) -> Decision | None:
+def _key_rule_refusal(row: KeyRow, required: Permission, symbol: str, now: int, lapse_us: int) -> Decision | None:
     """Step 8 of the order of checks, after the permission: a TRADE/WITHDRAW request of a key
     unrestricted for longer than the policy allows (``lapse_us``, 0: off), then a TRADE request
     naming no symbol, or one not on the key's symbol list (only for keys that have one)."""

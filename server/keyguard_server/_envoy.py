@@ -59,7 +59,7 @@ from keyguard_server._config import (
     trusted_networks,
 )
 from keyguard_server._grpc import maps_errors
-from keyguard_server._store import LATER
+from keyguard_server.authorize._domain import LATER
 from keyguard_server.envoy.config.core.v3 import base_pb2 as core
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc

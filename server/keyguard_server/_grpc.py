@@ -38,8 +38,8 @@ from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._auth import current_caller, serialized
 from keyguard_server._authorize import Authorizer, permission, refuse_malformed
 from keyguard_server._keys import KeyManager
-from keyguard_server._store import LATER, Later
 from keyguard_server._stream import StreamDecider
+from keyguard_server.authorize._domain import LATER, Later
 
 log = logging.getLogger("keyguard.grpc")
 

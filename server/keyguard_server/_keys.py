@@ -34,12 +34,13 @@ from keyguard_server._secrets import (
     new_access_key,
     new_private_key,
 )
-from keyguard_server._store import Store, now_us, to_datetime
+from keyguard_server._store import Store, to_datetime
 from keyguard_server._validation import (
     Violations,
     ed25519_public_key,
 )
 from keyguard_server._verify import IPV4_EMBEDDING
+from keyguard_server.authorize._domain import now_us
 
 log = logging.getLogger("keyguard.service")
 

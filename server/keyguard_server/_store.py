@@ -64,7 +64,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
@@ -79,8 +79,6 @@ from keyguard import (
     ApiKey,
     AuditAction,
     AuditEvent,
-    AuthorizeResult,
-    Decision,
     FailedPrecondition,
     KeyguardError,
     KeyType,
@@ -95,7 +93,7 @@ from keyguard_server._metrics import DATABASE_FAILURES, DATABASE_WRITABLE
 from keyguard_server._schema import MODELS, AccountModel, AddressModel, AuditModel, KeyModel, NonceModel, migrate
 from keyguard_server._secrets import ACCESS_KEY_RE
 from keyguard_server._threads import share_core_until
-from keyguard_server._validation import IPAddress, IPNetwork, parse_allowed_ip
+from keyguard_server.authorize._domain import LATER, KeyRow, Later, now_us
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -106,100 +104,13 @@ log = logging.getLogger("keyguard.store")
 OUTAGE_LOG_SECONDS = 10.0
 # Replicas starting together wait for the one that migrates.
 MIGRATION_TIMEOUT = 120.0
-MAX_VERDICTS_PER_ROW = 8  # client addresses whose allowlist answer a key's AuthRow keeps (bounded memory)
-# Distinct key rows whose derived state (AuthRow) is kept; all are dropped when full.
+# Distinct key rows whose derived state (KeyRow) is kept; all are dropped when full.
 MAX_MEMOISED_ROWS = 20_000
 # PostgreSQL SQLSTATEs: lock_timeout and statement_timeout expired.
 _LOCK_NOT_AVAILABLE = "55P03"
 _QUERY_CANCELED = "57014"
 _CONFLICTS = ("40P01", "40001")  # deadlock detected, serialization failure: rolled back, retry
 _READ_ONLY = "25006"  # a primary turned standby (failover): a new connection finds the new primary
-
-
-class Later(enum.Enum):
-    """A read that cannot be answered without waiting: await the store's async call instead."""
-
-    LATER = "later"
-
-
-LATER = Later.LATER
-
-
-@dataclass(frozen=True)
-class AuthRow:
-    """What Authorize needs about a key, read in one point lookup.
-
-    Built once per distinct row value (:meth:`Store.auth_lookup` memoises them), so what is
-    derived from the row alone (its parsed allowlist, its ALLOW answer) is derived once too.
-    """
-
-    account_id: str
-    name: str
-    permission: Permission
-    allowed_ips: str
-    secret_hash: str
-    address_management: bool
-    enabled: bool
-    expires_at_us: int | None
-    # The rotated-out hash and until when it is still accepted ("" / None: none).
-    previous_secret_hash: str
-    previous_valid_until_us: int | None
-    key_type: KeyType
-    public_key: str
-    previous_public_key: str
-    # Where the key was last used from (as last flushed): that network has proven the credential.
-    last_used_ip: str = ""
-    # Read in the same lookup: the account is frozen; a pending "address
-    # management off" (on until then); the key's symbol list (space-joined, "" = any);
-    # when its IP allowlist last became empty (None while it has one).
-    frozen: bool = False
-    address_management_off_at_us: int | None = None
-    symbols: str = ""
-    unrestricted_since_us: int | None = None
-    # Derived from the fields above, once per row value.
-    networks: tuple[IPNetwork, ...] = field(init=False, repr=False, compare=False)
-    allow: AuthorizeResult = field(init=False, repr=False, compare=False)
-    # admits()'s answers by the client address as written (a bot calls from few addresses).
-    verdicts: dict[str, bool] = field(init=False, repr=False, compare=False)
-    # The authorizer's decisions for this row value by request shape (Authorizer.decide_now).
-    outcomes: dict[tuple[str, int, str], Any] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        networks = tuple(ipaddress.ip_network(parse_allowed_ip(entry)) for entry in self.allowed_ips.split())
-        object.__setattr__(self, "networks", networks)
-        object.__setattr__(self, "verdicts", {})
-        object.__setattr__(self, "outcomes", {})
-        object.__setattr__(
-            self, "allow", AuthorizeResult(True, Decision.ALLOW, self.account_id, self.name, self.permission)
-        )
-
-    def refusal(self, decision: Decision) -> AuthorizeResult:
-        """A refusal after the caller proved it holds this key: with the key's identity."""
-        return AuthorizeResult(False, decision, self.account_id, self.name, self.permission)
-
-    def in_grace(self, now: int) -> bool:
-        """Whether the rotated-out credential is still accepted."""
-        return self.previous_valid_until_us is not None and now < self.previous_valid_until_us
-
-    def accepts_hash(self, secret_hash: str, now: int) -> bool:
-        """Whether a secret verified against ``secret_hash`` is valid for this key now."""
-        if secret_hash == self.secret_hash:
-            return True
-        return secret_hash == self.previous_secret_hash and self.in_grace(now)
-
-    def admits(self, ip: IPAddress, written: str = "") -> bool:
-        """Whether the allowlist admits ``ip`` (an empty list admits every address). ``written``,
-        the text ``ip`` was parsed from, keeps the answer for the next call from the same text."""
-        if not self.networks:
-            return True
-        known = self.verdicts.get(written)
-        if known is None:
-            known = any(ip in network for network in self.networks)
-            if written:
-                if len(self.verdicts) >= MAX_VERDICTS_PER_ROW:
-                    self.verdicts.clear()
-                self.verdicts[written] = known
-        return known
 
 
 @dataclass(frozen=True)
@@ -211,10 +122,6 @@ class AccountState:
     address_management_off_at_us: int | None
     frozen: bool
     key_count: int
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
 
 
 def to_datetime(microseconds: int) -> datetime:
@@ -717,7 +624,7 @@ class _Queries:
             KeyModel.symbols,
             KeyModel.unrestricted_since_us,
         )
-        # The row as one JSON array text (the memo key of its AuthRow as it comes): the driver
+        # The row as one JSON array text (the memo key of its KeyRow as it comes): the driver
         # hands over one value instead of 18 (measured on SQLite: 17 -> 10 µs per lookup).
         # (PostgreSQL: cast to text, or psycopg2 would parse it on every read.)
         row = pw.fn.json_build_array(*columns).cast("text") if self._row_locks else pw.fn.json_array(*columns)
@@ -1531,11 +1438,11 @@ class Store:
         self._nonces = _DatabaseThreads(self._nonce_db, "db-nonce", 1, changes=True)
         self._inline = open_database(settings, role="inline") if settings.is_sqlite else None
         self._inline_cursor: Any = None  # on the loop thread's sqlite3 connection, used without peewee
-        self._rows: dict[tuple[Any, ...], AuthRow] = {}
+        self._rows: dict[tuple[Any, ...], KeyRow] = {}
         # SQLite: each key's row as last read inline, valid while the database's data_version
         # is the one read before it (see auth_row_now).
         self._data_version = -1
-        self._current: dict[str, AuthRow | None] = {}
+        self._current: dict[str, KeyRow | None] = {}
         # SQLite in WAL mode: the wal-index, and its header as it was before data_version was
         # last read (see auth_row_now); None: data_version is read on every lookup.
         self._wal_index: mmap.mmap | None = None  # the mapped header, when usable
@@ -1631,7 +1538,7 @@ class Store:
         """Whether :meth:`auth_row_now` can ever answer (SQLite), rather than always LATER."""
         return self._inline is not None
 
-    def auth_row_now(self, access_key: str) -> AuthRow | Later | None:
+    def auth_row_now(self, access_key: str) -> KeyRow | Later | None:
         """:meth:`auth_lookup` answered without an await when it can be (SQLite), else LATER.
 
         SQLite's ``PRAGMA data_version`` changes whenever any other connection (thread, worker
@@ -1673,7 +1580,7 @@ class Store:
         self._current[access_key] = current
         return current
 
-    async def auth_lookup(self, access_key: str, within: float) -> AuthRow | None:
+    async def auth_lookup(self, access_key: str, within: float) -> KeyRow | None:
         """The key's current state, read within ``within`` seconds (else ``Unavailable``)."""
         with _unavailable_to_authorize():
             if self._lookups is not None:
@@ -1682,7 +1589,7 @@ class Store:
                 row = await self._read_one(self._q.auth_sql, (access_key,), within)
         return None if row is None else self._auth_row(row)
 
-    def _auth_row(self, row: tuple[Any, ...]) -> AuthRow:
+    def _auth_row(self, row: tuple[Any, ...]) -> KeyRow:
         # The row is read on every call; only what follows from its value alone is kept, keyed
         # by that whole value, so a changed row (any column) is a new entry, never a stale one.
         known = self._rows.get(row)
@@ -1754,12 +1661,12 @@ def _frozen(account_id: str) -> FailedPrecondition:
     return FailedPrecondition(f"account {account_id!r} is frozen; unfreeze it first")
 
 
-def _auth_row(row: tuple[Any, ...]) -> AuthRow:
-    """The AuthRow of a lookup's row: (the JSON array of _Queries.build's columns,)."""
+def _auth_row(row: tuple[Any, ...]) -> KeyRow:
+    """The KeyRow of a lookup's row: (the JSON array of _Queries.build's columns,)."""
     (account_id, name, permission, allowed_ips, secret_hash, address_management, enabled, expires, prev, until,
      key_type, public_key, previous_public_key, last_used_ip,
      frozen, management_off_at, symbols, unrestricted_since) = json.loads(row[0])  # fmt: skip
-    return AuthRow(
+    return KeyRow(
         account_id,
         name,
         Permission(permission),

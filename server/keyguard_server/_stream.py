@@ -39,7 +39,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from keyguard_server._metrics import RPC_SECONDS
-from keyguard_server._store import LATER, Later
+from keyguard_server.authorize._domain import LATER, Later
 
 log = logging.getLogger("keyguard.stream")
 

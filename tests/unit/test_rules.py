@@ -13,15 +13,15 @@ import pytest
 from keyguard import Decision, KeyType, Permission
 from keyguard_server._authorize import DAY_US, _key_rule_refusal, _state_refusal, management_on
 from keyguard_server._secrets import ACCESS_KEY_RE, is_well_formed_private_key, new_access_key, new_private_key
-from keyguard_server._store import AuthRow
 from keyguard_server._validation import client_address, parse_allowed_ip
 from keyguard_server._verify import FailureLimiter, VerificationCache, client_network
+from keyguard_server.authorize._domain import KeyRow
 
 BOT = client_address("203.0.113.7")
 NOW = 1_000 * DAY_US
 
 
-def row(**fields: Any) -> AuthRow:
+def row(**fields: Any) -> KeyRow:
     """A TRADE key row, open to every IP, enabled, never expiring, unless ``fields`` say otherwise."""
     values: dict[str, Any] = {
         "account_id": "acct",
@@ -38,7 +38,7 @@ def row(**fields: Any) -> AuthRow:
         "public_key": "",
         "previous_public_key": "",
     }
-    return AuthRow(**{**values, **fields})
+    return KeyRow(**{**values, **fields})
 
 
 # -- the state checks, in the documented order (docs/architecture.md, steps 3-4) -----------
