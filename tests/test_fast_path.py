@@ -19,12 +19,11 @@ import uvloop
 
 from keyguard import ApiKey, Client, CreatedKey, Decision, Permission, WithdrawalAddress
 from keyguard_server import Config
-from keyguard_server._authorize import DAY_US
 from keyguard_server._schema import VERSION
 from keyguard_server._secrets import new_private_key
 from keyguard_server._store import AccountState, Store
 from keyguard_server._verify import FailureLimiter
-from keyguard_server.authorize._domain import KeyRow
+from keyguard_server.authorize._domain import DAY_US, KeyRow
 from tests.conftest import RunningServer, StartServer
 from tests.processes import ServeProcess
 

@@ -18,11 +18,13 @@ import grpc
 import pytest
 import uvloop
 
-from keyguard import Client, CreatedKey, Decision, KeyType, Permission, Unavailable, sign_request
+from keyguard import AuthorizeResult, Client, CreatedKey, Decision, KeyType, Permission, Unavailable, sign_request
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._secrets import new_private_key
 from keyguard_server._verify import FailureLimiter
+from keyguard_server.authorize._authorizer import Authorizer
+from keyguard_server.authorize._domain import Query
 from tests.conftest import RunningServer, StartServer
 
 BOT_IP = "203.0.113.7"
@@ -224,11 +226,8 @@ def test_calls_out_of_time_hold_no_tokens(start_server: StartServer, account: st
         key = client.create_key(account, "bot", "trade", [])
         for _ in range(3):
             try:
-                result = server.run(
-                    authorizer.authorize(
-                        key.key.access_key, new_private_key(), BOT_IP, required=Permission.READ, time_left=1e-6
-                    )
-                )
+                query = Query(key.key.access_key, new_private_key(), BOT_IP, Permission.READ, time_left=1e-6)
+                result = server.run(decided(authorizer, query))
             except Unavailable:
                 continue  # the row read ran out of time first (PostgreSQL's round trip): fine too
             assert result.decision is Decision.VERIFICATION_BUSY
@@ -294,3 +293,9 @@ def test_a_release_wakes_only_the_attempts_waiting_for_its_buckets() -> None:
         await asyncio.wait_for(waiting, 1.0)
 
     uvloop.run(scenario())
+
+
+async def decided(authorizer: Authorizer, query: Query) -> AuthorizeResult:
+    """``query``'s decision, on the server's loop (where the authorizer lives)."""
+    answer = authorizer.decide(query)
+    return answer if isinstance(answer, AuthorizeResult) else await answer

@@ -25,9 +25,10 @@ from keyguard import (
     Permission,
     WithdrawalDestination,
 )
-from keyguard_server._authorize import DAY_US, _key_rule_refusal, management_on
-from keyguard_server.authorize._domain import KeyRow, now_us
+from keyguard_server.authorize._domain import DAY_US, KeyRow, now_us
+from keyguard_server.authorize._rules import RULES, management_on
 from tests.conftest import RunningServer, StartServer
+from tests.rule_facts import verdict
 
 # Storage-dependent: freezes, holds and pending changes are stored and read in the one lookup.
 pytestmark = pytest.mark.all_backends
@@ -271,13 +272,15 @@ def test_the_lapse_rule_covers_withdraw_and_only_unrestricted_keys() -> None:
     since = 1_000 * DAY_US
     row = auth_row(Permission.WITHDRAW, "", since)
     lapsed = since + 90 * DAY_US
-    assert _key_rule_refusal(row, Permission.WITHDRAW, "", lapsed, 90 * DAY_US) is Decision.IP_RESTRICTION_REQUIRED
-    assert _key_rule_refusal(row, Permission.TRADE, "", lapsed, 90 * DAY_US) is Decision.IP_RESTRICTION_REQUIRED
-    assert _key_rule_refusal(row, Permission.READ, "", lapsed, 90 * DAY_US) is None
-    assert _key_rule_refusal(row, Permission.TRADE, "", lapsed - 1, 90 * DAY_US) is None
-    assert _key_rule_refusal(row, Permission.TRADE, "", lapsed, 0) is None  # policy off
+    assert (
+        verdict(RULES.after, row, lapsed, Permission.WITHDRAW, lapse_us=90 * DAY_US) is Decision.IP_RESTRICTION_REQUIRED
+    )
+    assert verdict(RULES.after, row, lapsed, Permission.TRADE, lapse_us=90 * DAY_US) is Decision.IP_RESTRICTION_REQUIRED
+    assert verdict(RULES.after, row, lapsed, Permission.READ, lapse_us=90 * DAY_US) is None
+    assert verdict(RULES.after, row, lapsed - 1, Permission.TRADE, lapse_us=90 * DAY_US) is None
+    assert verdict(RULES.after, row, lapsed, Permission.TRADE, lapse_us=0) is None  # policy off
     fenced = auth_row(Permission.TRADE, "10.0.0.1", None)
-    assert _key_rule_refusal(fenced, Permission.TRADE, "", lapsed, 90 * DAY_US) is None
+    assert verdict(RULES.after, fenced, lapsed, Permission.TRADE, lapse_us=90 * DAY_US) is None
     assert management_on(True, None, 5) and management_on(True, 6, 5)
     assert not management_on(True, 5, 5) and not management_on(False, None, 5)
 

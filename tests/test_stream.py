@@ -39,7 +39,7 @@ from keyguard_server._auth import token_sha256
 from keyguard_server._config import Caller, Role
 from keyguard_server._secrets import new_private_key
 from keyguard_server._stream import SHUTTING_DOWN
-from keyguard_server.authorize._domain import LATER
+from keyguard_server.authorize._domain import Query
 from tests.conftest import LoopThread, RawStubs, RunningServer, StartServer
 from tests.processes import ServeProcess
 
@@ -221,23 +221,23 @@ def test_decisions_in_flight_per_stream_never_exceed_the_bound(
     server = start_server(authorize_stream_max_in_flight=4)
     authorizer = server.server.authorizer
     assert authorizer is not None
-    decide = authorizer.authorize
+    decide = authorizer.decide
     in_flight, peak = 0, 0
 
-    async def counted(*args: Any, **kwargs: Any) -> Any:  # runs on the server's loop: no races
+    async def counted(query: Query) -> AuthorizeResult:  # runs on the server's loop: no races
         nonlocal in_flight, peak
         in_flight += 1
         peak = max(peak, in_flight)
         try:
             await asyncio.sleep(0.01)  # a decision that takes a while
-            return await decide(*args, **kwargs)
+            decided = decide(query)
+            return decided if isinstance(decided, AuthorizeResult) else await decided
         finally:
             in_flight -= 1
 
     with server.client() as client, grpc.insecure_channel(server.target) as ch:
         key = client.create_key(account, "bot", "read", [BOT_IP])
-        monkeypatch.setattr(authorizer, "authorize", counted)
-        monkeypatch.setattr(authorizer, "decide_now", lambda *args, **kwargs: LATER)  # every message waits
+        monkeypatch.setattr(authorizer, "decide", counted)  # every message waits
         raw = RawStubs(ch, server.admin_token)
         # The sender pushes 200 messages as fast as gRPC takes them; the server reads 4 at a time.
         answers = stream(raw, (pb.AuthorizeStreamRequest(id=i, request=request(key)) for i in range(200)))
@@ -464,7 +464,7 @@ def test_streaming_authorizer_gives_up_after_the_client_timeout(
 
     with Client(server.target, token=server.admin_token, timeout=0.3) as client:
         key = client.create_key(account, "bot", "read", [BOT_IP])
-        monkeypatch.setattr(authorizer, "authorize", stuck)
+        monkeypatch.setattr(authorizer, "decide", lambda query: stuck())
         with client.authorizer() as streaming, pytest.raises(ServerError) as late:
             streaming.authorize(key.key.access_key, key.private_key, BOT_IP, "read")
     assert late.value.code is grpc.StatusCode.DEADLINE_EXCEEDED

@@ -49,7 +49,6 @@ from google.rpc import code_pb2, status_pb2
 from keyguard import AuthorizeResult, Decision, InvalidArgument, Permission, SignedRequest, WithdrawalDestination
 from keyguard.signing import envoy_payload
 from keyguard_server._auth import serialized
-from keyguard_server._authorize import Authorizer
 from keyguard_server._config import (
     CANONICAL_PATH,
     CANONICAL_PATH_RULE,
@@ -59,7 +58,8 @@ from keyguard_server._config import (
     trusted_networks,
 )
 from keyguard_server._grpc import maps_errors
-from keyguard_server.authorize._domain import LATER
+from keyguard_server.authorize._authorizer import Authorizer
+from keyguard_server.authorize._domain import Query
 from keyguard_server.envoy.config.core.v3 import base_pb2 as core
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
@@ -210,28 +210,12 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
             signed = SignedRequest(payload, timestamp_ms, headers.get(config.envoy_nonce_header, ""), signature)
         client_ip = self._client_ip(attributes.source.address.socket_address.address, headers)
         required = route.permission  # a Permission already: EnvoyRoute holds the domain enum
-        authorizer = self._authorizer
+        asked = Query(
+            access_key, private_key, client_ip, required, destination, signed, symbol, context.time_remaining()
+        )
         try:
-            result = authorizer.decide_now(
-                access_key,
-                private_key,
-                client_ip,
-                required=required,
-                destination=destination,
-                signed=signed,
-                symbol=symbol,
-            )
-            if result is LATER:
-                result = await authorizer.authorize(
-                    access_key,
-                    private_key,
-                    client_ip,
-                    required=required,
-                    destination=destination,
-                    signed=signed,
-                    time_left=context.time_remaining(),
-                    symbol=symbol,
-                )
+            decided = self._authorizer.decide(asked)
+            result = decided if isinstance(decided, AuthorizeResult) else await decided
         except InvalidArgument as exc:
             return _deny("BAD_REQUEST", exc.message)
         if not result.allowed:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
@@ -27,7 +27,6 @@ from keyguard import (
     FieldViolation,
     InvalidArgument,
     KeyguardError,
-    Permission,
     SignedRequest,
     StorageFull,
     WithdrawalAddress,
@@ -36,10 +35,10 @@ from keyguard import (
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._auth import current_caller, serialized
-from keyguard_server._authorize import Authorizer, permission, refuse_malformed
 from keyguard_server._keys import KeyManager
 from keyguard_server._stream import StreamDecider
-from keyguard_server.authorize._domain import LATER, Later
+from keyguard_server.authorize._authorizer import Authorizer
+from keyguard_server.authorize._domain import Query
 
 log = logging.getLogger("keyguard.grpc")
 
@@ -343,10 +342,10 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
     async def Authorize(  # type: ignore[override]  # answers serialized: see _answers
         self, request: pb.AuthorizeRequest, context: Context[pb.AuthorizeRequest, bytes]
     ) -> bytes:
-        result = self._decide_now(request)
-        if result is LATER:
-            result = await self._decide(request, context.time_remaining())
-        return _answers(result)[1]
+        decided = self._authorizer.decide(_query(request, context.time_remaining()))
+        if not isinstance(decided, AuthorizeResult):
+            decided = await decided
+        return _answers(decided)[1]
 
     async def AuthorizeStream(  # type: ignore[override]  # grpc's reader-writer form, which the stubs omit
         self,
@@ -357,60 +356,32 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
         Messages are read and answers written on ``context`` (grpc's reader-writer form: the
         iterator is not used), answers serialized, not yielded."""
 
-        def answer_now(message: pb.AuthorizeStreamRequest) -> bytes | Later:
-            try:
-                result = self._decide_now(message.request)
-            except Exception as exc:
-                return _stream_error(message.id, exc)
-            if result is LATER:
-                return LATER
-            return _stream_answer(message.id, result)
-
-        async def answer(message: pb.AuthorizeStreamRequest) -> bytes:
+        def answer(message: pb.AuthorizeStreamRequest) -> bytes | Coroutine[Any, Any, bytes]:
             time_left = context.time_remaining()
             if message.timeout_ms:  # the message's own deadline, within the stream's
                 limit = message.timeout_ms / 1000
                 time_left = limit if time_left is None else min(limit, time_left)
             try:
-                result = await self._decide(message.request, time_left)
+                decided = self._authorizer.decide(_query(message.request, time_left))
             except Exception as exc:
                 return _stream_error(message.id, exc)
-            return _stream_answer(message.id, result)
+            if isinstance(decided, AuthorizeResult):
+                return _stream_answer(message.id, decided)
+            return _answer_later(message.id, decided)
 
-        await self._streams.serve(context, answer_now, answer)
-
-    def _decide_now(self, request: pb.AuthorizeRequest) -> AuthorizeResult | Later:
-        """The decision if it needs no wait, else LATER: then ``await _decide``."""
-        if not self._authorizer.decides_now:  # LATER anyway: not even the request's parts are needed
-            return LATER
-        required, destination, signed = _parts(request)
-        return self._authorizer.decide_now(
-            request.access_key,
-            request.private_key,
-            request.client_ip,
-            required=required,
-            destination=destination,
-            signed=signed,
-            symbol=request.symbol,
-        )
-
-    async def _decide(self, request: pb.AuthorizeRequest, time_left: float | None) -> AuthorizeResult:
-        required, destination, signed = _parts(request)
-        return await self._authorizer.authorize(
-            request.access_key,
-            request.private_key,
-            request.client_ip,
-            required=required,
-            destination=destination,
-            signed=signed,
-            time_left=time_left,
-            symbol=request.symbol,
-        )
+        await self._streams.serve(context, answer)
 
 
-def _parts(request: pb.AuthorizeRequest) -> tuple[Permission, WithdrawalDestination | None, SignedRequest | None]:
-    """The request's permission, destination and signature as the domain takes them;
-    :class:`InvalidArgument` (naming every malformed field) for a permission that is none."""
+async def _answer_later(message_id: int, decided: Coroutine[Any, Any, AuthorizeResult]) -> bytes:
+    try:
+        result = await decided
+    except Exception as exc:
+        return _stream_error(message_id, exc)
+    return _stream_answer(message_id, result)
+
+
+def _query(request: pb.AuthorizeRequest, time_left: float | None) -> Query:
+    """The domain's question for an AuthorizeRequest."""
     destination = None
     if request.HasField("destination"):
         d = request.destination
@@ -419,12 +390,16 @@ def _parts(request: pb.AuthorizeRequest) -> tuple[Permission, WithdrawalDestinat
     if request.HasField("signed"):
         r = request.signed
         signed = SignedRequest(r.payload, r.timestamp_ms, r.nonce, r.signature)
-    required = permission(request.required_permission)
-    if required is None:
-        refuse_malformed(
-            request.access_key, request.client_ip, request.required_permission, destination, signed, request.symbol
-        )
-    return required, destination, signed
+    return Query(
+        request.access_key,
+        request.private_key,
+        request.client_ip,
+        request.required_permission,
+        destination,
+        signed,
+        request.symbol,
+        time_left,
+    )
 
 
 def _stream_error(message_id: int, exc: Exception) -> bytes:

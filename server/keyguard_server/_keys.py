@@ -26,7 +26,6 @@ from keyguard import (
     WithdrawalAddress,
     signing,
 )
-from keyguard_server._authorize import management_on
 from keyguard_server._config import Config
 from keyguard_server._secrets import (
     HasherBusy,
@@ -41,6 +40,7 @@ from keyguard_server._validation import (
 )
 from keyguard_server._verify import IPV4_EMBEDDING
 from keyguard_server.authorize._domain import now_us
+from keyguard_server.authorize._rules import management_on
 
 log = logging.getLogger("keyguard.service")
 

@@ -27,7 +27,6 @@ from playhouse import db_url
 from keyguard import KeyguardError
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._auth import CallerGuard, ForCall, ensure_admin_token, refusing_unparseable
-from keyguard_server._authorize import DAY_US, Authorizer, FlushBackoff
 from keyguard_server._config import Config
 from keyguard_server._drain import Drain
 from keyguard_server._envoy import EnvoyAuthorizationServicer
@@ -39,6 +38,9 @@ from keyguard_server._reflection import enable_server_reflection
 from keyguard_server._secrets import SecretHasher
 from keyguard_server._services import ENVOY_AUTHORIZATION, HEALTH, KEYGUARD_SERVICES, WRITES_HEALTH
 from keyguard_server._store import Store
+from keyguard_server.authorize._authorizer import Authorizer
+from keyguard_server.authorize._domain import DAY_US
+from keyguard_server.authorize._usage import FlushBackoff
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 
 log = logging.getLogger("keyguard.server")

@@ -1,8 +1,8 @@
 """AuthorizeStream's contract: many requests on one stream, decided concurrently, bounded.
 
-- A message that can be decided without waiting (``answer_now``: a cached secret on SQLite)
-  is decided and answered as it is read, by the stream's reader, with no task of its own;
-  any other starts its decision at once, as a task (``answer``). Answers are written as
+- A message that can be decided without waiting (a cached secret on SQLite) is decided and
+  answered as it is read, by the stream's reader, with no task of its own; any other starts
+  its decision at once, as a task (the coroutine ``answer`` returned). Answers are written as
   soon as they are decided, in whatever order decisions end, so an argon2 verification
   never holds up the cached messages behind it.
 - At most ``max_in_flight`` messages per stream are between "read" and "answer
@@ -33,13 +33,12 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 import grpc
 
 from keyguard_server._metrics import RPC_SECONDS
-from keyguard_server.authorize._domain import LATER, Later
 
 log = logging.getLogger("keyguard.stream")
 
@@ -143,12 +142,11 @@ class StreamDecider:
     async def serve(
         self,
         context: grpc.aio.ServicerContext[Any, Any],
-        answer_now: Callable[[Req], Resp | Later],
-        answer: Callable[[Req], Awaitable[Resp]],
+        answer: Callable[[Req], Resp | Coroutine[Any, Any, Resp]],
     ) -> None:
         """Answers the requests read on ``context`` (grpc's reader-writer API: ``read`` and
-        ``write``), each with ``answer_now``, or, when that says LATER, with ``answer``. Raises what
-        reading raised."""
+        ``write``), each with what ``answer`` returns, or when that is a coroutine, with what it
+        returns when awaited. Raises what reading raised."""
         if self._stopping:
             context.set_code(grpc.StatusCode.UNAVAILABLE)
             context.set_details(SHUTTING_DOWN)
@@ -156,9 +154,9 @@ class StreamDecider:
         stream: _Stream[Resp] = _Stream(context, self._max_in_flight, self._observe)
         decisions: set[asyncio.Task[None]] = set()
 
-        async def decide(request: Req, started: float) -> None:
+        async def decide(later: Coroutine[Any, Any, Resp], started: float) -> None:
             try:
-                response = await answer(request)
+                response = await later
             except Exception as exc:
                 stream.unanswered(exc)
                 return
@@ -181,11 +179,11 @@ class StreamDecider:
                     if request is grpc.aio.EOF:  # the caller half-closed
                         break
                     started = perf_counter()
-                    response = answer_now(request)
+                    response = answer(request)
                     # No await from here to the write or the task's creation: a message read is a message decided.
                     stream.in_flight += 1
-                    if response is LATER:
-                        task = asyncio.create_task(decide(request, started))
+                    if isinstance(response, Coroutine):
+                        task = asyncio.create_task(decide(response, started))
                         decisions.add(task)
                         task.add_done_callback(decisions.discard)
                     else:

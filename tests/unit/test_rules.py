@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 
-from keyguard import Decision, KeyType, Permission
-from keyguard_server._authorize import DAY_US, _key_rule_refusal, _state_refusal, management_on
+from keyguard import AuthorizeResult, Decision, KeyType, Permission
 from keyguard_server._secrets import ACCESS_KEY_RE, is_well_formed_private_key, new_access_key, new_private_key
 from keyguard_server._validation import client_address, parse_allowed_ip
 from keyguard_server._verify import FailureLimiter, VerificationCache, client_network
-from keyguard_server.authorize._domain import KeyRow
+from keyguard_server.authorize._domain import DAY_US, KeyRow
+from keyguard_server.authorize._rules import RULES, evaluate, management_on
+from tests.rule_facts import facts, verdict
 
 BOT = client_address("203.0.113.7")
 NOW = 1_000 * DAY_US
@@ -58,18 +59,19 @@ def row(**fields: Any) -> KeyRow:
     ids=["open key", "frozen first", "disabled before expired", "expired before IP", "expires later", "IP", "IP in"],
 )
 def test_state_refusal_order(fields: dict[str, Any], expected: Decision | None) -> None:
-    refusal = _state_refusal(row(**fields), BOT, NOW)
-    assert (refusal.decision if refusal else None) is expected
-    assert refusal is None or (not refusal.allowed and refusal.account_id == "")  # no identity before proof
+    assert verdict(RULES.before, row(**fields), NOW) is expected
+    result = evaluate(RULES, facts(row(**fields), NOW))  # an empty secret: refused at the credential
+    assert isinstance(result, AuthorizeResult) and result.decision is (expected or Decision.BAD_SECRET)
+    assert result.account_id == ""  # no identity before the credential
 
 
 def test_symbol_list_applies_to_trade_requests_only() -> None:
     listed = row(symbols="BTCUSDT ETH-USDT")
-    assert _key_rule_refusal(listed, Permission.TRADE, "BTCUSDT", NOW, 0) is None
-    assert _key_rule_refusal(listed, Permission.TRADE, "XRPUSDT", NOW, 0) is Decision.SYMBOL_NOT_ALLOWED
-    assert _key_rule_refusal(listed, Permission.TRADE, "", NOW, 0) is Decision.SYMBOL_NOT_ALLOWED
-    assert _key_rule_refusal(listed, Permission.READ, "", NOW, 0) is None
-    assert _key_rule_refusal(row(), Permission.TRADE, "ANY", NOW, 0) is None
+    assert verdict(RULES.after, listed, NOW, Permission.TRADE, "BTCUSDT") is None
+    assert verdict(RULES.after, listed, NOW, Permission.TRADE, "XRPUSDT") is Decision.SYMBOL_NOT_ALLOWED
+    assert verdict(RULES.after, listed, NOW, Permission.TRADE, "") is Decision.SYMBOL_NOT_ALLOWED
+    assert verdict(RULES.after, listed, NOW, Permission.READ, "") is None
+    assert verdict(RULES.after, row(), NOW, Permission.TRADE, "ANY") is None
 
 
 def test_a_pending_off_keeps_address_management_on_until_it_is_due() -> None:

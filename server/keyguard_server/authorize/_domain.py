@@ -18,6 +18,7 @@ from keyguard_server._validation import IPAddress, IPNetwork, parse_allowed_ip
 MAX_VERDICTS_PER_ROW = 8  # client addresses whose allowlist answer a KeyRow keeps (bounded memory)
 MAX_OUTCOMES_PER_ROW = 16  # request shapes whose outcome a KeyRow keeps (bounded memory)
 FOREVER = 2**63  # µs since the epoch: later than any time a row holds
+DAY_US = 24 * 3600 * 10**6
 
 
 class Later(enum.Enum):
@@ -54,15 +55,26 @@ class Query:
 
 
 @dataclass(frozen=True, slots=True)
+class Request:
+    """A query's validated, normalised parts: what the rules read of it besides the credential."""
+
+    ip: IPAddress
+    client_ip: str  # as written: the allowlist's answers are kept by it
+    permission: Permission
+    destination: WithdrawalDestination | None
+    symbol: str  # upper case ("" none)
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """What a key's row says of one request shape (client IP as written, permission, symbol),
     apart from the caller's credential: the refusal of the rules before the credential (or
-    None), the answer of the rules after it, the parsed client IP, and the moments between
+    None), the answer of the rules after it, the request as validated, and the moments between
     which both hold (``since <= now < until``; ``until`` the earliest horizon the rules gave)."""
 
     before: AuthorizeResult | None
     after: AuthorizeResult
-    ip: IPAddress
+    request: Request
     since: int
     until: int
 
