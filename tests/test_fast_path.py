@@ -19,11 +19,11 @@ import uvloop
 
 from keyguard import ApiKey, Client, CreatedKey, Decision, Permission, WithdrawalAddress
 from keyguard_server import Config
-from keyguard_server._schema import VERSION
 from keyguard_server._secrets import new_private_key
-from keyguard_server._store import AccountState, Store
 from keyguard_server._verify import FailureLimiter
 from keyguard_server.authorize._domain import DAY_US, KeyRow
+from keyguard_server.store import AccountState, Store
+from keyguard_server.store._schema import VERSION
 from tests.conftest import RunningServer, StartServer
 from tests.processes import ServeProcess
 
@@ -86,11 +86,12 @@ def test_every_commit_by_another_connection_is_seen_by_the_next_call(
     (another process, here) must still hold from the very next call, whether the change is
     noticed by the wal-index header or by data_version alone."""
     store = server.server._store
-    assert store is not None
-    mapped = store._wal_index
+    assert store is not None and store._inline is not None
+    inline = store._inline
+    mapped = inline._wal_index
     assert mapped is not None  # SQLite in WAL mode: the header is what is checked first
     if not wal_index:
-        store._wal_index = None
+        inline._wal_index = None
     try:
         key = client.create_key(account, "bot", "trade", [BOT_IP])
         access_key = key.key.access_key
@@ -103,7 +104,7 @@ def test_every_commit_by_another_connection_is_seen_by_the_next_call(
         server.sql("DELETE FROM key_model WHERE access_key = ?", (access_key,))
         assert allow(client, key) is Decision.UNKNOWN_KEY
     finally:
-        store._wal_index = mapped
+        inline._wal_index = mapped
 
 
 @on_sqlite
@@ -113,7 +114,7 @@ def test_sqlite_keeps_its_lock_on_the_wal_index_while_serving(server: RunningSer
     would rebuild the wal-index under live connections: committed changes could be missed. The
     lock must be held, as another process sees it."""
     store = server.server._store
-    assert store is not None and store._wal_index is not None
+    assert store is not None and store._inline is not None and store._inline._wal_index is not None
     database = server.database_url.split(":///", 1)[1]
     probe = tmp_path / "probe.py"
     probe.write_text(
@@ -177,16 +178,16 @@ def test_strings_that_are_no_access_key_are_neither_looked_up_nor_kept(
     """A flood of made-up access keys is refused without a database read and leaves the
     memoised rows of real keys alone."""
     store = server.server._store
-    assert store is not None
+    assert store is not None and store._inline is not None
     key = client.create_key(account, "bot", "trade", [BOT_IP])
     assert allow(client, key) is Decision.ALLOW
     server.run(server.server.flush_usage())  # its last use written now: no commit in the loop below
     store.auth_row_now(key.key.access_key)  # read again after that commit
-    kept = dict(store._current)
+    kept = dict(store._inline._current)
     for i in range(200):
         made_up = f"{key.key.access_key[:-1]}-{i}"
         assert client.authorize(made_up, key.private_key, BOT_IP, "read").decision is Decision.UNKNOWN_KEY
-    assert store._current == kept
+    assert store._inline._current == kept
 
 
 def test_key_deleted_while_argon2_runs_is_refused(start_server: StartServer, account: str) -> None:

@@ -33,7 +33,6 @@ from keyguard_server._secrets import (
     new_access_key,
     new_private_key,
 )
-from keyguard_server._store import Store, to_datetime
 from keyguard_server._validation import (
     Violations,
     ed25519_public_key,
@@ -41,6 +40,7 @@ from keyguard_server._validation import (
 from keyguard_server._verify import IPV4_EMBEDDING
 from keyguard_server.authorize._domain import now_us
 from keyguard_server.authorize._rules import management_on
+from keyguard_server.store import Store, to_datetime
 
 log = logging.getLogger("keyguard.service")
 
