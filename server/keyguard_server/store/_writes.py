@@ -26,7 +26,7 @@ from keyguard import (
 from keyguard_server.authorize._domain import now_us
 from keyguard_server.store._connections import execute, transaction
 from keyguard_server.store._rows import AccountState, LookupSql, key_row, to_datetime
-from keyguard_server.store._schema import AccountModel, AddressModel, AuditModel, KeyModel, NonceModel
+from keyguard_server.store._schema import KEY_SETTINGS, AccountModel, AddressModel, AuditModel, KeyModel, NonceModel
 
 # Placeholder values a _Statement's query is built with, each standing for one parameter.
 _S_ACCOUNT = "\x00account_id"
@@ -51,27 +51,10 @@ class _Statement:
         return execute(db, self.sql, self.params(values))
 
 
-# What a change of a key may write (update_key, rotate_key): never its identity, its creation
-# time, or the last-used columns UsageRecorder writes (a change must not undo a flush).
-_KEY_SETTINGS = (
-    KeyModel.name,
-    KeyModel.permission,
-    KeyModel.allowed_ips,
-    KeyModel.secret_hash,
-    KeyModel.expires_at_us,
-    KeyModel.enabled,
-    KeyModel.previous_secret_hash,
-    KeyModel.previous_valid_until_us,
-    KeyModel.key_type,
-    KeyModel.public_key,
-    KeyModel.previous_public_key,
-    KeyModel.symbols,
-    KeyModel.unrestricted_since_us,
-)
 _S_ID = "\x00id"
 _S_ON = "\x00on"
 _S_OFF_AT = "\x00off_at"
-_S_COLUMN = {field: f"\x00column {field.name}" for field in _KEY_SETTINGS}
+_S_COLUMN = {field.name: f"\x00column {field.name}" for field in KEY_SETTINGS}
 
 
 class Queries:
@@ -100,7 +83,7 @@ class Queries:
             KeyModel.select().where((KeyModel.account_id == _S_ACCOUNT) & (KeyModel.access_key == _S_ACCESS_KEY))
         )
         self._key_update = _Statement(
-            KeyModel.update({field: pw.Value(_S_COLUMN[field], converter=False) for field in _KEY_SETTINGS}).where(
+            KeyModel.update({field: pw.Value(_S_COLUMN[field.name], converter=False) for field in KEY_SETTINGS}).where(
                 KeyModel.id == pw.Value(_S_ID, converter=False)
             )
         )
@@ -171,10 +154,10 @@ class Queries:
         return next(iter(KeyModel.raw(self._key_select.sql, *params)), None)
 
     def _save_key(self, row: KeyModel) -> None:
-        """Writes ``row``'s settings and credentials (``_KEY_SETTINGS``) back."""
+        """Writes ``row``'s settings and credentials (``KEY_SETTINGS``) back."""
         values: dict[object, object] = {
-            _S_COLUMN[f]: f.db_value(getattr(row, f.name))  # type: ignore[no-untyped-call]  # peewee is untyped
-            for f in _KEY_SETTINGS
+            _S_COLUMN[f.name]: f.db_value(getattr(row, f.name))  # type: ignore[no-untyped-call]  # peewee is untyped
+            for f in KEY_SETTINGS
         }
         values[_S_ID] = row.id
         self._key_update.run(self.db, values)
@@ -292,9 +275,12 @@ class Queries:
         check: Callable[[ApiKey], None],
         now: int | None = None,
     ) -> ApiKey:
-        """Applies ``changes`` (column -> value) if ``check`` accepts the resulting key, atomically.
-        An allowlist emptied ``now`` (the domain's clock, else the system's) starts the key's
+        """Applies ``changes`` (setting -> value, every one saved: see ``KEY_SETTINGS``) if ``check``
+        accepts the resulting key, atomically; a column that is no setting is a ValueError. An
+        allowlist emptied ``now`` (the domain's clock, else the system's) starts the key's
         unrestricted period; one set ends it."""
+        if unknown := changes.keys() - _S_COLUMN.keys():
+            raise ValueError(f"not settings of a key: {', '.join(sorted(unknown))}")
         with transaction(self.db):
             self._lock_unfrozen(account_id)  # any field: support unfreezes first
             row = self._key(account_id, access_key)
