@@ -17,12 +17,12 @@ import argon2
 import pytest
 import uvloop
 
-from keyguard import ApiKey, Client, CreatedKey, Decision, Permission, WithdrawalAddress
+from keyguard import Client, CreatedKey, Decision, Permission, WithdrawalAddress
 from keyguard_server import Config
 from keyguard_server._secrets import new_private_key
 from keyguard_server._verify import FailureLimiter
-from keyguard_server.authorize._domain import DAY_US, KeyRow
-from keyguard_server.store import AccountState, Store
+from keyguard_server.authorize._domain import KeyRow
+from keyguard_server.store import AccountState, Store, StoredKey
 from keyguard_server.store._schema import VERSION
 from tests.conftest import RunningServer, StartServer
 from tests.processes import ServeProcess
@@ -379,8 +379,8 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
             (argon2.PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash("x"),),
         )
 
-    async def upgrade_and_list() -> tuple[list[ApiKey], list[WithdrawalAddress], AccountState]:
-        store = await Store.open(config.database_settings, unrestricted_lapse_us=DAY_US)
+    async def upgrade_and_list() -> tuple[list[StoredKey], list[WithdrawalAddress], AccountState]:
+        store = await Store.open(config.database_settings)
         try:
             return (
                 await store.list_keys("acct"),
@@ -391,16 +391,13 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
             await store.close()
 
     started = datetime.now(UTC)
-    (key,), (address,), account = uvloop.run(upgrade_and_list())
+    ((key, unrestricted_since_us),), (address,), account = uvloop.run(upgrade_and_list())
     assert (key.name, key.last_used_at, key.last_used_ip, key.enabled, key.expires_at) == ("old", None, "", True, None)
     assert key.symbols == ()
     # Whitelisted before the upgrade: usable, no hold. Unrestricted before it: counted from it.
     assert address.usable_from == address.created_at
     assert account == AccountState(True, None, False, 1)
-    assert key.unrestricted_until is None  # a READ key: the policy does not apply
-    with sqlite3.connect(tmp_path / "keyguard.db") as db:
-        (since,) = db.execute("SELECT unrestricted_since_us FROM key_model").fetchone()
-    assert since >= started.timestamp() * 1e6 - 1e6
+    assert unrestricted_since_us is not None and unrestricted_since_us >= started.timestamp() * 1e6 - 1e6
     with sqlite3.connect(tmp_path / "keyguard.db") as db:
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(VERSION,)]
 

@@ -69,12 +69,12 @@ from keyguard_server.store._connections import (
     transaction,
 )
 from keyguard_server.store._postgres import LoopLookups
-from keyguard_server.store._rows import MAX_MEMOISED_ROWS, AccountState, auth_row, to_datetime
+from keyguard_server.store._rows import MAX_MEMOISED_ROWS, AccountState, StoredKey, auth_row, to_datetime
 from keyguard_server.store._schema import NonceModel, migrate
 from keyguard_server.store._sqlite import InlineReads
 from keyguard_server.store._writes import Queries
 
-__all__ = ["AccountState", "DatabaseSettings", "Store", "WriteState", "to_datetime"]
+__all__ = ["AccountState", "DatabaseSettings", "Store", "StoredKey", "WriteState", "to_datetime"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -127,9 +127,8 @@ class Store:
     the outcome is unknown), and the domain's own errors (``NotFound``, ...).
     """
 
-    def __init__(self, settings: DatabaseSettings, *, unrestricted_lapse_us: int = 0) -> None:
-        """Use :meth:`open`, which also migrates the schema. ``unrestricted_lapse_us``: the
-        unrestricted-key policy (0: off), which keys' ``unrestricted_until`` shows."""
+    def __init__(self, settings: DatabaseSettings) -> None:
+        """Use :meth:`open`, which also migrates the schema."""
         self.settings = settings
         self.db = open_database(settings)
         self._reads = DatabaseThreads(self.db, "db-read", settings.read_threads, changes=False)
@@ -139,13 +138,13 @@ class Store:
         self._nonces = DatabaseThreads(self._nonce_db, "db-nonce", 1, changes=True)
         self._inline = InlineReads(settings) if settings.is_sqlite else None
         self._rows: dict[tuple[Any, ...], KeyRow] = {}
-        self._q = Queries(self.db, unrestricted_lapse_us)
+        self._q = Queries(self.db)
         self._lookups: LoopLookups | None = None  # PostgreSQL: made once the lookup's SQL is built
         self._timeout = settings.call_timeout
 
     @classmethod
-    async def open(cls, settings: DatabaseSettings, *, unrestricted_lapse_us: int = 0) -> Store:
-        store = cls(settings, unrestricted_lapse_us=unrestricted_lapse_us)
+    async def open(cls, settings: DatabaseSettings) -> Store:
+        store = cls(settings)
         try:
             await store._writes.call(MIGRATION_TIMEOUT, store._migrate)
             if store._inline is not None:

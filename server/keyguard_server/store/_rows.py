@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import peewee as pw
 
@@ -117,28 +117,32 @@ def auth_row(row: tuple[Any, ...]) -> KeyRow:
     )
 
 
-def key_row(key: Any, lapse_us: int = 0) -> ApiKey:
-    """``lapse_us``: the unrestricted-key policy (0: off), for ``unrestricted_until``."""
-    lapses = (
-        lapse_us > 0
-        and not key.allowed_ips
-        and key.permission >= Permission.TRADE
-        and key.unrestricted_since_us is not None
-    )
-    return ApiKey(
-        key.account_id,
-        key.access_key,
-        key.name,
-        Permission(key.permission),
-        tuple(key.allowed_ips.split()),
-        to_datetime(key.created_at_us),
-        to_datetime(key.last_used_at_us) if key.last_used_at_us is not None else None,
-        key.last_used_ip,
-        to_datetime(key.expires_at_us) if key.expires_at_us is not None else None,
-        bool(key.enabled),
-        to_datetime(key.previous_valid_until_us) if key.previous_valid_until_us is not None else None,
-        KeyType(key.key_type),
-        key.public_key,
-        tuple(key.symbols.split()),
-        to_datetime(key.unrestricted_since_us + lapse_us) if lapses else None,
+class StoredKey(NamedTuple):
+    """A key as stored: what callers see of it, less what policy makes of it (the key-management
+    use case shows ``unrestricted_until`` from ``unrestricted_since_us`` and its config)."""
+
+    key: ApiKey  # unrestricted_until: None
+    # When its IP allowlist last became empty; None while it has one.
+    unrestricted_since_us: int | None
+
+
+def key_row(key: Any) -> StoredKey:
+    return StoredKey(
+        ApiKey(
+            key.account_id,
+            key.access_key,
+            key.name,
+            Permission(key.permission),
+            tuple(key.allowed_ips.split()),
+            to_datetime(key.created_at_us),
+            to_datetime(key.last_used_at_us) if key.last_used_at_us is not None else None,
+            key.last_used_ip,
+            to_datetime(key.expires_at_us) if key.expires_at_us is not None else None,
+            bool(key.enabled),
+            to_datetime(key.previous_valid_until_us) if key.previous_valid_until_us is not None else None,
+            KeyType(key.key_type),
+            key.public_key,
+            tuple(key.symbols.split()),
+        ),
+        key.unrestricted_since_us,
     )

@@ -25,7 +25,7 @@ from keyguard import (
 )
 from keyguard_server.authorize._domain import now_us
 from keyguard_server.store._connections import execute, transaction
-from keyguard_server.store._rows import AccountState, LookupSql, key_row, to_datetime
+from keyguard_server.store._rows import AccountState, LookupSql, StoredKey, key_row, to_datetime
 from keyguard_server.store._schema import KEY_SETTINGS, AccountModel, AddressModel, AuditModel, KeyModel, NonceModel
 
 # Placeholder values a _Statement's query is built with, each standing for one parameter.
@@ -60,11 +60,9 @@ _S_COLUMN = {field.name: f"\x00column {field.name}" for field in KEY_SETTINGS}
 class Queries:
     """The store's SQL, run on database threads (never on the event loop); see the module docstring."""
 
-    def __init__(self, db: pw.Database, unrestricted_lapse_us: int = 0) -> None:
+    def __init__(self, db: pw.Database) -> None:
         self.db = db
         self._row_locks = isinstance(db, pw.PostgresqlDatabase)
-        # The unrestricted-key policy (0: off), for ApiKey.unrestricted_until.
-        self._lapse_us = unrestricted_lapse_us
         self.lookups = LookupSql()
         # Every change's own statements, built once too (peewee builds SQL anew on each
         # execute: ~90-100 µs a statement on this project's VM).
@@ -213,7 +211,7 @@ class Queries:
         public_key: str = "",
         symbols: tuple[str, ...] = (),
         now: int | None = None,
-    ) -> ApiKey:
+    ) -> StoredKey:
         """Insert a key unless the account is full or the name taken, atomically (``now``: the
         domain's clock, else the system's)."""
         with transaction(self.db):
@@ -247,7 +245,7 @@ class Queries:
                 **({"key_type": key_type.name} if key_type is not KeyType.SECRET else {}),
                 **({"symbols": " ".join(symbols)} if symbols else {}),
             )
-        return key_row(row, self._lapse_us)
+        return key_row(row)
 
     def check_key_room(self, account_id: str, name: str, max_keys: int) -> None:
         if KeyModel.select().where((KeyModel.account_id == account_id) & (KeyModel.name == name)).exists():
@@ -255,15 +253,15 @@ class Queries:
         if KeyModel.select().where(KeyModel.account_id == account_id).count() >= max_keys:
             raise LimitExceeded(f"account {account_id!r} already has the maximum of {max_keys} keys")
 
-    def list_keys(self, account_id: str) -> list[ApiKey]:
+    def list_keys(self, account_id: str) -> list[StoredKey]:
         query = KeyModel.select().where(KeyModel.account_id == account_id).order_by(KeyModel.id)
-        return [key_row(k, self._lapse_us) for k in query]
+        return [key_row(k) for k in query]
 
-    def get_key(self, account_id: str, access_key: str) -> ApiKey:
+    def get_key(self, account_id: str, access_key: str) -> StoredKey:
         key = self._key(account_id, access_key)
         if key is None:
             raise NotFound(f"account {account_id!r} has no key {access_key!r}")
-        return key_row(key, self._lapse_us)
+        return key_row(key)
 
     def update_key(
         self,
@@ -274,7 +272,7 @@ class Queries:
         changes: dict[str, Any],
         check: Callable[[ApiKey], None],
         now: int | None = None,
-    ) -> ApiKey:
+    ) -> StoredKey:
         """Applies ``changes`` (setting -> value, every one saved: see ``KEY_SETTINGS``) if ``check``
         accepts the resulting key, atomically; a column that is no setting is a ValueError. An
         allowlist emptied ``now`` (the domain's clock, else the system's) starts the key's
@@ -297,8 +295,8 @@ class Queries:
                 row.unrestricted_since_us = None if changes["allowed_ips"] else (now_us() if now is None else now)
             for column, value in changes.items():
                 setattr(row, column, value)
-            updated = key_row(row, self._lapse_us)
-            check(updated)
+            updated = key_row(row)
+            check(updated.key)
             if changes:
                 self._save_key(row)
                 self._audit(caller, AuditAction.KEY_UPDATED, account_id, access_key, **changes)
@@ -313,7 +311,7 @@ class Queries:
         grace_us: int,
         secret_hash: str = "",
         public_key: str = "",
-    ) -> ApiKey:
+    ) -> StoredKey:
         """New credential (hash for SECRET keys, public key for ED25519); the old one
         stays valid for ``grace_us`` (0: not at all)."""
         with transaction(self.db):
@@ -328,7 +326,7 @@ class Queries:
             row.public_key = public_key
             self._save_key(row)
             self._audit(caller, AuditAction.KEY_ROTATED, account_id, access_key, grace_seconds=grace_us // 10**6)
-            return key_row(row, self._lapse_us)
+            return key_row(row)
 
     def delete_key(self, *, caller: str, account_id: str, access_key: str) -> None:
         with transaction(self.db):
