@@ -54,7 +54,7 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Callable, Coroutine, Iterator
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import peewee as pw
 
@@ -68,11 +68,13 @@ from keyguard_server.store._connections import (
     open_database,
     transaction,
 )
-from keyguard_server.store._postgres import LoopLookups
 from keyguard_server.store._rows import MAX_MEMOISED_ROWS, AccountState, StoredKey, auth_row, to_datetime
 from keyguard_server.store._schema import NonceModel, migrate
 from keyguard_server.store._sqlite import InlineReads
 from keyguard_server.store._writes import Queries
+
+if TYPE_CHECKING:  # imported for a PostgreSQL database only: psycopg2 is an optional extra
+    from keyguard_server.store._postgres import LoopLookups
 
 __all__ = ["AccountState", "DatabaseSettings", "Store", "StoredKey", "WriteState", "to_datetime"]
 
@@ -150,6 +152,8 @@ class Store:
             if store._inline is not None:
                 store._inline.open()
             else:
+                from keyguard_server.store._postgres import LoopLookups  # psycopg2: for PostgreSQL only
+
                 lookups_db = open_database(settings, role="lookups")
                 store._lookups = LoopLookups(lookups_db, store._q.lookups.keys, settings)
         except BaseException:

@@ -10,6 +10,7 @@ import functools
 import logging
 import math
 import sqlite3
+import sys
 import threading
 import time
 from collections import deque
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import peewee as pw
-import psycopg2
 from playhouse import db_url
 
 from keyguard import Aborted, StorageFull, Unavailable
@@ -79,28 +79,16 @@ def open_database(settings: DatabaseSettings, *, role: str = "main") -> pw.Datab
     url = settings.url
     scheme = url.split("://", 1)[0]
     if scheme in ("postgres", "postgresql"):
-        options = {
-            "statement_timeout": int(settings.statement_timeout * 1000),
-            "lock_timeout": int(settings.lock_timeout * 1000),
-            # A transaction left open by a stalled client must not hold its locks for ever.
-            "idle_in_transaction_session_timeout": int(settings.call_timeout * 1000) + 1000,
-        }
-        if role == "nonces":
-            options["synchronous_commit"] = "off"  # type: ignore[assignment]
-        keepalive = max(1, int(settings.keepalive_seconds))
-        database: pw.Database = db_url.connect(
-            "postgresql://" + url.split("://", 1)[1],
-            connect_timeout=max(1, round(settings.connect_timeout)),
-            keepalives=1,
-            keepalives_idle=keepalive,
-            keepalives_interval=keepalive,
-            keepalives_count=3,
-            # Unacknowledged data (a dead peer) fails the call instead of hanging it.
-            tcp_user_timeout=int((settings.statement_timeout + settings.connect_timeout) * 1000),
-            application_name=f"keyguard-{role}",
-            options=" ".join(f"-c {name}={value}" for name, value in options.items()),
-        )
-        return database
+        try:  # the driver is the optional extra "postgres", imported only now
+            from keyguard_server.store._postgres import open_postgres
+        except ImportError as exc:
+            if not (exc.name or "").startswith("psycopg2"):
+                raise
+            raise ValueError(
+                f"a {scheme}:// database needs the PostgreSQL driver, psycopg2, which is not installed"
+                f" ({exc}): pip install 'keyguard-server[postgres]'"
+            ) from None
+        return open_postgres(settings, role)
     if settings.is_sqlite:
         path = url.split(":///", 1)[-1].split("?", 1)[0]
         if path and path != ":memory:" and role == "main":
@@ -113,7 +101,7 @@ def open_database(settings: DatabaseSettings, *, role: str = "main") -> pw.Datab
             pragmas["synchronous"] = "normal"
         else:
             pragmas["query_only"] = 1
-        database = db_url.connect(
+        database: pw.Database = db_url.connect(
             url,
             lock_type="IMMEDIATE",
             timeout=busy_ms / 1000,
@@ -298,11 +286,18 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
                 todo.append(behind)
 
 
+def _driver_errors() -> tuple[type[Exception], ...]:
+    """The drivers' own errors: sqlite3's, and psycopg2's once it is imported (none before)."""
+    psycopg2 = sys.modules.get("psycopg2")
+    return (sqlite3.Error,) if psycopg2 is None else (sqlite3.Error, psycopg2.Error)
+
+
 def _failure_of(exc: BaseException) -> _Failure | None:
     """The failure a database error stands for, read from the driver's own error wherever it is
     wrapped (the first one in ``_chain`` that says); None: not one keyguard expects."""
+    psycopg2 = sys.modules.get("psycopg2")  # imported for a PostgreSQL database only (see open_database)
     for error in _chain(exc):
-        if isinstance(error, psycopg2.Error):
+        if psycopg2 is not None and isinstance(error, psycopg2.Error):
             code = error.pgcode or ""
             if code == _LOCK_NOT_AVAILABLE:
                 return _Failure.LOCKED
@@ -348,7 +343,7 @@ class _RateLimitedWarnings:
                 self._last[kind] = (logged_at, left_out + 1)
                 return
             self._last[kind] = (now, 0)
-        errors = [e for e in _chain(exc) if isinstance(e, (psycopg2.Error, sqlite3.Error))]
+        errors = [e for e in _chain(exc) if isinstance(e, _driver_errors())]
         words = " ".join(str(errors[-1] if errors else exc.__cause__ or exc).split())  # the driver's, on one line
         since = f" (and {left_out} more in the last {now - logged_at:.0f} s)" if left_out else ""
         log.warning("%s: %s%s", what, words, since)
@@ -367,9 +362,10 @@ def _report_outage(reason: str, what: str, exc: BaseException) -> None:
 def _mapped(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """The one mapping of database failures to what they mean to a caller (keyguard errors pass
     through; one keyguard does not expect is raised as it is, and answers INTERNAL)."""
+    database_errors: tuple[type[Exception], ...] = (pw.PeeweeException, *_driver_errors())
     try:
         return fn(*args, **kwargs)
-    except (pw.PeeweeException, psycopg2.Error, sqlite3.Error) as exc:
+    except database_errors as exc:
         failure = _failure_of(exc)
         if failure is _Failure.LOCKED:
             raise Aborted(

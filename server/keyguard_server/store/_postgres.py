@@ -1,4 +1,6 @@
-"""PostgreSQL: Authorize's key lookups made by the event loop itself (:class:`LoopLookups`)."""
+"""PostgreSQL: opening its connections, and Authorize's key lookups made by the event loop itself
+(:class:`LoopLookups`). Its driver, psycopg2, is the optional extra ``postgres``: this module, the
+only one importing it, is imported for a PostgreSQL database only."""
 
 from __future__ import annotations
 
@@ -15,9 +17,37 @@ from typing import Any
 
 import peewee as pw
 import psycopg2
+from playhouse import db_url
 
 from keyguard import Unavailable
 from keyguard_server.store._connections import QUERY_CANCELED, DatabaseSettings
+
+
+def open_postgres(settings: DatabaseSettings, role: str) -> pw.Database:
+    """A PostgreSQL Database with keyguard's timeouts and keepalives (see ``open_database``)."""
+    url = settings.url
+    options: dict[str, object] = {
+        "statement_timeout": int(settings.statement_timeout * 1000),
+        "lock_timeout": int(settings.lock_timeout * 1000),
+        # A transaction left open by a stalled client must not hold its locks for ever.
+        "idle_in_transaction_session_timeout": int(settings.call_timeout * 1000) + 1000,
+    }
+    if role == "nonces":
+        options["synchronous_commit"] = "off"
+    keepalive = max(1, int(settings.keepalive_seconds))
+    database: pw.Database = db_url.connect(
+        "postgresql://" + url.split("://", 1)[1],
+        connect_timeout=max(1, round(settings.connect_timeout)),
+        keepalives=1,
+        keepalives_idle=keepalive,
+        keepalives_interval=keepalive,
+        keepalives_count=3,
+        # Unacknowledged data (a dead peer) fails the call instead of hanging it.
+        tcp_user_timeout=int((settings.statement_timeout + settings.connect_timeout) * 1000),
+        application_name=f"keyguard-{role}",
+        options=" ".join(f"-c {name}={value}" for name, value in options.items()),
+    )
+    return database
 
 
 class LoopLookups:
