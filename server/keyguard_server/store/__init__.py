@@ -100,22 +100,14 @@ Query = Callable[Concatenate["Queries", P], T]
 OffLoop = Callable[Concatenate["Store", P], Coroutine[Any, Any, T]]
 
 
-def _on_writes(query: Query[P, T]) -> OffLoop[P, T]:
-    """A :class:`Store` method running ``query`` on the write threads (one transaction each)."""
+def _off_loop(query: Query[P, T], *, writes: bool = False) -> OffLoop[P, T]:
+    """A :class:`Store` method running ``query`` on the write threads (one transaction each), or
+    on the read threads."""
 
     @functools.wraps(query)
     async def method(store: Store, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return await store._writes.call(store._timeout, query, store._q, *args, **kwargs)
-
-    return method
-
-
-def _on_reads(query: Query[P, T]) -> OffLoop[P, T]:
-    """A :class:`Store` method running ``query`` on the read threads."""
-
-    @functools.wraps(query)
-    async def method(store: Store, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return await store._reads.call(store._timeout, query, store._q, *args, **kwargs)
+        threads = store._writes if writes else store._reads
+        return await threads.call(store._timeout, query, store._q, *args, **kwargs)
 
     return method
 
@@ -276,24 +268,22 @@ class Store:
         with transaction(self._nonce_db):
             return int(NonceModel.delete().where(NonceModel.seen_at_us < before_us).execute())
 
-    async def record_last_used(self, usage: dict[str, tuple[int, str]]) -> None:
-        await self._writes.call(self._timeout, self._q.record_last_used, usage)
-
     # -- management: Queries' methods, each on the pool its work needs ----------
 
-    insert_key = _on_writes(Queries.insert_key)
-    update_key = _on_writes(Queries.update_key)
-    rotate_key = _on_writes(Queries.rotate_key)
-    delete_key = _on_writes(Queries.delete_key)
-    delete_all_keys = _on_writes(Queries.delete_all_keys)
-    set_address_management = _on_writes(Queries.set_address_management)
-    set_frozen = _on_writes(Queries.set_frozen)
-    add_address = _on_writes(Queries.add_address)
-    remove_address = _on_writes(Queries.remove_address)
-    check_key_room = _on_reads(Queries.check_key_room)
-    check_unfrozen = _on_reads(Queries.check_unfrozen)
-    list_keys = _on_reads(Queries.list_keys)
-    get_key = _on_reads(Queries.get_key)
-    account_settings = _on_reads(Queries.account_settings)
-    list_addresses = _on_reads(Queries.list_addresses)
-    audit_events = _on_reads(Queries.audit_events)
+    record_last_used = _off_loop(Queries.record_last_used, writes=True)
+    insert_key = _off_loop(Queries.insert_key, writes=True)
+    update_key = _off_loop(Queries.update_key, writes=True)
+    rotate_key = _off_loop(Queries.rotate_key, writes=True)
+    delete_key = _off_loop(Queries.delete_key, writes=True)
+    delete_all_keys = _off_loop(Queries.delete_all_keys, writes=True)
+    set_address_management = _off_loop(Queries.set_address_management, writes=True)
+    set_frozen = _off_loop(Queries.set_frozen, writes=True)
+    add_address = _off_loop(Queries.add_address, writes=True)
+    remove_address = _off_loop(Queries.remove_address, writes=True)
+    check_key_room = _off_loop(Queries.check_key_room)
+    check_unfrozen = _off_loop(Queries.check_unfrozen)
+    list_keys = _off_loop(Queries.list_keys)
+    get_key = _off_loop(Queries.get_key)
+    account_settings = _off_loop(Queries.account_settings)
+    list_addresses = _off_loop(Queries.list_addresses)
+    audit_events = _off_loop(Queries.audit_events)

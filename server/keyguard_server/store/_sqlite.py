@@ -30,8 +30,14 @@ class InlineReads:
 
     def open(self) -> None:
         """Opens the connection now, before serving, not on the first Authorize."""
-        self._cursor = connection_of(self._db).cursor()
-        self._cursor.execute("PRAGMA data_version").fetchone()
+        self._cursor_now().execute("PRAGMA data_version").fetchone()
+
+    def _cursor_now(self) -> Any:
+        """The loop thread's cursor, reused: each read is executed and fetched (to its end)
+        without an await. (peewee's connections are per thread: this is the loop's own.)"""
+        if self._cursor is None:
+            self._cursor = connection_of(self._db).cursor()
+        return self._cursor
 
     def close(self) -> None:
         self._cursor = None
@@ -41,10 +47,7 @@ class InlineReads:
     def read_now(self, sql: str, params: tuple[object, ...]) -> tuple[Any, ...] | Later | None:
         """The row (or None), or LATER when it cannot be read without waiting."""
         try:
-            if self._cursor is None:  # peewee's connections are per thread: the loop's own
-                self._cursor = connection_of(self._db).cursor()
-            # One cursor, reused: each read is executed and fetched (to its end) without an await.
-            row: tuple[Any, ...] | None = self._cursor.execute(sql, params).fetchone()
+            row: tuple[Any, ...] | None = self._cursor_now().execute(sql, params).fetchone()
             return row
         except sqlite3.OperationalError:
             return LATER
@@ -68,9 +71,7 @@ class InlineReads:
         revoked key.
         """
         try:
-            if self._cursor is None:  # peewee's connections are per thread: the loop's own
-                self._cursor = connection_of(self._db).cursor()
-            cursor = self._cursor
+            cursor = self._cursor_now()
             version = cursor.execute("PRAGMA data_version").fetchone()[0]
             if version != self._data_version:
                 self._current.clear()
