@@ -1,4 +1,4 @@
-"""PostgreSQL's Authorize lookups on the event loop (``_store.LoopLookups``) when the database
+"""PostgreSQL's Authorize lookups on the event loop (``store._postgres.LoopLookups``) when the database
 misbehaves: a failover host list, a database that refuses sessions, a slow DNS answer.
 
 Each test drives the real lookup machinery against the real local PostgreSQL, or against a real
