@@ -40,7 +40,7 @@ from keyguard_server._services import ENVOY_AUTHORIZATION, HEALTH, KEYGUARD_SERV
 from keyguard_server.authorize._authorizer import Authorizer
 from keyguard_server.authorize._usage import FlushBackoff
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
-from keyguard_server._store import Store
+from keyguard_server.store import Store
 
 log = logging.getLogger("keyguard.server")
 
