@@ -17,13 +17,13 @@ import argon2
 import pytest
 import uvloop
 
-from keyguard import ApiKey, Client, CreatedKey, Decision, Permission, WithdrawalAddress
+from keyguard import Client, CreatedKey, Decision, Permission, WithdrawalAddress
 from keyguard_server import Config
-from keyguard_server._schema import VERSION
 from keyguard_server._secrets import new_private_key
-from keyguard_server._store import AccountState, Store
 from keyguard_server._verify import FailureLimiter
-from keyguard_server.authorize._domain import DAY_US, KeyRow
+from keyguard_server.authorize._domain import KeyRow
+from keyguard_server.store import AccountState, Store, StoredKey
+from keyguard_server.store._schema import VERSION
 from tests.conftest import RunningServer, StartServer
 from tests.processes import ServeProcess
 
@@ -78,59 +78,27 @@ def test_cache_never_accepts_the_old_secret_of_a_rekeyed_key(
 
 
 @on_sqlite
-@pytest.mark.parametrize("wal_index", [True, False], ids=["wal-index", "data_version-only"])
 def test_every_commit_by_another_connection_is_seen_by_the_next_call(
-    server: RunningServer, client: Client, account: str, wal_index: bool
+    server: RunningServer, client: Client, account: str
 ) -> None:
     """On SQLite a key's row is memoised between calls: whatever another connection commits
-    (another process, here) must still hold from the very next call, whether the change is
-    noticed by the wal-index header or by data_version alone."""
-    store = server.server._store
-    assert store is not None
-    mapped = store._wal_index
-    assert mapped is not None  # SQLite in WAL mode: the header is what is checked first
-    if not wal_index:
-        store._wal_index = None
-    try:
-        key = client.create_key(account, "bot", "trade", [BOT_IP])
-        access_key = key.key.access_key
+    (another connection, here) must still hold from the very next call (PRAGMA data_version)."""
+    key = client.create_key(account, "bot", "trade", [BOT_IP])
+    access_key = key.key.access_key
+    assert allow(client, key) is Decision.ALLOW
+    for _ in range(10):
+        server.sql("UPDATE key_model SET enabled = 0 WHERE access_key = ?", (access_key,))
+        assert allow(client, key) is Decision.KEY_DISABLED
+        server.sql("UPDATE key_model SET enabled = 1 WHERE access_key = ?", (access_key,))
         assert allow(client, key) is Decision.ALLOW
-        for _ in range(10):
-            server.sql("UPDATE key_model SET enabled = 0 WHERE access_key = ?", (access_key,))
-            assert allow(client, key) is Decision.KEY_DISABLED
-            server.sql("UPDATE key_model SET enabled = 1 WHERE access_key = ?", (access_key,))
-            assert allow(client, key) is Decision.ALLOW
-        server.sql("DELETE FROM key_model WHERE access_key = ?", (access_key,))
-        assert allow(client, key) is Decision.UNKNOWN_KEY
-    finally:
-        store._wal_index = mapped
-
-
-@on_sqlite
-def test_sqlite_keeps_its_lock_on_the_wal_index_while_serving(server: RunningServer, tmp_path: Path) -> None:
-    """The server maps the wal-index header; closing any descriptor of -shm would drop SQLite's
-    shared lock on it (POSIX locks are per process), and the next process to open the database
-    would rebuild the wal-index under live connections: committed changes could be missed. The
-    lock must be held, as another process sees it."""
-    store = server.server._store
-    assert store is not None and store._wal_index is not None
-    database = server.database_url.split(":///", 1)[1]
-    probe = tmp_path / "probe.py"
-    probe.write_text(
-        "import fcntl, os, struct, sys\n"
-        "fd = os.open(sys.argv[1] + '-shm', os.O_RDWR)\n"
-        "asked = struct.pack('hhqqi', fcntl.F_WRLCK, 0, 128, 1, 0)  # SQLite's DMS lock byte\n"
-        "print(struct.unpack('hhqqi', fcntl.fcntl(fd, fcntl.F_GETLK, asked))[0] != fcntl.F_UNLCK)\n"
-    )
-    held = subprocess.run([sys.executable, str(probe), database], capture_output=True, text=True, check=True)
-    assert held.stdout.strip() == "True"
+    server.sql("DELETE FROM key_model WHERE access_key = ?", (access_key,))
+    assert allow(client, key) is Decision.UNKNOWN_KEY
 
 
 def test_a_change_is_seen_after_other_processes_checkpoint_and_reopen_the_database(tmp_path: Path) -> None:
     """Another process disables a key, a checkpoint empties the WAL and yet another process opens
-    the database: had this process dropped SQLite's lock on -shm (by closing a descriptor of it,
-    even when an earlier store on the database closed), that opener would rebuild the wal-index
-    as if nobody used it, and the key's old row would still be served."""
+    the database: the very next inline read (an earlier store on the database closed, its
+    connections may linger) serves the key's new row, never the memoised old one."""
     path = tmp_path / "keyguard.db"
     access_key = "kg_" + "A" * 24
 
@@ -177,16 +145,16 @@ def test_strings_that_are_no_access_key_are_neither_looked_up_nor_kept(
     """A flood of made-up access keys is refused without a database read and leaves the
     memoised rows of real keys alone."""
     store = server.server._store
-    assert store is not None
+    assert store is not None and store._inline is not None
     key = client.create_key(account, "bot", "trade", [BOT_IP])
     assert allow(client, key) is Decision.ALLOW
     server.run(server.server.flush_usage())  # its last use written now: no commit in the loop below
     store.auth_row_now(key.key.access_key)  # read again after that commit
-    kept = dict(store._current)
+    kept = dict(store._inline._current)
     for i in range(200):
         made_up = f"{key.key.access_key[:-1]}-{i}"
         assert client.authorize(made_up, key.private_key, BOT_IP, "read").decision is Decision.UNKNOWN_KEY
-    assert store._current == kept
+    assert store._inline._current == kept
 
 
 def test_key_deleted_while_argon2_runs_is_refused(start_server: StartServer, account: str) -> None:
@@ -411,8 +379,8 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
             (argon2.PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash("x"),),
         )
 
-    async def upgrade_and_list() -> tuple[list[ApiKey], list[WithdrawalAddress], AccountState]:
-        store = await Store.open(config.database_settings, unrestricted_lapse_us=DAY_US)
+    async def upgrade_and_list() -> tuple[list[StoredKey], list[WithdrawalAddress], AccountState]:
+        store = await Store.open(config.database_settings)
         try:
             return (
                 await store.list_keys("acct"),
@@ -423,16 +391,13 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
             await store.close()
 
     started = datetime.now(UTC)
-    (key,), (address,), account = uvloop.run(upgrade_and_list())
+    ((key, unrestricted_since_us),), (address,), account = uvloop.run(upgrade_and_list())
     assert (key.name, key.last_used_at, key.last_used_ip, key.enabled, key.expires_at) == ("old", None, "", True, None)
     assert key.symbols == ()
     # Whitelisted before the upgrade: usable, no hold. Unrestricted before it: counted from it.
     assert address.usable_from == address.created_at
     assert account == AccountState(True, None, False, 1)
-    assert key.unrestricted_until is None  # a READ key: the policy does not apply
-    with sqlite3.connect(tmp_path / "keyguard.db") as db:
-        (since,) = db.execute("SELECT unrestricted_since_us FROM key_model").fetchone()
-    assert since >= started.timestamp() * 1e6 - 1e6
+    assert unrestricted_since_us is not None and unrestricted_since_us >= started.timestamp() * 1e6 - 1e6
     with sqlite3.connect(tmp_path / "keyguard.db") as db:
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(VERSION,)]
 

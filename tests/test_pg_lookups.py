@@ -1,4 +1,4 @@
-"""PostgreSQL's Authorize lookups on the event loop (``_store._LoopLookups``) when the database
+"""PostgreSQL's Authorize lookups on the event loop (``store._postgres.LoopLookups``) when the database
 misbehaves: a failover host list, a database that refuses sessions, a slow DNS answer.
 
 Each test drives the real lookup machinery against the real local PostgreSQL, or against a real
@@ -22,7 +22,8 @@ import pytest
 import uvloop
 
 from keyguard import Unavailable
-from keyguard_server._store import DatabaseSettings, _LoopLookups
+from keyguard_server.store import DatabaseSettings
+from keyguard_server.store._postgres import LoopLookups
 from tests.databases import ADMIN_URL, REQUIRED, Postgres
 
 LOOKUP = "SELECT 1, 'kg_x' WHERE 'kg_x' = ANY(%s)"  # one row for the access key "kg_x", like the real lookup
@@ -45,8 +46,8 @@ def closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-def lookups(db: pw.Database, **settings: Any) -> _LoopLookups:
-    return _LoopLookups(db, LOOKUP, DatabaseSettings("postgresql://unused", **settings))
+def lookups(db: pw.Database, **settings: Any) -> LoopLookups:
+    return LoopLookups(db, LOOKUP, DatabaseSettings("postgresql://unused", **settings))
 
 
 def test_a_failover_host_list_reaches_the_live_host() -> None:
@@ -101,7 +102,7 @@ def test_each_lookup_gives_up_at_its_own_deadline() -> None:
     slow = "SELECT 1, 'kg_x' FROM pg_sleep(1.2) WHERE 'kg_x' = ANY(%s)"
 
     async def run() -> list[tuple[str, float]]:
-        found = _LoopLookups(
+        found = LoopLookups(
             database(_ADMIN.hostname or "127.0.0.1", str(_ADMIN.port or 5432)),
             slow,
             DatabaseSettings("postgresql://unused", statement_timeout=3.0),

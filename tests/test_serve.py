@@ -242,3 +242,22 @@ def test_keyguard_serve_without_the_server_says_what_to_install(tmp_path: Path) 
     )
     assert out.returncode == 1, out
     assert "pip install keyguard-server" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_postgresql_url_without_its_driver_stops_at_start_saying_what_to_install(tmp_path: Path) -> None:
+    """PostgreSQL's driver is the optional extra `postgres`: without it (psycopg2 made
+    unimportable here), `keyguard-server serve` with a PostgreSQL URL exits at once with status
+    1 and one line naming the extra, no traceback; nothing was listening meanwhile."""
+    script = "import sys; sys.modules['psycopg2'] = None; from keyguard_server.cli import main; sys.exit(main())"
+    database = "postgresql://keyguard@127.0.0.1:5432/keyguard"
+    out = subprocess.run(
+        [sys.executable, "-c", script, "serve", "--listen", "127.0.0.1:0", "--database", database],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 1, out
+    assert "pip install 'keyguard-server[postgres]'" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert "(port " not in out.stderr + out.stdout  # the line a started server logs

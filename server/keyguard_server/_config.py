@@ -22,7 +22,7 @@ from typing import Any
 from keyguard import Permission
 from keyguard_server._metrics import metrics_address
 from keyguard_server._secrets import Argon2Params
-from keyguard_server._store import DatabaseSettings
+from keyguard_server.store import DatabaseSettings
 
 
 class Role(enum.StrEnum):

@@ -8,6 +8,7 @@ input is validated before storage or argon2 is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 from collections.abc import Callable
@@ -33,14 +34,14 @@ from keyguard_server._secrets import (
     new_access_key,
     new_private_key,
 )
-from keyguard_server._store import Store, to_datetime
 from keyguard_server._validation import (
     Violations,
     ed25519_public_key,
 )
 from keyguard_server._verify import IPV4_EMBEDDING
-from keyguard_server.authorize._domain import now_us
+from keyguard_server.authorize._domain import DAY_US, now_us
 from keyguard_server.authorize._rules import management_on
+from keyguard_server.store import Store, StoredKey, to_datetime
 
 log = logging.getLogger("keyguard.service")
 
@@ -62,6 +63,7 @@ class KeyManager:
         # move time instead of waiting (as Authorizer.clock).
         self.clock: Callable[[], int] = now_us
         self._hold_us = config.address_hold_seconds * 10**6
+        self._lapse_us = config.unrestricted_key_days * DAY_US  # the unrestricted-key policy (0: off)
 
     async def create_key(
         self,
@@ -97,7 +99,7 @@ class KeyManager:
         await self._store.check_unfrozen(account_id)
         await self._store.check_key_room(account_id, name, self._config.max_keys_per_account)
         private_key, secret_hash, public_key = await self._credential(kind, public_key)
-        key = await self._store.insert_key(
+        stored = await self._store.insert_key(
             caller=caller,
             account_id=account_id,
             access_key=new_access_key(),
@@ -112,6 +114,7 @@ class KeyManager:
             symbols=tickers,
             now=self.clock(),
         )
+        key = self._shown(stored)
         log.info(
             "key created account_id=%s access_key=%s permission=%s ips=%d",
             account_id,
@@ -165,9 +168,10 @@ class KeyManager:
             self._allowlist_policy(after, result.permission, list(result.allowed_ips))
             after.raise_if_any()
 
-        key = await self._store.update_key(
+        stored = await self._store.update_key(
             caller=caller, account_id=account_id, access_key=access_key, changes=changes, check=check, now=self.clock()
         )
+        key = self._shown(stored)
         log.info("key updated account_id=%s access_key=%s fields=%s", account_id, access_key, ",".join(changes))
         return key
 
@@ -183,12 +187,12 @@ class KeyManager:
         if not 0 <= grace <= MAX_ROTATION_GRACE:
             v.add("grace_seconds", f"must be between 0 and {MAX_ROTATION_GRACE}")
         v.raise_if_any()
-        kind = (await self._store.get_key(account_id, access_key)).key_type  # NOT_FOUND before any work
+        kind = (await self._store.get_key(account_id, access_key)).key.key_type  # NOT_FOUND before any work
         if public_key and kind is not KeyType.ED25519:
             raise InvalidArgument([FieldViolation("public_key", "is only for ED25519 keys")])
         await self._store.check_unfrozen(account_id)  # before argon2; the rotation's transaction decides
         private_key, secret_hash, public_key = await self._credential(kind, public_key)
-        key = await self._store.rotate_key(
+        stored = await self._store.rotate_key(
             caller=caller,
             account_id=account_id,
             access_key=access_key,
@@ -196,8 +200,17 @@ class KeyManager:
             secret_hash=secret_hash,
             public_key=public_key,
         )
+        key = self._shown(stored)
         log.info("key rotated account_id=%s access_key=%s grace=%ds", account_id, access_key, grace)
         return CreatedKey(key, private_key)
+
+    def _shown(self, stored: StoredKey) -> ApiKey:
+        """The key with ``unrestricted_until``: when the unrestricted-key policy lapses its trade
+        and withdraw rights (a TRADE or WITHDRAW key without an IP allowlist), else None."""
+        key, since_us = stored
+        if not self._lapse_us or key.allowed_ips or key.permission < Permission.TRADE or since_us is None:
+            return key
+        return dataclasses.replace(key, unrestricted_until=to_datetime(since_us + self._lapse_us))
 
     async def _credential(self, kind: KeyType, public_key: str) -> tuple[str, str, str]:
         """(private key to show once or "", argon2id hash or "", public key PEM or "").
@@ -257,11 +270,11 @@ class KeyManager:
         v = Violations()
         v.account_id(account_id)
         v.raise_if_any()
-        return await self._store.list_keys(account_id)
+        return [self._shown(key) for key in await self._store.list_keys(account_id)]
 
     async def get_key(self, account_id: str, access_key: str) -> ApiKey:
         self._check_key_ref(account_id, access_key)
-        return await self._store.get_key(account_id, access_key)
+        return self._shown(await self._store.get_key(account_id, access_key))
 
     async def delete_key(self, caller: str, account_id: str, access_key: str) -> None:
         self._check_key_ref(account_id, access_key)

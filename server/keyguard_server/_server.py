@@ -37,11 +37,10 @@ from keyguard_server._metrics import serve as serve_metrics
 from keyguard_server._reflection import enable_server_reflection
 from keyguard_server._secrets import SecretHasher
 from keyguard_server._services import ENVOY_AUTHORIZATION, HEALTH, KEYGUARD_SERVICES, WRITES_HEALTH
-from keyguard_server._store import Store
 from keyguard_server.authorize._authorizer import Authorizer
-from keyguard_server.authorize._domain import DAY_US
 from keyguard_server.authorize._usage import FlushBackoff
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
+from keyguard_server.store import Store
 
 log = logging.getLogger("keyguard.server")
 
@@ -161,9 +160,7 @@ class KeyguardServer:
         _make_private_storage(config)
         # A bad token file stops the start before the database is opened.
         callers = config.callers or (ensure_admin_token(config),)
-        self._store = await Store.open(
-            config.database_settings, unrestricted_lapse_us=config.unrestricted_key_days * DAY_US
-        )
+        self._store = await Store.open(config.database_settings)
         self._hasher = SecretHasher(
             config.argon2,
             config.argon2_threads,
@@ -433,7 +430,7 @@ def _supervise(config: Config, metrics: WorkerMetrics | None) -> None:
 
 
 async def _open_and_close(config: Config) -> None:
-    store = await Store.open(config.database_settings, unrestricted_lapse_us=config.unrestricted_key_days * DAY_US)
+    store = await Store.open(config.database_settings)
     await store.close()
 
 

@@ -23,7 +23,6 @@ from keyguard import AuthorizeResult, Decision, KeyType, Permission, Unavailable
 from keyguard_server._config import Config
 from keyguard_server._metrics import CACHE_HITS, DECISIONS
 from keyguard_server._secrets import ACCESS_KEY_RE, HasherBusy, SecretHasher
-from keyguard_server._store import Store
 from keyguard_server._validation import IPAddress, Violations, client_address, is_symbol
 from keyguard_server._verify import FailureLimiter, VerificationCache, client_network, wide_network
 from keyguard_server.authorize._domain import DAY_US, LATER, KeyRow, Later, Outcome, Query, Request, now_us
@@ -43,6 +42,7 @@ from keyguard_server.authorize._rules import (
     settle,
 )
 from keyguard_server.authorize._usage import UsageRecorder
+from keyguard_server.store import Store
 
 MAX_PROVEN_NETWORKS = 8  # per key: client networks whose verifications take turns with the rest
 NONCE_CLOCK_MARGIN_MS = 60_000  # how far replicas' clocks may disagree without a replay slipping through

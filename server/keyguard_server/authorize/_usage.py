@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 
-from keyguard_server._store import Store
 from keyguard_server._validation import IPAddress
+from keyguard_server.store import Store
 
 log = logging.getLogger("keyguard.service")
 

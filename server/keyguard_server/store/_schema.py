@@ -92,6 +92,16 @@ class KeyModel(_Model):
         indexes = ((("account_id", "name"), True),)
 
 
+# The columns no change of a key writes (update_key, rotate_key): its identity, its creation time,
+# and the last-used columns UsageRecorder writes (a change must not undo a flush). Every other
+# column is a setting or credential, which each change writes back whole: a new column is one
+# the moment it is added here, never silently left unsaved.
+KEY_NOT_SETTINGS = frozenset({"id", "account_id", "access_key", "created_at_us", "last_used_at_us", "last_used_ip"})
+KEY_SETTINGS: tuple[pw.Field, ...] = tuple(
+    field for field in KeyModel._meta.sorted_fields if field.name not in KEY_NOT_SETTINGS
+)
+
+
 class AddressModel(_Model):
     id = pw.BigAutoField()
     account_id = pw.CharField(max_length=128)
