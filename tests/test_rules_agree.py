@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keyguard import AuthorizeResult, Decision, InvalidArgument, Permission, WithdrawalDestination
-from keyguard_server._schema import AccountModel, AddressModel, KeyModel
 from keyguard_server.authorize._authorizer import Authorizer
 from keyguard_server.authorize._domain import DAY_US, LATER, Later, Query, now_us
 from keyguard_server.authorize._rules import RULES, Facts, Pass, Refuse, Rules, Step
+from keyguard_server.store._schema import AccountModel, AddressModel, KeyModel
 from tests.conftest import RunningServer, StartServer
 
 T0 = now_us() + 365 * DAY_US  # the moment every generated time is near
