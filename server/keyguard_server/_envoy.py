@@ -48,6 +48,7 @@ from google.rpc import code_pb2, status_pb2
 
 from keyguard import AuthorizeResult, Decision, InvalidArgument, Permission, SignedRequest, WithdrawalDestination
 from keyguard.signing import envoy_payload
+from keyguard_server._answers import SerializedOnce
 from keyguard_server._auth import serialized
 from keyguard_server._config import (
     CANONICAL_PATH,
@@ -133,7 +134,6 @@ _REASONS = {decision: reason for decision, (_, _, reason) in _TOLD_DECISIONS.ite
 _NOT_AUTHENTICATED = ("UNAUTHENTICATED", "invalid API key, secret or signature, or not allowed from this IP")
 _PERMISSION_NAMES = {level: level.name for level in Permission}
 MAX_ROUTED_PATHS = 4096  # (method, path) pairs whose route Check remembers
-MAX_ALLOWED_ANSWERS = 4096  # ALLOW answers Check remembers
 
 
 class _NotCanonical(enum.Enum):
@@ -153,10 +153,12 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
         # Most specific first: longest prefix as matched (route_key), then a named method before "*".
         self._routes = sorted(config.envoy_routes, key=lambda r: (len(r.key), r.method != "*"), reverse=True)
         self._routed: dict[tuple[str, str], EnvoyRoute | _NotCanonical | None] = {}
-        # ALLOW answers of the common shape (no destination, no x-keyguard-* header to strip) by
-        # the identity of their result (kept with them: its id cannot be reused while the entry
-        # lives; one object per key row value) and symbol.
-        self._allowed: dict[tuple[int, str], tuple[AuthorizeResult, bytes]] = {}
+        # ALLOW answers of the common shape (no destination, no x-keyguard-* header to strip), by
+        # result and symbol, serialized once (_answers).
+        header = config.envoy_private_key_header
+        self._allowed: SerializedOnce[str] = SerializedOnce(
+            lambda result, symbol: _allow(result, None, [], header, symbol.upper()).SerializeToString()
+        )
 
     @serialized
     @maps_errors
@@ -224,14 +226,7 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
             forged = [name for name in headers if name.replace("_", "-").startswith("x-keyguard-")]
             allow = _allow(result, destination, forged, config.envoy_private_key_header, symbol.upper())
             return allow.SerializeToString()
-        known = self._allowed.get((id(result), symbol))
-        if known is None or known[0] is not result:
-            allow = _allow(result, None, [], config.envoy_private_key_header, symbol.upper())
-            known = result, allow.SerializeToString()
-            if len(self._allowed) >= MAX_ALLOWED_ANSWERS:
-                self._allowed.clear()
-            self._allowed[id(result), symbol] = known
-        return known[1]
+        return self._allowed(result, symbol)
 
     def _route(self, method: str, path: str) -> EnvoyRoute | _NotCanonical | None:
         """The route of (method, path), NOT_CANONICAL for a path that is not canonical (refused

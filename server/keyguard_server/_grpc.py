@@ -34,6 +34,7 @@ from keyguard import (
 )
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
+from keyguard_server import _answers as answers
 from keyguard_server._auth import current_caller, serialized
 from keyguard_server._keys import KeyManager
 from keyguard_server._stream import StreamDecider
@@ -345,7 +346,7 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
         decided = self._authorizer.decide(_query(request, context.time_remaining()))
         if not isinstance(decided, AuthorizeResult):
             decided = await decided
-        return _answers(decided)[1]
+        return answers.unary(decided)
 
     async def AuthorizeStream(  # type: ignore[override]  # grpc's reader-writer form, which the stubs omit
         self,
@@ -366,7 +367,7 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
             except Exception as exc:
                 return _stream_error(message.id, exc)
             if isinstance(decided, AuthorizeResult):
-                return _stream_answer(message.id, decided)
+                return answers.streamed(message.id, decided)
             return _answer_later(message.id, decided)
 
         await self._streams.serve(context, answer)
@@ -377,7 +378,7 @@ async def _answer_later(message_id: int, decided: Coroutine[Any, Any, AuthorizeR
         result = await decided
     except Exception as exc:
         return _stream_error(message_id, exc)
-    return _stream_answer(message_id, result)
+    return answers.streamed(message_id, result)
 
 
 def _query(request: pb.AuthorizeRequest, time_left: float | None) -> Query:
@@ -411,35 +412,3 @@ def _stream_error(message_id: int, exc: Exception) -> bytes:
         log.exception("unexpected error in AuthorizeStream", exc_info=exc)
         error = pb.RpcStatus(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
     return pb.AuthorizeStreamResponse(id=message_id, error=error).SerializeToString()
-
-
-# Wire answers, serialized, by the identity of their result (the result is kept with them, so
-# its id cannot be reused while the entry lives). The common results are built once per row
-# value or once per process, so the common answer is serialized once too: for a unary call
-# (sent as it is, see _auth.serialized) and for a stream, as the stream carries it after the
-# message's id (protobuf parses concatenated messages as one, merged).
-_ANSWERS: dict[int, tuple[AuthorizeResult, bytes, bytes]] = {}
-MAX_ANSWERS = 4096
-
-
-def _answers(result: AuthorizeResult) -> tuple[AuthorizeResult, bytes, bytes]:
-    known = _ANSWERS.get(id(result))
-    if known is not None and known[0] is result:
-        return known
-    answer = pb.AuthorizeResponse(
-        allowed=result.allowed,
-        decision=pb.Decision.ValueType(result.decision),
-        account_id=result.account_id,
-        key_name=result.key_name,
-        permission=pb.Permission.ValueType(result.permission or 0),
-    )
-    known = (result, answer.SerializeToString(), pb.AuthorizeStreamResponse(response=answer).SerializeToString())
-    if len(_ANSWERS) >= MAX_ANSWERS:
-        _ANSWERS.clear()
-    _ANSWERS[id(result)] = known
-    return known
-
-
-def _stream_answer(message_id: int, result: AuthorizeResult) -> bytes:
-    """A stream's answer for message ``message_id``, serialized."""
-    return pb.AuthorizeStreamResponse(id=message_id).SerializeToString() + _answers(result)[2]
