@@ -1,4 +1,4 @@
-"""Authorization: every decision code, in the order docs/architecture.md gives them."""
+"""Authorization: every decision code, in the order docs/security.md gives them."""
 
 from __future__ import annotations
 

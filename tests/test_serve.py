@@ -1,4 +1,4 @@
-"""`keyguard-server serve` as a user runs it, and the CLI walk-through of the README."""
+"""`keyguard-server serve` as a user runs it, and the CLI walk-throughs of docs/cli.md."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_data_lives_in_the_local_data_dir(serve: ServeProcess) -> None:
 
 
 def test_readme_walkthrough(serve: ServeProcess) -> None:
-    """The README's CLI walk-through, step by step, with its outputs."""
+    """docs/cli.md's walk-through, step by step, with its outputs."""
     out = serve.cli("keys", "create", "acct-42", "--name", "my-bot", "--permission", "trade", "--ip", "203.0.113.7")
     assert out.returncode == 0, out.stderr
     assert "shown only this once" in out.stdout and "Never give it to anyone" in out.stdout
@@ -156,7 +156,7 @@ def test_second_server_on_the_same_port_fails_loudly(serve: ServeProcess, tmp_pa
 
 
 def test_cli_lifecycle(serve: ServeProcess) -> None:
-    """The README's lifecycle commands: update, disable/enable, rotate with grace."""
+    """docs/cli.md's lifecycle commands: update, disable/enable, rotate with grace."""
     created = json.loads(
         serve.cli("keys", "create", "acct-44", "--name", "bot", "--permission", "trade", "--ip", "192.0.2.1",
                   "--expires-in", "90d", "--json").stdout
@@ -184,7 +184,7 @@ def test_cli_lifecycle(serve: ServeProcess) -> None:
 
 
 def test_cli_protections(serve: ServeProcess) -> None:
-    """The README's commands for symbol lists, frozen accounts and a delayed address-management off."""
+    """docs/cli.md's commands for symbol lists, frozen accounts and a delayed address-management off."""
     created = json.loads(
         serve.cli("keys", "create", "acct-45", "--name", "bot", "--permission", "trade", "--ip", "192.0.2.1",
                   "--symbols", "btcusdt,ETH-USDT", "--json").stdout

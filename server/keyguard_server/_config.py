@@ -374,7 +374,7 @@ class Config:
         if not self.callers and not _is_loopback(self.listen):
             raise ValueError(
                 f"refusing to listen on {self.listen} with no callers configured: "
-                "configure [[callers]] (see README) or listen on loopback"
+                "configure [[callers]] (see docs/security.md) or listen on loopback"
             )
         if not self.tls and not self.allow_plaintext and not _is_loopback(self.listen):
             raise ValueError(

@@ -42,7 +42,7 @@ def row(**fields: Any) -> KeyRow:
     return KeyRow(**{**values, **fields})
 
 
-# -- the state checks, in the documented order (docs/architecture.md, steps 3-4) -----------
+# -- the state checks, in the documented order (docs/security.md, the order of checks) -----------
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ bounded (a timeout ends in :class:`keyguard.Unavailable` or
   read-only connection with no busy wait: a WAL-mode read never waits for a
   writer, and in the rare case it would (recovery after a crash), it falls
   back to the read threads instead of waiting. That saves the thread hop on
-  the hot path (see docs/architecture.md for the numbers).
+  the hot path (see docs/dev/hot-path.md for the numbers).
 - *writes*: every change, in one transaction with its audit row, and the
   batched last-used times.
 - *nonces*: signed requests' replay nonces, on a connection of their own with
