@@ -76,7 +76,6 @@ class Authorizer:
         # Microseconds since the epoch; replaceable, so tests move time instead of waiting.
         self.clock: Callable[[], int] = now_us
         self._read_timeout = config.database_statement_timeout_seconds
-        self._window_ms = config.signature_window_ms
         # Client networks that proved a key's credential in this process (the database
         # remembers the last one across restarts): their verifications take turns with all others.
         self._proven: OrderedDict[str, set[str]] = OrderedDict()
@@ -186,7 +185,6 @@ class Authorizer:
                 return self._finish(q, step, request.ip, now)
             if (refusal := await self._wait(step, facts, deadline)) is not None:
                 return self._finish(q, refusal, None, now)
-            proofs.waits += 1
         raise Unavailable("the key changed while it was being decided, again and again; try again")
 
     async def _wait(self, wait: Wait, f: Facts, deadline: float) -> AuthorizeResult | None:
@@ -310,7 +308,9 @@ class Authorizer:
         stamped up to a window ahead stays acceptable that much longer), for the window,
         another window, and NONCE_CLOCK_MARGIN for replicas whose clocks disagree.
         """
-        return await self._store.prune_nonces(self.clock() - (2 * self._window_ms + NONCE_CLOCK_MARGIN_MS) * 1000)
+        return await self._store.prune_nonces(
+            self.clock() - (2 * self.policy.signature_window_ms + NONCE_CLOCK_MARGIN_MS) * 1000
+        )
 
 
 def failure_buckets(access_key: str, ip: IPAddress) -> tuple[str, str]:

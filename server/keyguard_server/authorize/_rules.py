@@ -68,7 +68,6 @@ class Proofs:
     nonce_used: bool = False  # the signed request's nonce is recorded as this call's
     destination_of: str | None = None  # the account whose whitelist was looked up
     usable_from: int | None = None  # and when the destination is usable there (None: not listed)
-    waits: int = 0
 
 
 NO_PROOFS = Proofs()  # the no-wait path's: it never waits, so it proves nothing (never mutated)
