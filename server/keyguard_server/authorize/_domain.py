@@ -35,13 +35,13 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Query:
     """One Authorize question, as every face (gRPC unary, stream, Envoy's Check) asks it.
 
-    ``permission`` is the wire's number (0 and unknown numbers are refused as INVALID_ARGUMENT
-    by the decision, naming ``required_permission``); ``time_left`` the caller's deadline in
-    seconds from now (None: none).
+    Never changed once built (not ``frozen``: see ``_rules.Facts``). ``permission`` is the
+    wire's number (0 and unknown numbers are refused as INVALID_ARGUMENT by the decision, naming
+    ``required_permission``); ``time_left`` the caller's deadline in seconds from now (None: none).
     """
 
     access_key: str
