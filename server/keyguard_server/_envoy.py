@@ -49,7 +49,6 @@ from google.rpc import code_pb2, status_pb2
 from keyguard import AuthorizeResult, Decision, InvalidArgument, Permission, SignedRequest, WithdrawalDestination
 from keyguard.signing import envoy_payload
 from keyguard_server._answers import SerializedOnce
-from keyguard_server._auth import serialized
 from keyguard_server._config import (
     CANONICAL_PATH,
     CANONICAL_PATH_RULE,
@@ -59,6 +58,7 @@ from keyguard_server._config import (
     trusted_networks,
 )
 from keyguard_server._grpc import maps_errors
+from keyguard_server._routing import serialized
 from keyguard_server.authorize._authorizer import Authorizer
 from keyguard_server.authorize._domain import Query
 from keyguard_server.envoy.config.core.v3 import base_pb2 as core
@@ -162,7 +162,7 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
 
     @serialized
     @maps_errors
-    async def Check(  # type: ignore[override]  # answers serialized (_auth.serialized)
+    async def Check(  # type: ignore[override]  # answers serialized (_routing.serialized)
         self, request: ext.CheckRequest, context: grpc.aio.ServicerContext[ext.CheckRequest, bytes]
     ) -> bytes:
         config = self._config

@@ -35,8 +35,9 @@ from keyguard import (
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server import _answers as answers
-from keyguard_server._auth import current_caller, serialized
+from keyguard_server._callers import current_caller
 from keyguard_server._keys import KeyManager
+from keyguard_server._routing import serialized
 from keyguard_server._stream import StreamDecider
 from keyguard_server.authorize._authorizer import Authorizer
 from keyguard_server.authorize._domain import Query
