@@ -1,8 +1,8 @@
 """How a call reaches its method: one table (:class:`Routes`) of every method served, each handler
 built once, when it is added, behind the drain, the refusal of requests that do not parse and,
 unless open to all, the caller policy (``_callers``), which judges each call by its own metadata.
-Methods marked :func:`serialized` answer bytes (see _answers): their handlers have no response
-serializer.
+Authorization and Envoy's Check answer bytes (see _answers), so they are registered here without
+a response serializer.
 """
 
 from __future__ import annotations
@@ -11,27 +11,50 @@ import functools
 import inspect
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 
+from keyguard.v1 import keyguard_pb2 as pb
+from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._callers import CALLER, Admit, Callers
 from keyguard_server._drain import Drain
+from keyguard_server._envoy import EnvoyAuthorizationServicer
+from keyguard_server._grpc import AuthorizationServicer, KeyManagementServicer
 from keyguard_server._metrics import RPC_SECONDS
-from keyguard_server._services import HEALTH
+from keyguard_server._reflection import enable_server_reflection
+from keyguard_server._services import AUTHORIZATION, ENVOY_AUTHORIZATION, HEALTH, KEYGUARD_SERVICES
+from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
 
 Metadata = Iterable[tuple[str, str | bytes]]
 # A guarded method's handler for one call, made from the call's metadata (see Routes.service).
 ForCall = Callable[[Metadata], "grpc.RpcMethodHandler[Any, Any]"]
-F = TypeVar("F", bound=Callable[..., Any])
 
 
-def serialized(method: F) -> F:
-    """Marks a unary servicer method that answers with its response already serialized (bytes,
-    e.g. built once and kept): its guarded handler has no response serializer, so grpc sends
-    the bytes as they are instead of serializing the same message again on every call."""
-    method.serialized = True  # type: ignore[attr-defined]
-    return method
+def routes(
+    callers: Callers,
+    drain: Drain,
+    keys: KeyManagementServicer,
+    authorization: AuthorizationServicer,
+    envoy: EnvoyAuthorizationServicer,
+    health_servicer: health_pb2_grpc.HealthServicer,
+) -> Routes:
+    """Every service keyguard serves, health and reflection included, in one sealed table."""
+    table = Routes(callers, drain)
+    registrar: Any = table  # stands in for the server in the generated add_*_to_server functions
+    pb_grpc.add_KeyManagementServicer_to_server(keys, registrar)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
+    # Answering bytes: no response serializer. The stream reads and writes on its context.
+    unary, stream = grpc.unary_unary_rpc_method_handler, grpc.stream_stream_rpc_method_handler
+    for service, name, handler in (
+        (AUTHORIZATION, "Authorize", unary(authorization.Authorize, pb.AuthorizeRequest.FromString)),
+        (AUTHORIZATION, "AuthorizeStream", stream(authorization.AuthorizeStream, pb.AuthorizeStreamRequest.FromString)),
+        (ENVOY_AUTHORIZATION, "Check", unary(envoy.Check, ext.CheckRequest.FromString)),
+    ):
+        table.add_registered_method_handlers(service, {name: handler})
+    enable_server_reflection((*KEYGUARD_SERVICES, ENVOY_AUTHORIZATION, HEALTH), table)
+    return table.sealed()
 
 
 class Routes(grpc.GenericRpcHandler):
@@ -122,9 +145,6 @@ def _guarded(method: str, handler: grpc.RpcMethodHandler[Any, Any], admit: Admit
             observe(perf_counter() - started)
 
     kind: Any = type(handler)
-    # Answered serialized (and such streams write bytes): no response serializer, grpc sends them as they are.
-    if field == "stream_stream" or getattr(inner, "serialized", False):
-        handler = cast(Any, handler)._replace(response_serializer=None)
     fields = list(cast(tuple[Any, ...], handler))
     slot = kind._fields.index(field)
 
@@ -177,7 +197,7 @@ def refusing_unparseable(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMe
         refusing: Callable[..., Any] = each
     elif inspect.iscoroutinefunction(behaviour):
 
-        @functools.wraps(behaviour)  # keeps its marks (serialized)
+        @functools.wraps(behaviour)
         async def whole(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
                 if isinstance(request, _Unparseable):

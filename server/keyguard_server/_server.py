@@ -21,11 +21,10 @@ from urllib.parse import urlsplit
 
 import grpc
 import uvloop
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from playhouse import db_url
 
 from keyguard import KeyguardError
-from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._callers import Callers, ensure_admin_token
 from keyguard_server._config import Config
 from keyguard_server._drain import Drain
@@ -34,13 +33,11 @@ from keyguard_server._grpc import AuthorizationServicer, KeyManagementServicer
 from keyguard_server._keys import KeyManager
 from keyguard_server._metrics import MULTIPROCESS_ENV, WorkerMetrics, multiprocess_values
 from keyguard_server._metrics import serve as serve_metrics
-from keyguard_server._reflection import enable_server_reflection
-from keyguard_server._routing import Routes
+from keyguard_server._routing import routes
 from keyguard_server._secrets import SecretHasher
-from keyguard_server._services import ENVOY_AUTHORIZATION, HEALTH, KEYGUARD_SERVICES, WRITES_HEALTH
+from keyguard_server._services import ENVOY_AUTHORIZATION, KEYGUARD_SERVICES, WRITES_HEALTH
 from keyguard_server.authorize._authorizer import Authorizer
 from keyguard_server.authorize._usage import FlushBackoff
-from keyguard_server.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from keyguard_server.store import Store
 
 log = logging.getLogger("keyguard.server")
@@ -136,14 +133,9 @@ class KeyguardServer:
         )
         self.manager = KeyManager(self._store, self._hasher, config)
         self._authorization = AuthorizationServicer(self.authorizer, config.authorize_stream_max_in_flight)
-        routes = Routes(Callers(callers), self._drain)
-        registrar: Any = routes  # stands in for the server in the generated add_*_to_server functions
-        pb_grpc.add_KeyManagementServicer_to_server(KeyManagementServicer(self.manager), registrar)
-        pb_grpc.add_AuthorizationServicer_to_server(self._authorization, registrar)
-        ext_grpc.add_AuthorizationServicer_to_server(EnvoyAuthorizationServicer(self.authorizer, config), registrar)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, registrar)
-        enable_server_reflection((*KEYGUARD_SERVICES, ENVOY_AUTHORIZATION, HEALTH), routes)
-        server.add_generic_rpc_handlers((routes.sealed(),))
+        keys, envoy = KeyManagementServicer(self.manager), EnvoyAuthorizationServicer(self.authorizer, config)
+        table = routes(Callers(callers), self._drain, keys, self._authorization, envoy, self._health)
+        server.add_generic_rpc_handlers((table,))
         try:
             if config.tls:
                 self.port = server.add_secure_port(config.listen, _tls_credentials(config))
