@@ -2,7 +2,7 @@
 built once, when it is added, behind the drain, the refusal of requests that do not parse and,
 unless open to all, the caller policy (``_callers``), which judges each call by its own metadata.
 Authorization and Envoy's Check answer bytes (see _answers), so they are registered here without
-a response serializer.
+a response serializer; the table is held to the proto contract (:meth:`Routes.sealed`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
 Metadata = Iterable[tuple[str, str | bytes]]
 # A guarded method's handler for one call, made from the call's metadata (see Routes.service).
 ForCall = Callable[[Metadata], "grpc.RpcMethodHandler[Any, Any]"]
+# The services of the contract (keyguard.v1, Envoy's ext_authz), by name: each of their methods is served.
+CONTRACT = {s.full_name: s for f in (pb.DESCRIPTOR, ext.DESCRIPTOR) for s in f.services_by_name.values()}
 
 
 def routes(
@@ -79,8 +81,14 @@ class Routes(grpc.GenericRpcHandler):
     def add_registered_method_handlers(
         self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
     ) -> None:
+        """``handlers`` by method name; a contract service's must be its methods, of their kind."""
         for name, given in handlers.items():
             method = f"/{service}/{name}"
+            if service in CONTRACT:
+                described = CONTRACT[service].methods_by_name.get(name)
+                streaming = (given.request_streaming, given.response_streaming)
+                if described is None or streaming != (described.client_streaming, described.server_streaming):
+                    raise TypeError(f"{method}: not a method of the contract, or not of its kind")
             # Health is answered while the server drains: it is how load balancers learn to stop.
             handler = refusing_unparseable(self._drain.tracking(given, lingers=service == HEALTH))
             if (admit := self._callers.admission(method)) is None:
@@ -97,10 +105,14 @@ class Routes(grpc.GenericRpcHandler):
 
     def sealed(self) -> Routes:
         """The table, once every service that registered a generic handler has its methods in it
-        (else one of them would be unserved, or served unguarded)."""
-        routed = {method.split("/")[1] for method in (*self._open, *self._checked)}
-        if unrouted := self._generic_services - routed:
+        (else one of them would be unserved, or served unguarded), and every method of the
+        contract is routed."""
+        routed = {*self._open, *self._checked}
+        if unrouted := self._generic_services - {method.split("/")[1] for method in routed}:
             raise TypeError(f"services registered without their methods: {sorted(unrouted)}")
+        contract = {f"/{s.full_name}/{m}" for s in CONTRACT.values() for m in s.methods_by_name}
+        if unserved := contract - routed:
+            raise TypeError(f"methods of the contract left unserved: {sorted(unserved)}")
         return self
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
