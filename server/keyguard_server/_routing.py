@@ -60,7 +60,7 @@ def routes(
 
 
 class Routes(grpc.GenericRpcHandler):
-    """Every method the server serves, in one table, each handler built once (see above).
+    """Every method the server serves, in one table, each handler built once (see the module docstring).
 
     The generated ``add_*_to_server`` functions register each service twice, as grpc "generic"
     handlers and as registered methods; they are given this table in place of the server and
