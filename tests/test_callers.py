@@ -20,10 +20,10 @@ from keyguard import Client, PermissionDenied, Unauthenticated
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server import Config
-from keyguard_server._auth import CallerGuard, current_caller, token_sha256
+from keyguard_server._callers import Callers, current_caller, token_sha256
 from keyguard_server._config import Caller, Role
 from keyguard_server._drain import Drain
-from keyguard_server._server import _Routes
+from keyguard_server._routing import Routes
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
 from tests.certs import CertificateAuthority
 from tests.conftest import RunningServer, StartServer
@@ -174,7 +174,7 @@ class _Context:
 def test_each_call_is_judged_by_the_metadata_its_handler_was_made_from() -> None:
     """Handlers for two calls, both looked up before either runs: each admits or refuses by its
     own call's metadata, whatever order they run in."""
-    routes = _Routes(CallerGuard(CALLERS), Drain())
+    routes = Routes(Callers(CALLERS), Drain())
     answered: list[str] = []
 
     async def authorize(request: Any, context: Any) -> bytes:
@@ -372,7 +372,7 @@ def test_bad_callers_are_config_errors(tmp_path: Path, caller: str, message: str
 def test_a_service_given_only_as_a_generic_handler_stops_the_start() -> None:
     """The server routes methods from one guarded table; a service whose generated code gave only
     a generic handler would be missing from it, so the start fails instead of serving less."""
-    routes = _Routes(CallerGuard(()), Drain())
+    routes = Routes(Callers(()), Drain())
     routes.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("example.v1.Unrouted", {}),))
     with pytest.raises(TypeError, match=r"example\.v1\.Unrouted"):
         routes.sealed()

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from keyguard import Client, InvalidArgument, KeyType
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
-from keyguard_server._auth import new_token, token_sha256
+from keyguard_server._callers import new_token, token_sha256
 from keyguard_server._config import Caller, Role
 from keyguard_server._server import GRPC_LIMITS, MAX_HEALTH_WATCHES, _redact
 from keyguard_server._validation import ed25519_public_key, weak_ed25519_public_key

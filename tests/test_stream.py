@@ -35,7 +35,7 @@ from keyguard import (
 )
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
-from keyguard_server._auth import token_sha256
+from keyguard_server._callers import token_sha256
 from keyguard_server._config import Caller, Role
 from keyguard_server._secrets import new_private_key
 from keyguard_server._stream import SHUTTING_DOWN

@@ -49,7 +49,6 @@ from google.rpc import code_pb2, status_pb2
 from keyguard import AuthorizeResult, Decision, InvalidArgument, Permission, SignedRequest, WithdrawalDestination
 from keyguard.signing import envoy_payload
 from keyguard_server._answers import SerializedOnce
-from keyguard_server._auth import serialized
 from keyguard_server._config import (
     CANONICAL_PATH,
     CANONICAL_PATH_RULE,
@@ -63,7 +62,6 @@ from keyguard_server.authorize._authorizer import Authorizer
 from keyguard_server.authorize._domain import Query
 from keyguard_server.envoy.config.core.v3 import base_pb2 as core
 from keyguard_server.envoy.service.auth.v3 import external_auth_pb2 as ext
-from keyguard_server.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from keyguard_server.envoy.service.auth.v3.attribute_context_pb2 import AttributeContext
 from keyguard_server.envoy.type.v3 import http_status_pb2 as http_status
 
@@ -145,7 +143,9 @@ class _NotCanonical(enum.Enum):
 NOT_CANONICAL = _NotCanonical.PATH
 
 
-class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
+class EnvoyAuthorizationServicer:
+    """Answers bytes (see _answers), not the generated base class's messages: registered by _routing."""
+
     def __init__(self, authorizer: Authorizer, config: Config) -> None:
         self._authorizer = authorizer
         self._config = config
@@ -160,9 +160,8 @@ class EnvoyAuthorizationServicer(ext_grpc.AuthorizationServicer):
             lambda result, symbol: _allow(result, None, [], header, symbol.upper()).SerializeToString()
         )
 
-    @serialized
     @maps_errors
-    async def Check(  # type: ignore[override]  # answers serialized (_auth.serialized)
+    async def Check(
         self, request: ext.CheckRequest, context: grpc.aio.ServicerContext[ext.CheckRequest, bytes]
     ) -> bytes:
         config = self._config

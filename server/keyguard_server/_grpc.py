@@ -35,7 +35,7 @@ from keyguard import (
 from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server import _answers as answers
-from keyguard_server._auth import current_caller, serialized
+from keyguard_server._callers import current_caller
 from keyguard_server._keys import KeyManager
 from keyguard_server._stream import StreamDecider
 from keyguard_server.authorize._authorizer import Authorizer
@@ -329,7 +329,9 @@ class KeyManagementServicer(pb_grpc.KeyManagementServicer):
 AUTHORIZE_STREAM = "/keyguard.v1.Authorization/AuthorizeStream"
 
 
-class AuthorizationServicer(pb_grpc.AuthorizationServicer):
+class AuthorizationServicer:
+    """Answers bytes (see _answers), not the generated base class's messages: registered by _routing."""
+
     def __init__(self, authorizer: Authorizer, stream_max_in_flight: int = 64) -> None:
         self._authorizer = authorizer
         self._streams = StreamDecider(stream_max_in_flight, AUTHORIZE_STREAM)
@@ -338,20 +340,17 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):
         """Shutdown: streams stop reading, answer what they read and end (UNAVAILABLE)."""
         self._streams.stop()
 
-    @serialized
     @maps_errors
-    async def Authorize(  # type: ignore[override]  # answers serialized: see _answers
-        self, request: pb.AuthorizeRequest, context: Context[pb.AuthorizeRequest, bytes]
-    ) -> bytes:
+    async def Authorize(self, request: pb.AuthorizeRequest, context: Context[pb.AuthorizeRequest, bytes]) -> bytes:
         decided = self._authorizer.decide(_query(request, context.time_remaining()))
         if not isinstance(decided, AuthorizeResult):
             decided = await decided
         return answers.unary(decided)
 
-    async def AuthorizeStream(  # type: ignore[override]  # grpc's reader-writer form, which the stubs omit
+    async def AuthorizeStream(
         self,
         request_iterator: AsyncIterator[pb.AuthorizeStreamRequest],
-        context: Context[pb.AuthorizeStreamRequest, pb.AuthorizeStreamResponse],
+        context: Context[pb.AuthorizeStreamRequest, bytes],
     ) -> None:
         """Authorize per message (see _stream); each error is an answer, as maps_errors maps it.
         Messages are read and answers written on ``context`` (grpc's reader-writer form: the

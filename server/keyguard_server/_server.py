@@ -21,12 +21,11 @@ from urllib.parse import urlsplit
 
 import grpc
 import uvloop
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from playhouse import db_url
 
 from keyguard import KeyguardError
-from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
-from keyguard_server._auth import CallerGuard, ForCall, ensure_admin_token, refusing_unparseable
+from keyguard_server._callers import Callers, ensure_admin_token
 from keyguard_server._config import Config
 from keyguard_server._drain import Drain
 from keyguard_server._envoy import EnvoyAuthorizationServicer
@@ -34,12 +33,11 @@ from keyguard_server._grpc import AuthorizationServicer, KeyManagementServicer
 from keyguard_server._keys import KeyManager
 from keyguard_server._metrics import MULTIPROCESS_ENV, WorkerMetrics, multiprocess_values
 from keyguard_server._metrics import serve as serve_metrics
-from keyguard_server._reflection import enable_server_reflection
+from keyguard_server._routing import routes
 from keyguard_server._secrets import SecretHasher
-from keyguard_server._services import ENVOY_AUTHORIZATION, HEALTH, KEYGUARD_SERVICES, WRITES_HEALTH
+from keyguard_server._services import ENVOY_AUTHORIZATION, KEYGUARD_SERVICES, WRITES_HEALTH
 from keyguard_server.authorize._authorizer import Authorizer
 from keyguard_server.authorize._usage import FlushBackoff
-from keyguard_server.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_grpc
 from keyguard_server.store import Store
 
 log = logging.getLogger("keyguard.server")
@@ -74,60 +72,6 @@ GRPC_LIMITS = {
 # Health.Watch is open to anyone and each watch is held as long as the watcher
 # likes: more are refused (RESOURCE_EXHAUSTED); Check answers as ever.
 MAX_HEALTH_WATCHES = 64
-
-
-class _Routes(grpc.GenericRpcHandler):
-    """Every method the server serves, in one table, each handler behind the caller guard and
-    answering a request that does not parse with INVALID_ARGUMENT (``refusing_unparseable``).
-
-    The generated ``add_*_to_server`` functions register each service twice, as grpc "generic"
-    handlers and as registered methods; they are given this table in place of the server and
-    it keeps the registered form. The server then sees one generic handler and no registered
-    method: grpc.aio keeps a pending call request per registered method and after every call
-    waits again on all of them (``asyncio.wait``, O(methods): ~1,400 bytecodes a call with 20
-    methods, a no-op's cost included), where generic methods share one. The guard is applied
-    here once per method instead of by an interceptor on every call.
-    """
-
-    def __init__(self, guard: CallerGuard, drain: Drain) -> None:
-        self._guard = guard
-        self._drain = drain
-        self._open: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}  # methods open to all
-        self._checked: dict[str, ForCall] = {}  # methods behind the caller check: each call's handler
-        self._generic_services: set[str] = set()
-
-    def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
-    ) -> None:
-        for name, given in handlers.items():
-            method = f"/{service}/{name}"
-            # Health is answered while the server drains: it is how load balancers learn to stop.
-            handler = refusing_unparseable(self._drain.tracking(given, lingers=service == HEALTH))
-            if (for_call := self._guard.guard(method, handler)) is None:
-                self._open[method] = handler
-            else:
-                self._checked[method] = for_call
-
-    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
-        """The same services' other form: only their names are kept, for ``sealed``'s check."""
-        for handler in handlers:
-            if not isinstance(handler, grpc.ServiceRpcHandler):
-                raise TypeError(f"{handler!r} names no service: its methods could not be routed")
-            self._generic_services.add(handler.service_name())
-
-    def sealed(self) -> _Routes:
-        """The table, once every service that registered a generic handler has its methods in it
-        (else one of them would be unserved, or served unguarded)."""
-        routed = {method.split("/")[1] for method in (*self._open, *self._checked)}
-        if unrouted := self._generic_services - routed:
-            raise TypeError(f"services registered without their methods: {sorted(unrouted)}")
-        return self
-
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
-        method = handler_call_details.method
-        if (for_call := self._checked.get(method)) is not None:
-            return for_call(handler_call_details.invocation_metadata)
-        return self._open.get(method)
 
 
 class KeyguardServer:
@@ -189,14 +133,9 @@ class KeyguardServer:
         )
         self.manager = KeyManager(self._store, self._hasher, config)
         self._authorization = AuthorizationServicer(self.authorizer, config.authorize_stream_max_in_flight)
-        routes = _Routes(CallerGuard(callers), self._drain)
-        registrar: Any = routes  # stands in for the server in the generated add_*_to_server functions
-        pb_grpc.add_KeyManagementServicer_to_server(KeyManagementServicer(self.manager), registrar)
-        pb_grpc.add_AuthorizationServicer_to_server(self._authorization, registrar)
-        ext_grpc.add_AuthorizationServicer_to_server(EnvoyAuthorizationServicer(self.authorizer, config), registrar)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, registrar)
-        enable_server_reflection((*KEYGUARD_SERVICES, ENVOY_AUTHORIZATION, HEALTH), routes)
-        server.add_generic_rpc_handlers((routes.sealed(),))
+        keys, envoy = KeyManagementServicer(self.manager), EnvoyAuthorizationServicer(self.authorizer, config)
+        table = routes(Callers(callers), self._drain, keys, self._authorization, envoy, self._health)
+        server.add_generic_rpc_handlers((table,))
         try:
             if config.tls:
                 self.port = server.add_secure_port(config.listen, _tls_credentials(config))

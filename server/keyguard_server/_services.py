@@ -1,6 +1,6 @@
 """The full names of the gRPC services keyguard serves, derived once from the generated
 descriptors, so a renamed service or package in a .proto changes every use at once: who may call
-what (``_auth``), health, reflection and the registration of servicers (``_server``).
+what (``_callers``), health, reflection and the registration of servicers (``_routing``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from keyguard_server._auth import new_token, token_sha256
+from keyguard_server._callers import new_token, token_sha256
 from keyguard_server._config import Config
 from keyguard_server._server import run
 
