@@ -121,7 +121,7 @@ class _KeyguardSpans(grpc.aio.ServerInterceptor):
                 exc.__cause__ = exc.__context__ = None
                 exc.__suppress_context__ = True
                 raise
-            if authorize:  # answered serialized (_auth.serialized): read back, only when traced
+            if authorize:  # answered serialized (_routing, _answers): read back, only when traced
                 answer = pb.AuthorizeResponse.FromString(response)
                 decision = pb.Decision.Name(answer.decision).removeprefix("DECISION_")
                 trace.get_current_span().set_attribute(DECISION_ATTRIBUTE, decision)
