@@ -5,6 +5,7 @@ StreamingAuthorizer that multiplexes threads over a few streams."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import signal
@@ -37,6 +38,7 @@ from keyguard.v1 import keyguard_pb2 as pb
 from keyguard.v1 import keyguard_pb2_grpc as pb_grpc
 from keyguard_server._callers import token_sha256
 from keyguard_server._config import Caller, Role
+from keyguard_server._drain import SHUTTING_DOWN as DRAIN_SHUTTING_DOWN
 from keyguard_server._secrets import new_private_key
 from keyguard_server._stream import SHUTTING_DOWN
 from keyguard_server.authorize._domain import Query
@@ -344,6 +346,90 @@ def test_stop_answers_what_the_stream_read_and_ends_it_within_the_grace(
     assert ended.value.details() == SHUTTING_DOWN
     assert not stopper.is_alive()
     assert stopped - stopping < 4, "the stream held the server for its whole grace"
+
+
+BURST = 20  # messages a caller writes at once
+
+
+def burst_message(i: int) -> pb.AuthorizeStreamRequest:
+    return pb.AuthorizeStreamRequest(id=i, request=request(None))  # decided at once: INVALID_ARGUMENT
+
+
+async def burst_then_end(call: Any, first: int = 0) -> tuple[grpc.StatusCode, str, str]:
+    """Writes messages ``first`` to BURST on a grpc.aio stream, never half-closing it (as a
+    gateway), then reads it to its end: its code, details and debug error string."""
+    try:
+        for i in range(first, BURST):
+            await call.write(burst_message(i))
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        pass  # the stream ended before all was sent: its status says how
+    try:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+        return await call.code(), await call.details(), await call.debug_error_string()
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details() or "", exc.debug_error_string() or ""
+
+
+def test_a_stream_whose_caller_is_writing_as_the_server_stops_ends_unavailable_not_internal(
+    start_server: StartServer, loop_thread: LoopThread
+) -> None:
+    """grpc.aio's client reports a write that fails because the server ended the call as INTERNAL
+    ("Internal error from Core"), over the UNAVAILABLE the server sent, whenever it sees the
+    failed write first (grpc issue 36066). So a stream the shutdown ends is read, deciding
+    nothing, until its caller pauses: then its caller's writes have all completed."""
+    server = start_server()
+    metadata = (("authorization", f"Bearer {server.admin_token}"),)
+    streams = 16
+
+    async def writing_as_the_server_stops() -> list[tuple[grpc.StatusCode, str, str]]:
+        async with grpc.aio.insecure_channel(server.target) as ch:
+            auth: Any = pb_grpc.AuthorizationStub(ch)
+            calls = [auth.AuthorizeStream(metadata=metadata, timeout=30) for _ in range(streams)]
+            for call in calls:  # each in its handler before the stop
+                await call.write(burst_message(0))
+                assert (await call.read()).id == 0
+            stopping = asyncio.get_running_loop().run_in_executor(None, loop_thread.run, server.server.stop(5.0))
+            ends = await asyncio.gather(*(burst_then_end(call, 1) for call in calls))
+            await stopping
+        return ends
+
+    ends = asyncio.run(writing_as_the_server_stops())
+    assert [end[:2] for end in ends] == [(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)] * streams, collections.Counter(
+        ends
+    )
+
+
+def test_a_stream_refused_while_draining_is_read_until_its_caller_pauses(
+    start_server: StartServer, loop_thread: LoopThread, account: str
+) -> None:
+    """The same for streams that arrive once the drain refuses calls: refused (UNAVAILABLE) once
+    their caller paused, never INTERNAL."""
+    server = start_server(**SLOW_ARGON2)
+    metadata = (("authorization", f"Bearer {server.admin_token}"),)
+    streams = 16
+    with server.client() as client, grpc.insecure_channel(server.target) as ch:
+        key = client.create_key(account, "bot", "read", [BOT_IP])
+        holder = Sender(pb_grpc.AuthorizationStub(ch), metadata)
+        holder.send(1, request(key))  # uncached: argon2 holds the drain open for a while
+        time.sleep(0.05)
+        stopper = threading.Thread(target=loop_thread.run, args=(server.server.stop(5.0),))
+        stopper.start()
+        time.sleep(0.1)  # the drain refuses calls from now on
+
+        async def refused() -> list[tuple[grpc.StatusCode, str, str]]:
+            async with grpc.aio.insecure_channel(server.target) as aio_ch:
+                auth: Any = pb_grpc.AuthorizationStub(aio_ch)
+                calls = [auth.AuthorizeStream(metadata=metadata, timeout=30) for _ in range(streams)]
+                return await asyncio.gather(*(burst_then_end(call) for call in calls))
+
+        assert server.server._drain.refusing and server.server._drain._calls, "not refusing, or nothing in flight"
+        ends = asyncio.run(refused())
+        stopper.join(10)
+        holder.close()
+    assert [end[:2] for end in ends] == [(grpc.StatusCode.UNAVAILABLE, DRAIN_SHUTTING_DOWN)] * streams, (
+        collections.Counter(ends)
+    )
 
 
 def test_sigterm_lets_streams_finish_and_the_client_then_raises_unavailable(tmp_path: Path) -> None:

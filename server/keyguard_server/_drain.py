@@ -23,6 +23,14 @@ UNAVAILABLE themselves. Only then is grpc stopped, with nothing left for it to k
 that reaches core in the moment between the last answer and GOAWAY: core's shutdown kills it,
 and nothing in grpc.aio can answer it).
 
+A stream is never ended while its caller is still sending, where that can be helped: a
+refused stream's messages are read (and dropped) until its caller pauses, half-closes, or
+CALLER_PAUSE_SECONDS pass, and only then answered UNAVAILABLE. grpc.aio's client (1.85; grpc
+issue 36066) turns a write that fails because the server ended the call into INTERNAL
+("Internal error from Core", 'Failed "execute_batch": (<...SendMessageOperation ...>,)'),
+overwriting the status the server sent whenever it sees the failed write first.
+(AuthorizeStream's streams do the same when the shutdown ends them: see _stream.)
+
 Health is never refused while draining: it is how load balancers learn to stop sending (its
 status is NOT_SERVING from the signal on). Its watches never end on their own, so they are not
 waited for: they are ended with the rest.
@@ -49,6 +57,11 @@ QUIET_SECONDS = 0.02
 # then on (the calls queued at the signal took ~50-100 ms to be handed over under load).
 BACKLOG_SECONDS = 0.25
 _POLL_SECONDS = 0.005
+# A stream ended by the shutdown is first read until its caller sent nothing for this long
+# (a client's writes in one burst follow each other within a few ms, even under load)...
+CALLER_QUIET_SECONDS = 0.05
+# ...or, for one that never pauses, for at most this long: then it is ended all the same.
+CALLER_PAUSE_SECONDS = 0.25
 
 
 class Drain:
@@ -70,15 +83,16 @@ class Drain:
         )
         behaviour: Any = getattr(handler, field)  # typeshed types behaviours as sync
         calls = self._lingering if lingers else self._calls
+        sending = handler.request_streaming  # a refused caller may still be sending
         if inspect.isasyncgenfunction(behaviour):
 
             @functools.wraps(behaviour)
             async def each(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                if self.closing:
-                    await self._while_draining(context, lingers)
                 task = cast("asyncio.Task[Any]", asyncio.current_task())
-                calls.add(task)
+                calls.add(task)  # a refused stream too, while its caller is read: the drain waits for it
                 try:
+                    if self.closing:
+                        await self._while_draining(context, lingers, sending)
                     async for response in behaviour(request, context):
                         yield response
                 except asyncio.CancelledError:
@@ -91,11 +105,11 @@ class Drain:
 
             @functools.wraps(behaviour)  # keeps its marks (serialized)
             async def whole(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                if self.closing:
-                    await self._while_draining(context, lingers)
                 task = cast("asyncio.Task[Any]", asyncio.current_task())
-                calls.add(task)
+                calls.add(task)  # a refused stream too, while its caller is read: the drain waits for it
                 try:
+                    if self.closing:
+                        await self._while_draining(context, lingers, sending)
                     return await behaviour(request, context)
                 except asyncio.CancelledError:
                     await self._answer_ended(task, context)
@@ -110,9 +124,11 @@ class Drain:
         wrapped: grpc.RpcMethodHandler[Any, Any] = kind(**values)
         return wrapped
 
-    async def _while_draining(self, context: grpc.aio.ServicerContext[Any, Any], lingers: bool) -> None:
+    async def _while_draining(self, context: grpc.aio.ServicerContext[Any, Any], lingers: bool, sending: bool) -> None:
         self._last_call = time.monotonic()
         if self.refusing and not lingers:
+            if sending:
+                await caller_paused(context)
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
     async def _answer_ended(self, task: asyncio.Task[Any], context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -145,3 +161,20 @@ class Drain:
             task.cancel()
         if left:
             await asyncio.wait(left, timeout=ANSWER_SECONDS)
+
+
+async def caller_paused(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Reads, and drops, what the caller of a stream about to be ended sends, until it half-closes
+    (or reading fails), sends nothing for CALLER_QUIET_SECONDS, or CALLER_PAUSE_SECONDS pass:
+    the status then reaches a caller that is not in a write (see the module's docstring)."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + CALLER_PAUSE_SECONDS
+    read = asyncio.ensure_future(context.read())
+    try:
+        while (left := until - loop.time()) > 0:
+            done, _ = await asyncio.wait((read,), timeout=min(CALLER_QUIET_SECONDS, left))
+            if not done or read.cancelled() or read.exception() is not None or read.result() is grpc.aio.EOF:
+                return
+            read = asyncio.ensure_future(context.read())
+    finally:
+        read.cancel()  # the call ends next: its pending read with it

@@ -11,10 +11,13 @@
   pile up in the server.
 - The stream ends once every message read has been answered: when the caller
   half-closes (OK), when reading fails (that error, e.g. a message that does not
-  parse), or when the server stops (UNAVAILABLE, see :meth:`StreamDecider.stop`).
+  parse), or when the server stops (UNAVAILABLE, see :meth:`StreamDecider.stop`). A stream
+  the server stops is ended once its caller pauses: what it sends from the stop on is read
+  but never decided, so that the status does not meet a write of the caller's (see _drain:
+  grpc.aio's client would report such a call INTERNAL).
   Only cancellation (the caller's, or a shutdown whose grace ran out) or a write that
   fails (the caller is gone) drops answers; a message without an answer was otherwise
-  never read. Either ends the call as cancelled, which is no error: nothing is logged
+  never decided. Either ends the call as cancelled, which is no error: nothing is logged
   above DEBUG.
 - The RPC latency histogram is observed per message (read to answer ready), not
   per stream: a stream lives for hours.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -38,6 +42,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
+from keyguard_server._drain import CALLER_PAUSE_SECONDS, CALLER_QUIET_SECONDS
 from keyguard_server._metrics import RPC_SECONDS
 
 log = logging.getLogger("keyguard.stream")
@@ -45,7 +50,9 @@ log = logging.getLogger("keyguard.stream")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
-SHUTTING_DOWN = "server shutting down: every message it read has been answered; send the others again on a new stream"
+SHUTTING_DOWN = (
+    "server shutting down: every message it decided has been answered; send the others again on a new stream"
+)
 
 
 class _Stream(Generic[Resp]):
@@ -59,8 +66,10 @@ class _Stream(Generic[Resp]):
         self.backlog: collections.deque[Resp] = collections.deque()  # decided while another answer was written
         self.writing = False
         self.reading = True  # until the caller half-closes, reading fails, or the stream stops
-        self.stopping = False  # read no more
+        self.stopping = False  # decide no more
         self.stopped = False  # by the server's shutdown
+        self.stopped_at = 0.0  # when (time.monotonic())
+        self.last_read = 0.0  # when a message was last read once stopped (read, not decided)
         self.in_read = False  # the reader awaits a message: only then is it cancelled to stop
         self.reader: asyncio.Task[None] | None = None
         self.room: asyncio.Future[None] | None = None  # the reader waits for in_flight to drop
@@ -114,6 +123,30 @@ class _Stream(Generic[Resp]):
         if self.room is not None and not self.room.done():
             self.room.set_result(None)
 
+    def shut(self) -> None:
+        """The server's shutdown: no message is decided from now on, and the stream ends once those
+        decided are answered and the caller paused (:meth:`caller_paused`). The reader is not
+        cancelled: it reads on, deciding nothing, so that the caller's writes complete. (A read
+        cancelled mid-way leaves grpc core's receive pending, and a second read then fails at
+        once: _drain's caller_paused, reading anew, would see no pause at all.)"""
+        self.stopped = True
+        self.stopped_at = self.last_read = time.monotonic()
+        self.stopping = True
+        self.reading = False  # decides no more
+        if self.room is not None and not self.room.done():
+            self.room.set_result(None)
+        self.check_end()
+
+    async def caller_paused(self) -> None:
+        """Once stopped: returns when the caller half-closed (or reading failed), or sent nothing
+        for CALLER_QUIET_SECONDS, or at the latest CALLER_PAUSE_SECONDS after the stop."""
+        while self.reader is not None and not self.reader.done():
+            now = time.monotonic()
+            wake = min(self.last_read + CALLER_QUIET_SECONDS, self.stopped_at + CALLER_PAUSE_SECONDS)
+            if now >= wake:
+                return
+            await asyncio.sleep(wake - now)
+
     def check_end(self) -> None:
         if self.ended.done():
             return
@@ -132,12 +165,12 @@ class StreamDecider:
         self._stopping = False
 
     def stop(self) -> None:
-        """The server is shutting down: every stream stops reading, answers what it has read and
-        ends with UNAVAILABLE; streams that start from now on end so at once."""
+        """The server is shutting down: every stream stops deciding, answers what it decided and
+        ends with UNAVAILABLE once its caller paused (see :meth:`_Stream.shut`); streams that start
+        from now on decide nothing and end so."""
         self._stopping = True
         for stream in self._streams:
-            stream.stopped = True
-            stream.stop_reading()
+            stream.shut()
 
     async def serve(
         self,
@@ -147,11 +180,9 @@ class StreamDecider:
         """Answers the requests read on ``context`` (grpc's reader-writer API: ``read`` and
         ``write``), each with what ``answer`` returns, or when that is a coroutine, with what it
         returns when awaited. Raises what reading raised."""
-        if self._stopping:
-            context.set_code(grpc.StatusCode.UNAVAILABLE)
-            context.set_details(SHUTTING_DOWN)
-            return
         stream: _Stream[Resp] = _Stream(context, self._max_in_flight, self._observe)
+        if self._stopping:  # it decides nothing, and ends UNAVAILABLE once its caller paused
+            stream.shut()
         decisions: set[asyncio.Task[None]] = set()
 
         async def decide(later: Coroutine[Any, Any, Resp], started: float) -> None:
@@ -165,6 +196,7 @@ class StreamDecider:
         async def read() -> None:
             loop = asyncio.get_running_loop()
             perf_counter = time.perf_counter
+            ended = False  # the caller half-closed
             try:
                 while not stream.stopping:
                     if stream.in_flight >= stream.max_in_flight:  # no room, no read: the backpressure
@@ -177,6 +209,10 @@ class StreamDecider:
                     finally:
                         stream.in_read = False
                     if request is grpc.aio.EOF:  # the caller half-closed
+                        ended = True
+                        break
+                    if stream.stopping:  # stopped while reading it: not decided
+                        stream.last_read = time.monotonic()
                         break
                     started = perf_counter()
                     response = answer(request)
@@ -188,6 +224,11 @@ class StreamDecider:
                         task.add_done_callback(decisions.discard)
                     else:
                         await stream.write(response, started)
+                if stream.stopped and not ended:
+                    # Shut down: what the caller still sends is read, never decided, until the stream ends.
+                    with contextlib.suppress(Exception):  # a message that fails to parse: not decided either
+                        while await context.read() is not grpc.aio.EOF:
+                            stream.last_read = time.monotonic()
             except asyncio.CancelledError:
                 if not stream.stopping:
                     raise
@@ -211,6 +252,7 @@ class StreamDecider:
             if stream.failure is not None:
                 raise stream.failure
             if stream.stopped:
+                await stream.caller_paused()
                 context.set_code(grpc.StatusCode.UNAVAILABLE)
                 context.set_details(SHUTTING_DOWN)
         finally:
