@@ -103,7 +103,7 @@ class Drain:
             tracked: Callable[..., Any] = each
         elif inspect.iscoroutinefunction(behaviour):
 
-            @functools.wraps(behaviour)  # keeps its marks (serialized)
+            @functools.wraps(behaviour)  # keeps its name for logs and traces
             async def whole(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 task = cast("asyncio.Task[Any]", asyncio.current_task())
                 calls.add(task)  # a refused stream too, while its caller is read: the drain waits for it
